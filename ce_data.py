@@ -1,0 +1,565 @@
+"""Data for Context Encoders (Pathak et al., CVPR 2016): datasets decoded once into a uint8 cache, and masked
+128x128 batches made on the device (paper 3.3 "region masks": the central square, Fig. 3a).
+
+    python -c "import ce_data as d; x = d.make_shapes(4, seed=0); print(x.shape, x.dtype)"
+
+Datasets (--data): shapes (embedded, offline, procedurally generated), tiny (Tiny ImageNet, downloaded on first
+use), imagenet (DIR/train/<class>/*, DIR/val/...), folder (any folder of images, searched recursively).
+"""
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+import urllib.request
+import zipfile
+import zlib
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is an error (counted and skipped), not grey pixels
+
+TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+# official train.lua: the hole is filled with the ImageNet mean, 2*{117,104,123}/255 - 1 on the [-1, 1] scale
+MEAN_FILL = (2 * 117.0 / 255 - 1, 2 * 104.0 / 255 - 1, 2 * 123.0 / 255 - 1)
+CACHE_VERSION = 1
+SHAPES_VAL = 512  # fixed held-out split of the embedded data, generated from its own seed
+
+
+class DataError(Exception):
+    """Bad or missing data: the message is one line saying which file, what is wrong and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Masks (paper 3.3, Fig. 2 right): the central 64x64 of a 128x128 image, with an overlap ring.
+
+def region_bounds(size=128):
+    """(lo, hi) of the central region the generator predicts: [32, 96) for 128 px."""
+    return size // 4, size // 4 + size // 2
+
+
+def hole_bounds(size=128, overlap=7, ring="visible"):
+    """(lo, hi) of the square that is filled in the input, i.e. the pixels the model must invent.
+
+    ring="visible" (paper text, official code): only the inner square is filled; the `overlap`-px ring of the
+    predicted region stays real context. ring="hidden" (seed report): the whole predicted region is filled.
+    """
+    lo, hi = region_bounds(size)
+    return (lo + overlap, hi - overlap) if ring == "visible" else (lo, hi)
+
+
+def mask_batch(images, overlap=7, ring="visible", fill="mean"):
+    """Cut the hole: images (B, 3, S, S) in [-1, 1] -> (masked input (B, 3, S, S), true centre (B, 3, S/2, S/2)).
+
+    fill="mean": official per-channel constants MEAN_FILL; fill="zero": the seed report's 0 (mid-grey).
+    Scalar fills per channel: no tensor is copied to the device, so no host sync.
+    """
+    lo, hi = region_bounds(images.shape[-1])
+    a, b = hole_bounds(images.shape[-1], overlap, ring)
+    masked = images.clone()
+    for c in range(3):
+        masked[:, c, a:b, a:b] = MEAN_FILL[c] if fill == "mean" else 0.0
+    return masked, images[:, :, lo:hi, lo:hi]
+
+
+def hole_mask(overlap=7, ring="visible", size=64):
+    """(1, 1, size, size) float mask of the predicted region: 1 where the pixel was hidden from the model."""
+    m = torch.zeros(1, 1, size, size)
+    o = overlap if ring == "visible" else 0
+    m[..., o:size - o, o:size - o] = 1.0
+    return m
+
+
+def paste(images, pred, overlap=7, ring="visible"):
+    """Put the prediction back into the image: only the hidden pixels (the real ring stays, as in official code)."""
+    lo, _ = region_bounds(images.shape[-1])
+    m = hole_mask(overlap, ring, pred.shape[-1]).to(pred.device, pred.dtype)
+    out = images.clone()
+    region = out[:, :, lo:lo + pred.shape[-2], lo:lo + pred.shape[-1]]
+    region.copy_(m * pred + (1 - m) * region)
+    return out
+
+
+def to_float(images_u8, dtype=torch.float32, channels_last=False):
+    """uint8 (B, S, S, 3) -> (B, 3, S, S) in [-1, 1]. NHWC storage is already channels_last: no copy needed."""
+    x = images_u8.permute(0, 3, 1, 2).to(dtype)
+    if not channels_last:
+        x = x.contiguous()
+    return x.mul_(2.0 / 255).sub_(1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The embedded dataset: procedural images whose content (gradients, stripes, lines, shapes, texture) crosses the
+# hole, so that the context really predicts the centre.
+
+def _upsample(grid, s):
+    """Bilinear (k, k, 3) -> (s, s, 3)."""
+    k = grid.shape[0]
+    t = np.linspace(0, k - 1, s, dtype=np.float32)
+    i = np.minimum(t.astype(np.int64), k - 2)
+    f = (t - i)[:, None, None]
+    rows = grid[i] * (1 - f) + grid[i + 1] * f                       # (s, k, 3)
+    f = f.reshape(1, s, 1)
+    return rows[:, i] * (1 - f) + rows[:, i + 1] * f                 # (s, s, 3)
+
+
+def _shape_image(rng, s):
+    f32 = np.float32
+    y, x = np.mgrid[0:s, 0:s].astype(f32)
+    c = s / 2
+    # 1. background: a linear gradient between two colours in a random direction
+    th = rng.uniform(0, 2 * np.pi)
+    t = np.clip(((x - c) * f32(np.cos(th)) + (y - c) * f32(np.sin(th))) / s + 0.5, 0, 1)
+    c1, c2 = rng.uniform(0, 1, 3).astype(f32), rng.uniform(0, 1, 3).astype(f32)
+    img = c1 + (c2 - c1) * t[..., None]
+    # 2. stripes: a sinusoidal grating in a third colour
+    if rng.random() < 0.6:
+        ph, freq = rng.uniform(0, 2 * np.pi), rng.uniform(2, 8) / s
+        g = 0.5 + 0.5 * np.sin(f32(2 * np.pi * freq) * (x * f32(np.cos(ph)) + y * f32(np.sin(ph))) + f32(rng.uniform(0, 6.3)))
+        img += (rng.uniform(0, 1, 3).astype(f32) - img) * (f32(rng.uniform(0.3, 0.7)) * g)[..., None]
+    # 3. low-frequency colour texture
+    if rng.random() < 0.5:
+        img = 0.7 * img + 0.3 * _upsample(rng.uniform(0, 1, (rng.integers(3, 8),) * 2 + (3,)).astype(f32), s)
+    # 4. shapes and thick lines placed so that they cross the central hole
+    for _ in range(rng.integers(2, 5)):
+        col = rng.uniform(0, 1, 3).astype(f32)
+        cx, cy = c + rng.normal(0, s / 6, 2)
+        kind = rng.integers(3)
+        if kind == 0:    # disc
+            inside = (x - cx) ** 2 + (y - cy) ** 2 < rng.uniform(s / 10, s / 3) ** 2
+        elif kind == 1:  # rectangle
+            hw, hh = rng.uniform(s / 12, s / 3, 2)
+            inside = (np.abs(x - cx) < hw) & (np.abs(y - cy) < hh)
+        else:            # thick line through (cx, cy)
+            a = rng.uniform(0, np.pi)
+            inside = np.abs((x - cx) * f32(np.sin(a)) - (y - cy) * f32(np.cos(a))) < rng.uniform(1.5, s / 16)
+        img[inside] = col
+    img += rng.normal(0, 0.01, img.shape).astype(f32)  # a little sensor noise
+    return np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _pool(workers):
+    """A process pool for decoding. fork (Linux) starts fastest and needs no re-import of the caller's script."""
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    return ctx.Pool(workers)
+
+
+def _shapes_worker(job):
+    seed, start, stop, size = job
+    return np.stack([_shape_image(np.random.default_rng([seed, i]), size) for i in range(start, stop)])
+
+
+def make_shapes(n, seed, size=128, workers=1):
+    """n procedural RGB images, uint8 (n, size, size, 3). Image i depends only on (seed, i, size)."""
+    if n == 0:
+        return np.zeros((0, size, size, 3), np.uint8)
+    jobs = [(seed, a, min(a + 256, n), size) for a in range(0, n, 256)]
+    if workers > 1 and len(jobs) > 1:
+        with _pool(workers) as pool:
+            return np.concatenate(pool.map(_shapes_worker, jobs))
+    return np.concatenate([_shapes_worker(j) for j in jobs])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding any image file into a centre-cropped uint8 square.
+
+def _to_rgb(im):
+    """Any Pillow mode -> RGB: 16/32-bit and float greyscale rescaled, alpha composited on white, CMYK converted."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(im, dtype=np.float32)
+        a = a * 255 if a.max(initial=0) <= 1 and im.mode == "F" else (a / 257 if a.max(initial=0) > 255 else a)
+        im = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
+    return im.convert("RGB")
+
+
+def decode_image(path, size):
+    """Decode one file: shorter side resized to `size`, centre-cropped square. Returns (uint8 (S, S, 3), upsampled)."""
+    with Image.open(path) as im:
+        if im.format == "JPEG" and im.mode in ("RGB", "L"):
+            im.draft(im.mode, (size, size))  # let libjpeg decode at a reduced scale that stays >= size
+        im = _to_rgb(im)
+    w, h = im.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    im = im.crop((left, top, left + size, top + size))
+    return np.asarray(im, dtype=np.uint8), scale > 1
+
+
+def _decode_worker(job):
+    path, size = job
+    try:
+        arr, up = decode_image(path, size)
+        return arr, up, None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return None, False, f"{type(e).__name__}: {e}"
+
+
+def list_images(root):
+    """Image files below `root` (recursive, sorted) and the number of other files ignored."""
+    files, other = [], 0
+    for d, dirs, names in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))   # skip .ce_cache and hidden folders
+        for name in sorted(names):
+            if name.startswith("."):
+                continue
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTS:
+                files.append(os.path.join(d, name))
+            else:
+                other += 1
+    return files, other
+
+
+class _Progress:
+    """A one-line progress display on stderr (rate-limited), like the ones people expect from tqdm."""
+
+    def __init__(self, total, desc):
+        self.total, self.desc, self.t0, self.last = total, desc, time.time(), 0.0
+
+    def __call__(self, done, final=False):
+        now = time.time()
+        if not final and now - self.last < 0.5:
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (self.total - done) / max(rate, 1e-9)
+        end = "\n" if final else ""
+        print(f"\r{self.desc}: {done}/{self.total} ({rate:,.0f} img/s, ETA {eta:.0f}s)   ", end=end,
+              file=sys.stderr, flush=True)
+
+
+def _files_key(files, size, root):
+    """A digest of the file list (relative paths, sizes, mtimes) and load size: a changed folder -> a new cache."""
+    h = hashlib.sha1(f"v{CACHE_VERSION} size={size}\n".encode())
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{os.path.relpath(f, root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _atomic_save_npy(path, arr):
+    """np.save through a temp file in the same folder + rename: a kill never leaves a half-written cache."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _read_cache(npy, meta_path, expect):
+    """The cached array (memory-mapped) if its metadata and shape match `expect`, else None (stale or foreign)."""
+    if not (os.path.isfile(npy) and os.path.isfile(meta_path)):
+        return None, None
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        arr = np.load(npy, mmap_mode="r")
+        ok = (all(meta.get(k) == v for k, v in expect.items()) and arr.dtype == np.uint8
+              and arr.shape == (meta["n"], expect["size"], expect["size"], 3))
+    except (OSError, ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        print(f"warning: cache {npy} is stale or damaged; rebuilding it", file=sys.stderr)
+        return None, None
+    return arr, meta
+
+
+def decode_files(files, size, desc, workers=None):
+    """Decode `files` in parallel (all cores) into uint8 (N, size, size, 3); unreadable files are skipped.
+
+    Returns (array, stats) where stats counts skipped and upsampled files and names a few skipped ones.
+    """
+    n = len(files)
+    out = np.empty((n, size, size, 3), np.uint8)
+    keep = np.zeros(n, bool)
+    skipped, upsampled = [], 0
+    progress = _Progress(n, desc)
+    workers = workers or min(os.cpu_count() or 1, 32)
+    jobs = [(f, size) for f in files]
+    if n < 64 or workers == 1:
+        results = map(_decode_worker, jobs)
+        pool = None
+    else:
+        pool = _pool(workers)
+        results = pool.imap(_decode_worker, jobs, chunksize=32)
+    try:
+        for i, (arr, up, err) in enumerate(results):
+            if arr is None:
+                skipped.append(f"{files[i]} ({err})")
+            else:
+                out[i], keep[i] = arr, True
+                upsampled += up
+            progress(i + 1)
+        progress(n, final=True)
+    finally:
+        if pool is not None:
+            pool.terminate()
+    return out[keep] if not keep.all() else out, {"skipped": len(skipped), "skipped_examples": skipped[:3],
+                                                   "upsampled": int(upsampled)}
+
+
+def cached_images(files, size, cache_dir, name, root):
+    """Decode `files` once into DIR/.ce_cache/NAME-SIZE-KEY.npy and memory-map it on later runs.
+
+    The key hashes the file list, sizes, mtimes and load size, so a changed folder never reuses a stale cache;
+    a cache whose shape disagrees with its metadata is rebuilt. Writes are atomic (temp file + rename).
+    """
+    key = _files_key(files, size, root)
+    npy = os.path.join(cache_dir, f"{name}-{size}-{key}.npy")
+    meta_path = npy[:-4] + ".json"
+    arr, meta = _read_cache(npy, meta_path, {"version": CACHE_VERSION, "size": size, "key": key})
+    if arr is not None:
+        return arr, meta
+    arr, stats = decode_files(files, size, f"decoding {name} ({len(files)} files) into a {size}px uint8 cache")
+    meta = {"version": CACHE_VERSION, "size": size, "key": key, "n": len(arr), "n_files": len(files), **stats}
+    if os.path.isdir(cache_dir):
+        for old in os.listdir(cache_dir):  # drop caches of an earlier state of the same split and size
+            if old.startswith(f"{name}-{size}-") and not old.startswith(f"{name}-{size}-{key}"):
+                os.remove(os.path.join(cache_dir, old))
+    _write_cache(npy, arr, meta)
+    return arr, meta
+
+
+def _write_cache(npy, arr, meta):
+    """Save array + metadata, each atomically; the metadata goes last, so a cache is only used once complete."""
+    try:
+        os.makedirs(os.path.dirname(npy), exist_ok=True)
+        _atomic_save_npy(npy, arr)
+        tmp = npy[:-4] + f".json.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(meta, f)
+        os.replace(tmp, npy[:-4] + ".json")
+    except OSError as e:
+        print(f"warning: could not write the cache {npy} ({e}); images will be made again next run", file=sys.stderr)
+
+
+def _report(meta, what):
+    """One warning line for skipped or upsampled images (a documented, counted skip)."""
+    if meta.get("skipped"):
+        ex = "; ".join(meta.get("skipped_examples", []))
+        print(f"warning: {what}: skipped {meta['skipped']} unreadable image file(s), e.g. {ex}", file=sys.stderr)
+    if meta.get("upsampled"):
+        print(f"warning: {what}: {meta['upsampled']} image(s) smaller than {meta['size']}px were upsampled",
+              file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tiny ImageNet: find, or download + check + extract.
+
+def download(url, dest):
+    """Download `url` to `dest` via `dest.part` with a progress display; rename only when complete.
+
+    A `.part` left by an interrupted run is resumed with an HTTP Range request where the server allows it,
+    otherwise started again. A finished archive is never confused with a partial one.
+    """
+    part = dest + ".part"
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    req = urllib.request.Request(url, headers={"User-Agent": "context-encoder"})
+    if have and url.startswith(("http://", "https://")):
+        req.add_header("Range", f"bytes={have}-")
+    with urllib.request.urlopen(req, timeout=60) as r:
+        resumed = have and getattr(r, "status", 200) == 206
+        total = int(r.headers.get("Content-Length") or 0) + (have if resumed else 0)
+        done = have if resumed else 0
+        t0, last = time.time(), 0.0
+        with open(part, "ab" if resumed else "wb") as f:
+            while True:
+                chunk = r.read(1 << 20)
+                if not chunk:
+                    break
+                f.write(chunk)
+                done += len(chunk)
+                if time.time() - last > 0.5:
+                    last = time.time()
+                    pct = f"{100 * done / total:.0f}% of {total / 1e6:.0f} MB" if total else f"{done / 1e6:.0f} MB"
+                    rate = (done - (have if resumed else 0)) / max(last - t0, 1e-9) / 1e6
+                    print(f"\rdownloading {url}: {pct} ({rate:.1f} MB/s)   ", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    if total and done != total:
+        raise DataError(f"{url}: download stopped at {done} of {total} bytes; run again to resume")
+    os.replace(part, dest)
+
+
+def _check_zip(path):
+    """Raise DataError unless `path` is a complete zip holding tiny-imagenet-200/train/ (CRCs checked)."""
+    hint = ("delete it and run again to download it, or place tiny-imagenet-200.zip (from "
+            f"{TINY_URL}) in that folder by hand")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            if not any(n.startswith("tiny-imagenet-200/train/") for n in names):
+                raise DataError(f"{path}: not a Tiny ImageNet archive (no tiny-imagenet-200/train/ in it); {hint}")
+            bad = z.testzip()
+            if bad is not None:
+                raise DataError(f"{path}: archive is corrupt (bad CRC in {bad}); {hint}")
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise DataError(f"{path}: not a readable zip archive ({e}); it may be truncated; {hint}") from None
+
+
+def ensure_tiny(root, url=None):
+    """Return DIR/tiny-imagenet-200, extracting DIR/tiny-imagenet-200.zip or downloading it first if needed."""
+    url = url or os.environ.get("CE_TINY_URL") or TINY_URL
+    target = os.path.join(root, "tiny-imagenet-200")
+    if os.path.isdir(os.path.join(target, "train")):
+        return target
+    os.makedirs(root, exist_ok=True)
+    archive = os.path.join(root, "tiny-imagenet-200.zip")
+    if not os.path.isfile(archive):
+        try:
+            download(url, archive)
+        except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts, bad URL
+            raise DataError(f"could not download Tiny ImageNet from {url} ({e}); download it by hand and put "
+                            f"tiny-imagenet-200.zip (or its extracted tiny-imagenet-200/ folder) in {root}") from None
+    _check_zip(archive)
+    tmp = os.path.join(root, ".tiny-imagenet-200.extracting")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"extracting {archive} ...", file=sys.stderr)
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(tmp)   # zipfile drops absolute paths and '..' parts, so nothing lands outside tmp
+    os.replace(os.path.join(tmp, "tiny-imagenet-200"), target)  # atomic: a half extraction is never used
+    shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Datasets -> uint8 arrays (N, S, S, 3).
+
+def _split_files(files, val_fraction=0.05):
+    """Deterministic train/val split of one folder: by a hash of each relative path (stable when files are added)."""
+    order = sorted(files, key=lambda f: (zlib.crc32(os.path.basename(f).encode()), f))
+    n_val = min(max(1, int(len(files) * val_fraction)), 1000) if len(files) > 1 else 0
+    val = set(order[:n_val])
+    return [f for f in files if f not in val], sorted(val)
+
+
+def dataset_files(data, root, split):
+    """The image files of one split of --data tiny|imagenet|folder, and the folder to key the cache on."""
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: data root does not exist; pass --data-root DIR pointing at your images")
+    if data == "tiny":
+        base = ensure_tiny(root, os.environ.get("CE_TINY_URL"))
+        sub = {"train": "train", "val": os.path.join("val", "images"), "test": os.path.join("test", "images")}[split]
+        files, _ = list_images(os.path.join(base, sub))
+    elif data in ("imagenet", "folder"):
+        has_splits = os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "val"))
+        if data == "imagenet" and not has_splits:
+            raise DataError(f"{root}: --data imagenet needs {root}/train/<class>/* and {root}/val/; "
+                            "use --data folder for a plain folder of images")
+        if has_splits:
+            if split == "test" and not os.path.isdir(os.path.join(root, "test")):
+                raise DataError(f"{root}: no test/ folder; use --split val")
+            files, other = list_images(os.path.join(root, split))
+        else:
+            files, other = list_images(root)
+            files = _split_files(files)[0 if split == "train" else 1]
+        if other:
+            print(f"note: {root}: ignored {other} file(s) that are not images (by extension)", file=sys.stderr)
+    else:
+        raise DataError(f"unknown dataset {data!r}")
+    if not files:
+        raise DataError(f"{root}: no image files found for split '{split}' of --data {data} "
+                        f"(looked for {', '.join(sorted(IMAGE_EXTS))})")
+    return files
+
+
+def load_split(data, root, split, size=128, shapes_n=10000):
+    """uint8 (N, S, S, 3) images of one split, decoded once and cached under the data root."""
+    if data == "shapes":
+        n, seed = (shapes_n, 1) if split == "train" else (SHAPES_VAL, 2)   # fixed held-out split
+        npy = os.path.join(root, ".ce_cache", f"shapes-{split}-{size}-n{n}-v{CACHE_VERSION}.npy")
+        arr, _ = _read_cache(npy, npy[:-4] + ".json", {"version": CACHE_VERSION, "size": size, "n": n})
+        if arr is None:
+            t0 = time.time()
+            arr = make_shapes(n, seed, size, workers=os.cpu_count() or 1)
+            print(f"generated {n} {split} images of the embedded 'shapes' data in {time.time() - t0:.1f}s",
+                  file=sys.stderr)
+            _write_cache(npy, arr, {"version": CACHE_VERSION, "size": size, "n": n})
+        return arr
+    files = dataset_files(data, root, split)
+    arr, meta = cached_images(files, size, os.path.join(root, ".ce_cache"), f"{data}-{split}", root)
+    _report(meta, f"{data}/{split}")
+    if len(arr) == 0:
+        raise DataError(f"{root}: none of the {len(files)} image files of split '{split}' could be decoded")
+    return arr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training batches: slices of a per-epoch permutation, augmented and normalised on the device.
+
+def _seeded(device, *key):
+    """A generator on `device` seeded from a tuple: stateless randomness, so a resumed run repeats exactly."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:7], "little"))
+    return g
+
+
+class Batches:
+    """Training batches from a uint8 (N, S, S, 3) array: random 128 crop (if S > 128), horizontal flip, [-1, 1].
+
+    The data lives on `device` when it fits (a device-side permutation is sliced, so there is no DataLoader and no
+    host sync); otherwise it stays in host memory and each batch is gathered there and copied over.
+    Batch `step` depends only on (seed, step): data order and augmentation resume exactly.
+    With world > 1 (DDP), rank r takes the r-th slice of each global batch of world * batch_size images.
+    """
+
+    def __init__(self, images, batch_size, device, seed=0, flip=True, crop=128, channels_last=False,
+                 dtype=torch.float32, rank=0, world=1):
+        self.n, self.size = len(images), images.shape[1]
+        self.batch_size, self.world, self.rank = batch_size, world, rank
+        self.steps_per_epoch = self.n // (batch_size * world)
+        if self.steps_per_epoch == 0:
+            raise DataError(f"the training split has {self.n} images, fewer than one batch of "
+                            f"{batch_size * world}; lower --batch-size or add images")
+        self.device, self.seed, self.flip, self.crop = torch.device(device), seed, flip, crop
+        self.channels_last, self.dtype = channels_last, dtype
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.data_device = torch.device("cpu")
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if self.images.numel() < 0.4 * free:
+                self.images, self.data_device = self.images.to(self.device), self.device
+        self._perm_epoch, self._perm = None, None
+
+    def epoch_of(self, step):
+        return step // self.steps_per_epoch
+
+    def indices(self, step):
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if self._perm_epoch != epoch:
+            self._perm = torch.randperm(self.n, generator=_seeded(self.data_device, self.seed, "perm", epoch),
+                                        device=self.data_device)
+            self._perm_epoch = epoch
+        start = (i * self.world + self.rank) * self.batch_size
+        return self._perm[start:start + self.batch_size]
+
+    def get(self, step):
+        idx = self.indices(step)
+        x = self.images[idx]                                               # (B, S, S, 3) uint8
+        g = _seeded(self.data_device, self.seed, "aug", step)
+        B, c = len(idx), self.crop
+        if self.size > c:  # official: random 128 crop of a 350px image (--load-size 350)
+            off = torch.randint(0, self.size - c + 1, (2, B, 1), generator=g, device=x.device)
+            ar = torch.arange(c, device=x.device)
+            rows, cols = off[0] + ar, off[1] + ar                          # (B, c)
+            x = x[torch.arange(B, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+        if self.flip:
+            f = torch.rand(B, generator=g, device=x.device) < 0.5
+            x = torch.where(f[:, None, None, None], x.flip(2), x)
+        if x.device != self.device:
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        return to_float(x, self.dtype, self.channels_last)

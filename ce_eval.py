@@ -1,0 +1,258 @@
+"""Evaluate a Context Encoder (Pathak et al., CVPR 2016, section 5.1 / Table 1): PSNR, mean L1 %, mean L2 % of
+the model against classical baselines on held-out images; figures; inpainting your own photos.
+
+    python ce_eval.py --ckpt runs/shapes/best.pt                 # table: model vs baselines
+    python ce_eval.py --ckpt runs/shapes/best.pt --json          # one JSON line
+    python ce_eval.py --ckpt runs/shapes/best.pt --image me.jpg --out filled/
+    python ce_eval.py --ckpt runs/shapes/best.pt --figure --out figs/
+
+Metrics (all on [0, 1] intensities, per image then averaged over images):
+  hole:   the pixels hidden from the model (inner square for --ring visible, whole 64x64 for --ring hidden)
+  region: the whole 64x64 centre of the final image (prediction pasted into the hole, visible ring kept real)
+  PSNR = 10 log10(1 / MSE);  L1 % = 100 * mean |pred - true|;  L2 % = 100 * mean (pred - true)^2.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+import ce_data
+import ce_model
+
+BASELINES = ("fill", "context_mean", "harmonic")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics and baselines
+
+def unit(x):
+    """[-1, 1] -> [0, 1], clamped, float32."""
+    return ((x.float() + 1) / 2).clamp_(0, 1)
+
+
+def image_metrics(pred, target, mask):
+    """Per-image PSNR (dB), L1 %, L2 % over the pixels where `mask` (1, 1, H, W) is 1. Inputs in [-1, 1].
+
+    Returns a dict of (B,) float tensors. PSNR per image then averaged is the paper's reading of Table 1.
+    """
+    d = unit(pred) - unit(target)
+    m = mask.to(d.device, d.dtype).expand_as(d)
+    n = m.sum(dim=(1, 2, 3))
+    mse = (d * d * m).sum(dim=(1, 2, 3)) / n
+    l1 = (d.abs() * m).sum(dim=(1, 2, 3)) / n
+    return {"psnr": 10 * torch.log10(1.0 / mse.clamp_min(1e-10)), "l1": 100 * l1, "l2": 100 * mse}
+
+
+def _dst_basis(h, device):
+    """Orthonormal DST-I matrix S (S @ S = I) and eigenvalues of the 1-D Dirichlet Laplacian tridiag(-1, 2, -1)."""
+    k = torch.arange(1, h + 1, dtype=torch.float64, device=device)
+    S = math.sqrt(2.0 / (h + 1)) * torch.sin(math.pi * k[:, None] * k[None, :] / (h + 1))
+    lam = 2 - 2 * torch.cos(math.pi * k / (h + 1))
+    return S, lam
+
+
+def harmonic_fill(images, a, b):
+    """Classical diffusion inpainting: the solution of Laplace's equation in the square [a, b)^2 whose boundary
+    values are the surrounding context pixels. Solved exactly with the discrete sine transform (the 5-point
+    Laplacian of a square is diagonal in that basis). images (B, C, S, S) -> the filled (B, C, h, h) square."""
+    x = images.double()
+    h = b - a
+    rhs = torch.zeros(x.shape[0], x.shape[1], h, h, dtype=torch.float64, device=x.device)
+    rhs[..., 0, :] += x[..., a - 1, a:b]
+    rhs[..., -1, :] += x[..., b, a:b]
+    rhs[..., :, 0] += x[..., a:b, a - 1]
+    rhs[..., :, -1] += x[..., a:b, b]
+    S, lam = _dst_basis(h, x.device)
+    u = S @ ((S @ rhs @ S) / (lam[:, None] + lam[None, :])) @ S
+    return u.to(images.dtype)
+
+
+def baseline_region(name, masked, overlap, ring):
+    """The 64x64 region a classical baseline produces from the masked input alone (no learning)."""
+    lo, hi = ce_data.region_bounds(masked.shape[-1])
+    a, b = ce_data.hole_bounds(masked.shape[-1], overlap, ring)
+    out = masked.clone()
+    if name == "context_mean":   # mean colour of every visible pixel of the image
+        vis = torch.ones_like(masked[:1, :1])
+        vis[..., a:b, a:b] = 0
+        mean = (masked * vis).sum(dim=(2, 3), keepdim=True) / vis.sum()
+        out[..., a:b, a:b] = mean
+    elif name == "harmonic":
+        out[..., a:b, a:b] = harmonic_fill(masked, a, b)
+    elif name != "fill":         # "fill": the masked input as it is (the constant fill value in the hole)
+        raise ValueError(name)
+    return out[..., lo:hi, lo:hi]
+
+
+@torch.no_grad()
+def predict(G, masked, batch_size=256, dtype=None):
+    """G(masked) in eval mode (BN running statistics), batched, float32 out."""
+    was_training = G.training
+    G.eval()
+    dev = next(G.parameters()).device
+    outs = []
+    for i in range(0, len(masked), batch_size):
+        x = masked[i:i + batch_size].to(dev)
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+            outs.append(G(x).float())
+    G.train(was_training)
+    return torch.cat(outs)
+
+
+def evaluate(G, images_u8, overlap=7, ring="visible", fill="mean", methods=("model",), batch_size=256, dtype=None):
+    """Mean metrics of each method over uint8 (N, S, S, 3) images (S >= 128, centre-cropped to 128).
+
+    Returns {method: {"psnr", "l1", "l2", "psnr_region", "l1_region", "l2_region", "n_images"}}.
+    """
+    dev = next(G.parameters()).device if G is not None else torch.device("cpu")
+    sums = {m: {} for m in methods}
+    hole = ce_data.hole_mask(overlap, ring)
+    full = torch.ones_like(hole)
+    n = len(images_u8)
+    for i in range(0, n, batch_size):
+        x = ce_data.to_float(center_crop(torch.from_numpy(np.asarray(images_u8[i:i + batch_size])))).to(dev)
+        masked, target = ce_data.mask_batch(x, overlap, ring, fill)
+        for m in methods:
+            pred = predict(G, masked, batch_size, dtype) if m == "model" else baseline_region(m, masked, overlap, ring)
+            final = ce_data.paste(masked, pred, overlap, ring)[..., 32:96, 32:96] if x.shape[-1] == 128 else pred
+            for suffix, p, mask in (("", pred, hole), ("_region", final, full)):
+                for k, v in image_metrics(p, target, mask).items():
+                    sums[m][k + suffix] = sums[m].get(k + suffix, 0.0) + float(v.double().sum())
+    return {m: {**{k: v / n for k, v in s.items()}, "n_images": n} for m, s in sums.items()}
+
+
+def center_crop(x, size=128):
+    """uint8 (B, S, S, 3) -> (B, size, size, 3), the centre (evaluation uses no random crop)."""
+    s = x.shape[1]
+    o = (s - size) // 2
+    return x[:, o:o + size, o:o + size] if s != size else x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pictures
+
+def to_uint8(x):
+    """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3): de-normalised, so saved samples are not too dark."""
+    return (unit(x) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(path, columns, per_row=4, gap=4):
+    """Save a PNG of image tuples: columns = [masked, filled, original, ...], each (N, 3, H, W) in [-1, 1].
+
+    Each image's tuple is laid out side by side; `per_row` tuples per row, white gaps between tuples.
+    """
+    cols = [to_uint8(c) for c in columns]
+    n, h, w = cols[0].shape[:3]
+    tuple_w = w * len(cols)
+    rows = math.ceil(n / per_row)
+    per_row = min(per_row, n)
+    canvas = np.full((rows * (h + gap) - gap, per_row * (tuple_w + gap) - gap, 3), 255, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, per_row)
+        y, x = r * (h + gap), c * (tuple_w + gap)
+        canvas[y:y + h, x:x + tuple_w] = np.concatenate([col[i] for col in cols], axis=1)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(canvas).save(path)
+    return path
+
+
+def inpaint(G, images, overlap, ring, fill, dtype=None):
+    """images (B, 3, 128, 128) in [-1, 1] -> (masked, filled): the prediction pasted into the hole only."""
+    masked, _ = ce_data.mask_batch(images, overlap, ring, fill)
+    return masked, ce_data.paste(masked, predict(G, masked, dtype=dtype), overlap, ring)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a checkpoint written by ce_train.py (OUT/best.pt or OUT/ckpt.pt)")
+    p.add_argument("--data", choices=("shapes", "tiny", "imagenet", "folder"), help="dataset (default: the checkpoint's)")
+    p.add_argument("--data-root", help="dataset folder (default: the checkpoint's)")
+    p.add_argument("--split", default="val", choices=("val", "test"), help="held-out split to evaluate")
+    p.add_argument("--max-images", type=int, default=0, help="evaluate at most this many images (0: all)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    p.add_argument("--image", nargs="+", metavar="PHOTO", help="inpaint these photos (centre-cropped to 128 px)")
+    p.add_argument("--figure", action="store_true", help="save a comparison grid of --n held-out images")
+    p.add_argument("--n", type=int, default=8, help="images in --figure")
+    p.add_argument("--out", default="inpainted", help="folder for --image and --figure outputs")
+    a = p.parse_args(argv)
+    if a.batch_size <= 0 or a.max_images < 0 or a.n <= 0:
+        p.error("--batch-size and --n must be positive and --max-images >= 0")
+    return a
+
+
+def print_table(results, title):
+    print(title)
+    print(f"{'method':<14}{'PSNR dB':>9}{'L1 %':>8}{'L2 %':>8}   | region:{'PSNR dB':>9}{'L1 %':>8}{'L2 %':>8}")
+    for m, r in results.items():
+        print(f"{m:<14}{r['psnr']:>9.2f}{r['l1']:>8.2f}{r['l2']:>8.2f}   |        "
+              f"{r['psnr_region']:>9.2f}{r['l1_region']:>8.2f}{r['l2_region']:>8.2f}")
+
+
+def run_images(G, paths, a, out, dtype):
+    os.makedirs(out, exist_ok=True)
+    for path in paths:
+        try:
+            arr, _ = ce_data.decode_image(path, 128)
+        except FileNotFoundError:
+            raise ce_data.DataError(f"{path}: no such file") from None
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ce_data.DataError(f"{path}: not a readable image ({e})") from None
+        x = ce_data.to_float(torch.from_numpy(arr[None])).to(next(G.parameters()).device)
+        masked, filled = inpaint(G, x, a["overlap"], a["ring"], a["fill"], dtype)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        Image.fromarray(to_uint8(filled)[0]).save(os.path.join(out, f"{stem}_filled.png"))
+        save_grid(os.path.join(out, f"{stem}_compare.png"), [masked, filled, x])
+        print(f"{path} -> {out}/{stem}_filled.png, {out}/{stem}_compare.png (masked | filled | original)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    G, _, state = ce_model.load_checkpoint(args.ckpt, dev)
+    a = state["args"]  # the checkpoint's own flags decide the mask and the network
+    dtype = torch.bfloat16 if dev.type == "cuda" else None
+    if args.image:
+        return run_images(G, args.image, a, args.out, dtype)
+    data, root = args.data or a["data"], args.data_root or a["data_root"]
+    images = ce_data.load_split(data, root, args.split, a["load_size"], a.get("shapes_n", 10000))
+    if args.max_images:
+        images = images[:args.max_images]
+    if args.figure:
+        x = ce_data.to_float(center_crop(torch.from_numpy(np.asarray(images[:args.n])))).to(dev)
+        masked, target = ce_data.mask_batch(x, a["overlap"], a["ring"], a["fill"])
+        cols = [masked, ce_data.paste(masked, predict(G, masked, dtype=dtype), a["overlap"], a["ring"])]
+        for m in BASELINES[1:]:
+            cols.append(ce_data.paste(masked, baseline_region(m, masked, a["overlap"], a["ring"]), a["overlap"], a["ring"]))
+        path = save_grid(os.path.join(args.out, "figure.png"), cols + [x], per_row=1)
+        print(f"wrote {path}: masked | model | context mean | harmonic | original, {len(x)} {data}/{args.split} images")
+        return
+    results = evaluate(G, images, a["overlap"], a["ring"], a["fill"], ("model",) + BASELINES, args.batch_size, dtype)
+    if args.json:
+        print(json.dumps({"ckpt": state["path"], "step": state.get("step"), "data": data, "split": args.split,
+                          **{m: {k: round(v, 4) for k, v in r.items()} for m, r in results.items()}}))
+    else:
+        print_table(results, f"{state['path']} (step {state.get('step')}) on {data}/{args.split}, "
+                             f"{len(images)} images, overlap {a['overlap']}, ring {a['ring']}, fill {a['fill']}")
+
+
+def cli(fn, argv=None):
+    """Run fn; user-facing errors become one line on stderr and exit code 2, never a traceback."""
+    try:
+        return fn(argv)
+    except (ce_data.DataError, ce_model.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli(main)
