@@ -195,7 +195,7 @@ def decode_image(path, size):
         im = im.resize((nw, nh), Image.BICUBIC)
     left, top = (nw - size) // 2, (nh - size) // 2
     im = im.crop((left, top, left + size, top + size))
-    return np.asarray(im, dtype=np.uint8), scale > 1
+    return np.array(im, dtype=np.uint8), scale > 1
 
 
 def _decode_worker(job):
@@ -268,7 +268,7 @@ def _read_cache(npy, meta_path, expect):
     try:
         with open(meta_path) as f:
             meta = json.load(f)
-        arr = np.load(npy, mmap_mode="r")
+        arr = np.load(npy, mmap_mode="c")  # copy-on-write: writable for torch, never written back
         ok = (all(meta.get(k) == v for k, v in expect.items()) and arr.dtype == np.uint8
               and arr.shape == (meta["n"], expect["size"], expect["size"], 3))
     except (OSError, ValueError, KeyError, TypeError):

@@ -115,7 +115,7 @@ def evaluate(G, images_u8, overlap=7, ring="visible", fill="mean", methods=("mod
     full = torch.ones_like(hole)
     n = len(images_u8)
     for i in range(0, n, batch_size):
-        x = ce_data.to_float(center_crop(torch.from_numpy(np.asarray(images_u8[i:i + batch_size])))).to(dev)
+        x = ce_data.to_float(center_crop(torch.from_numpy(np.array(images_u8[i:i + batch_size])))).to(dev)
         masked, target = ce_data.mask_batch(x, overlap, ring, fill)
         for m in methods:
             pred = predict(G, masked, batch_size, dtype) if m == "model" else baseline_region(m, masked, overlap, ring)

@@ -141,7 +141,8 @@ def read_checkpoint(path):
         # weights_only: a checkpoint holds tensors and plain types only, so nothing in it can run code.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file; all mean the same to the user
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+        why = "holds Python objects besides tensors" if "weights_only" in str(e) else str(e).splitlines()[0][:100]
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {why}); "
                               "it may be truncated or not written by ce_train.py") from None
     if not isinstance(state, dict) or not {"G", "D", "args"} <= set(state):
         raise CheckpointError(f"{path}: not a ce_train.py checkpoint (expected keys G, D, args)")

@@ -40,8 +40,13 @@ VARIANTS = {
 CPU_QUICK = dict(width=32, bottleneck=512, batch_size=32, steps=1500, eval_every=500)
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump: what is wrong and where to look
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--variant", default="paper", choices=tuple(VARIANTS),
         help="preset of the flags below: paper text, official Lua code, or seed report (README 'Variants')")
@@ -246,7 +251,7 @@ def main(argv=None):
         ce_model.save_checkpoint(path, {
             "G": G.state_dict(), "D": D.state_dict(), "optG": optG.state_dict(), "optD": optD.state_dict(),
             "step": step, "epoch": batches.epoch_of(step), "best_psnr": best, "args": vars(args), "rng": rng_state(),
-            "versions": {"torch": torch.__version__, "python": platform.python_version()}})
+            "versions": {"torch": str(torch.__version__), "python": platform.python_version()}})
 
     def evaluate_and_save():
         nonlocal best
@@ -317,10 +322,10 @@ def main(argv=None):
             warn = ""
             if use_d and rec["D_G_x"] < 0.02 and step > 5 * args.log_every:
                 warn = " | warning: D wins outright (D(G(x))~0); try a lower --lam-adv or --lr-d"
-            print(f"step {step}/{total} | epoch {batches.epoch_of(step - 1)} | loss_D {rec['loss_D']:.3f} | "
-                  f"rec {rec['loss_rec']:.4f} | adv {rec['loss_adv']:.3f} | D(x) {rec['D_x']:.2f} | "
-                  f"D(G(x)) {rec['D_G_x']:.2f} | {ips:,.0f} img/s | ETA {fmt_time((total - step) * dt / n_acc)}{warn}",
-                  flush=True)
+            gan = (f"loss_D {rec['loss_D']:.3f} | rec {rec['loss_rec']:.4f} | adv {rec['loss_adv']:.3f} | "
+                   f"D(x) {rec['D_x']:.2f} | D(G(x)) {rec['D_G_x']:.2f}") if use_d else f"rec {rec['loss_rec']:.4f}"
+            print(f"step {step}/{total} | epoch {batches.epoch_of(step - 1)} | {gan} | {ips:,.0f} img/s | "
+                  f"ETA {fmt_time((total - step) * dt / n_acc)}{warn}", flush=True)
             append_log(log_path, {"step": step, "epoch": batches.epoch_of(step - 1),
                                   **{k: round(v, 6) for k, v in rec.items()}, "img_per_s": round(ips, 1),
                                   "time": round(time.time(), 2)})

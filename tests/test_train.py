@@ -1,0 +1,144 @@
+"""End to end on a tiny model: train, log, samples, checkpoints, exact resume, evaluation, clear CLI errors."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ce_eval
+import ce_model
+import ce_train
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_resume_evaluate(tmp_path, tiny_flags, capsys):
+    out = str(tmp_path / "run")
+    ce_train.main(tiny_flags + ["--steps", "4", "--batch-size", "4", "--log-every", "2", "--eval-every", "2",
+                                "--out", out])
+    printed = capsys.readouterr().out
+    assert "step 4/4" in printed and "held-out PSNR" in printed and "config:" in printed
+    log = read_log(out)
+    train_lines = [r for r in log if "loss_rec" in r]
+    assert [r["step"] for r in train_lines] == [2, 4]
+    for r in train_lines:
+        assert set(r) >= {"step", "epoch", "loss_D", "loss_rec", "loss_adv", "D_x", "D_G_x", "img_per_s"}
+        assert r["loss_rec"] > 0 and 0 < r["D_x"] < 1 and 0 < r["D_G_x"] < 1
+    evals = [r["eval"] for r in log if "eval" in r]
+    assert len(evals) == 2 and all(5 < e["psnr"] < 60 and e["n_images"] == 16 for e in evals)
+    png = Image.open(os.path.join(out, "samples", "step_0000004.png"))
+    assert png.size == (4 * 3 * 128 + 3 * 4, 4 * 128 + 3 * 4)   # 16 images: masked | filled | original, 4 per row
+    state = ce_model.read_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert state["step"] == 4 and state["args"]["width"] == 8 and {"optG", "optD", "rng"} <= set(state)
+    assert os.path.exists(os.path.join(out, "best.pt"))
+
+    # resume: only --steps changes; the network flags come from the checkpoint
+    ce_train.main(["--resume", out, "--steps", "6", "--log-every", "2", "--eval-every", "2", "--device", "cpu"])
+    assert "resumed" in capsys.readouterr().out
+    assert ce_model.read_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 6
+    assert [r["step"] for r in read_log(out) if "loss_rec" in r] == [2, 4, 6]
+
+    # evaluation: model and every baseline, as one JSON line
+    ce_eval.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--device", "cpu", "--json", "--max-images", "16"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for m in ("model", "fill", "context_mean", "harmonic"):
+        assert {"psnr", "l1", "l2", "n_images", "psnr_region"} <= set(res[m]) and res[m]["n_images"] == 16
+    assert res["harmonic"]["psnr"] > res["fill"]["psnr"]   # diffusion beats a constant fill on smooth content
+
+    # inpaint a user's photo, and a figure
+    Image.new("RGB", (300, 200), (10, 120, 200)).save(tmp_path / "photo.jpg")
+    ce_eval.main(["--ckpt", out, "--device", "cpu", "--image", str(tmp_path / "photo.jpg"), "--out", str(tmp_path / "f")])
+    filled = np.asarray(Image.open(tmp_path / "f" / "photo_filled.png"))
+    assert filled.shape == (128, 128, 3) and np.abs(filled[5, 5].astype(int) - (10, 120, 200)).max() <= 3
+    ce_eval.main(["--ckpt", out, "--device", "cpu", "--figure", "--n", "3", "--out", str(tmp_path / "f")])
+    assert Image.open(tmp_path / "f" / "figure.png").size[1] == 3 * 128 + 2 * 4
+
+
+def test_resume_is_exact(tmp_path, tiny_flags):
+    """A run stopped at step 3 and resumed gives the same losses at steps 4..6 as one uninterrupted run."""
+    common = tiny_flags + ["--batch-size", "4", "--log-every", "1", "--eval-every", "3"]
+    ce_train.main(common + ["--steps", "6", "--out", str(tmp_path / "a")])
+    ce_train.main(common + ["--steps", "3", "--out", str(tmp_path / "b")])
+    ce_train.main(["--resume", str(tmp_path / "b"), "--steps", "6", "--device", "cpu"])
+    keys = ("loss_D", "loss_rec", "loss_adv", "D_x", "D_G_x")
+    a = [[r[k] for k in keys] for r in read_log(tmp_path / "a") if "loss_rec" in r]
+    b = [[r[k] for k in keys] for r in read_log(tmp_path / "b") if "loss_rec" in r]
+    assert len(a) == len(b) == 6
+    assert a == b
+    wa = ce_model.read_checkpoint(tmp_path / "a")["G"]
+    wb = ce_model.read_checkpoint(tmp_path / "b")["G"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_l2_only_trains_without_discriminator(tmp_path, tiny_flags):
+    out = tmp_path / "l2"
+    ce_train.main(tiny_flags + ["--steps", "2", "--batch-size", "4", "--lam-adv", "0", "--log-every", "1",
+                                "--out", str(out)])
+    log = [r for r in read_log(out) if "loss_rec" in r]
+    assert all(r["loss_D"] == 0 and r["loss_adv"] == 0 for r in log)
+    torch.manual_seed(0)  # ce_train seeds with --seed 0 before building the networks
+    d0 = ce_model.build_models(8, 16)[1].state_dict()
+    d1 = ce_model.read_checkpoint(out)["D"]
+    assert all(torch.equal(d0[k], d1[k]) for k in d0 if "num_batches" not in k)  # D never updated
+
+
+@pytest.mark.parametrize("variant,expect", [
+    ("paper", dict(overlap=7, ring="visible", fill="mean", beta2=0.999, bottleneck_bn=True, bias=False)),
+    ("official", dict(overlap=4, ring="visible", fill="mean", beta2=0.999)),
+    ("seed", dict(overlap=7, ring="hidden", fill="zero", beta2=0.9, bottleneck_bn=False, bias=True,
+                  rec_reduction="split", d_reduction="mean", flip=False)),
+])
+def test_variant_presets_and_explicit_flags_win(variant, expect, tmp_path):
+    a = ce_train.parse_args(["--variant", variant, "--device", "cpu", "--out", str(tmp_path / "x")])
+    assert {k: getattr(a, k) for k in expect} == expect
+    b = ce_train.parse_args(["--variant", variant, "--overlap", "5", "--device", "cpu", "--out", str(tmp_path / "x")])
+    assert b.overlap == 5
+
+
+def test_defaults_are_paper_values_and_cpu_quick_start(tmp_path):
+    a = ce_train.parse_args(["--device", "cpu", "--data", "tiny", "--out", str(tmp_path)])
+    assert (a.batch_size, a.lr_g, a.lr_d, a.beta1, a.lam_rec, a.lam_adv, a.width, a.bottleneck) == \
+        (64, 0.002, 0.0002, 0.5, 0.999, 0.001, 64, 4000)
+    q = ce_train.parse_args(["--device", "cpu", "--out", str(tmp_path)])
+    assert q.quick and q.width == 32 and q.steps > 0
+    assert not ce_train.parse_args(["--device", "cpu", "--width", "64", "--out", str(tmp_path)]).quick
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--batch-size", "-1"], "--batch-size must be > 0"),
+    (["--overlap", "40"], "--overlap must be in"),
+    (["--lam-adv", "-0.1"], "--lam-rec/--lam-adv must be >= 0"),
+    (["--load-size", "64"], "--load-size must be >= 128"),
+    (["--resume", "nowhere/ckpt.pt"], "no such checkpoint"),
+])
+def test_nonsense_flags_rejected(flags, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        ce_eval.cli(ce_train.main, flags + ["--device", "cpu"])
+    assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_resume_with_other_architecture_is_refused(tmp_path, tiny_flags, capsys):
+    out = str(tmp_path / "r")
+    ce_train.main(tiny_flags + ["--steps", "1", "--batch-size", "4", "--out", out])
+    with pytest.raises(SystemExit) as e:
+        ce_train.main(["--resume", out, "--width", "16", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--width 16 (checkpoint: 8)" in err
+    with pytest.raises(SystemExit):  # an existing run is never overwritten silently
+        ce_train.main(tiny_flags + ["--steps", "1", "--out", out])
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_eval_image_errors(tmp_path, tiny_flags, capsys):
+    out = str(tmp_path / "r")
+    ce_train.main(tiny_flags + ["--steps", "1", "--batch-size", "4", "--out", out])
+    (tmp_path / "bad.jpg").write_text("not an image")
+    for photo, words in ((tmp_path / "missing.jpg", "no such file"), (tmp_path / "bad.jpg", "not a readable image")):
+        with pytest.raises(SystemExit) as e:
+            ce_eval.cli(ce_eval.main, ["--ckpt", out, "--device", "cpu", "--image", str(photo)])
+        assert e.value.code == 2 and words in capsys.readouterr().err
