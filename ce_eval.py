@@ -252,6 +252,9 @@ def cli(fn, argv=None):
     except (ce_data.DataError, ce_model.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and exits on its own)
+        print("\ninterrupted; nothing was written over earlier results", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

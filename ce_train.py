@@ -196,6 +196,7 @@ def fmt_time(s):
 
 def main(argv=None):
     args = parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once, also when piped to a file
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
@@ -221,6 +222,9 @@ def main(argv=None):
     W = ce_losses.overlap_weights(64, args.overlap, args.overlap_weight, args.rec_reduction).to(device)
     step, best = 0, -math.inf
     os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+    for f in os.listdir(args.out):  # temp files of a run killed while writing (the real files are intact)
+        if ".tmp" in f:
+            os.remove(os.path.join(args.out, f))
     log_path = os.path.join(args.out, "log.jsonl")
     if args.resume:
         state = ce_model.read_checkpoint(args.resume)
@@ -253,8 +257,17 @@ def main(argv=None):
             "step": step, "epoch": batches.epoch_of(step), "best_psnr": best, "args": vars(args), "rng": rng_state(),
             "versions": {"torch": str(torch.__version__), "python": platform.python_version()}})
 
+    def check_finite():
+        """Stop, naming the step, if a loss went NaN/Inf: nothing non-finite is ever written over a checkpoint."""
+        bad = int(bad_step)  # CPU-GPU sync point (log and eval steps only)
+        if bad >= 0:
+            sys.exit(f"error: a loss became NaN/Inf at step {bad}; training stopped without saving. Last good "
+                     f"checkpoint: {last_good or 'none yet'} (left intact). Try a lower --lr-g/--lr-d or --lam-adv, "
+                     f"or resume from it with another --seed.")
+
     def evaluate_and_save():
         nonlocal best
+        check_finite()
         r = ce_eval.evaluate(G, val_u8, args.overlap, args.ring, args.fill, ("model",), dtype=dtype)["model"]
         masked, filled = ce_eval.inpaint(G, fixed, args.overlap, args.ring, args.fill, dtype)
         ce_eval.save_grid(os.path.join(args.out, "samples", f"step_{step:07d}.png"), [masked, filled, fixed])
@@ -275,7 +288,9 @@ def main(argv=None):
         signal.signal(sig, lambda s, f: stop.append(s))
 
     acc = torch.zeros(5, device=device)  # loss_D, loss_rec, loss_adv, D(x), D(G(x)) summed since the last log
-    n_acc, t_log, last_good = 0, time.time(), None
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss, on device
+    n_acc, t_log, d_wins = 0, time.time(), 0
+    last_good = os.path.join(args.out, "ckpt.pt") if args.resume else None
     use_d = args.lam_adv > 0
     zero = torch.zeros((), device=device)
     G.train(), D.train()
@@ -306,29 +321,28 @@ def main(argv=None):
         optG.step()
         step += 1
         with torch.no_grad():
-            acc += torch.stack([loss_d.float(), loss_rec.float(), loss_adv.float(),
-                                torch.sigmoid(logit_real.float()).mean(), torch.sigmoid(logit_fake.float()).mean()])
+            s = torch.stack([loss_d.float(), loss_rec.float(), loss_adv.float(),
+                             torch.sigmoid(logit_real.float()).mean(), torch.sigmoid(logit_fake.float()).mean()])
+            acc += s
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(s).all(), step, bad_step)
         n_acc += 1
 
         if step % args.log_every == 0 or step == total:
             vals = (acc / n_acc).tolist()   # CPU-GPU sync point: the only one in a normal step
-            if not all(map(math.isfinite, vals)):
-                sys.exit(f"error: loss became NaN/Inf between steps {step - n_acc + 1} and {step}; training stopped "
-                         f"without saving. Last good checkpoint: {last_good or 'none yet'} (intact). "
-                         "Try a lower --lr-g/--lr-d or --lam-adv.")
+            check_finite()
             dt = time.time() - t_log
             ips = n_acc * args.batch_size / dt
             rec = dict(zip(("loss_D", "loss_rec", "loss_adv", "D_x", "D_G_x"), vals))
-            warn = ""
-            if use_d and rec["D_G_x"] < 0.02 and step > 5 * args.log_every:
-                warn = " | warning: D wins outright (D(G(x))~0); try a lower --lam-adv or --lr-d"
+            d_wins = d_wins + 1 if use_d and rec["D_G_x"] < 0.01 else 0
+            warn = (f" | warning: D has won outright for {d_wins} log windows (D(G(x)) ~ 0); "
+                    "a lower --lam-adv or --lr-d usually helps") if d_wins >= 3 else ""
             gan = (f"loss_D {rec['loss_D']:.3f} | rec {rec['loss_rec']:.4f} | adv {rec['loss_adv']:.3f} | "
                    f"D(x) {rec['D_x']:.2f} | D(G(x)) {rec['D_G_x']:.2f}") if use_d else f"rec {rec['loss_rec']:.4f}"
             print(f"step {step}/{total} | epoch {batches.epoch_of(step - 1)} | {gan} | {ips:,.0f} img/s | "
                   f"ETA {fmt_time((total - step) * dt / n_acc)}{warn}", flush=True)
             append_log(log_path, {"step": step, "epoch": batches.epoch_of(step - 1),
                                   **{k: round(v, 6) for k, v in rec.items()}, "img_per_s": round(ips, 1),
-                                  "time": round(time.time(), 2)})
+                                  "time": round(time.time(), 2), **({"warning": "D wins"} if warn else {})})
             acc.zero_()
             n_acc, t_log = 0, time.time()
         if step % args.eval_every == 0 or step == total:
@@ -337,8 +351,7 @@ def main(argv=None):
             t_log = time.time()  # evaluation is not training time
 
     if stop:
-        if n_acc and not torch.isfinite(acc).all():
-            sys.exit(f"error: stopped at step {step} with a NaN/Inf loss; not saving over {last_good or 'nothing'}")
+        check_finite()
         checkpoint(os.path.join(args.out, "ckpt.pt"))
         name = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(stop[0], "signal")
         print(f"\n{name}: saved {args.out}/ckpt.pt at step {step}/{total}. "

@@ -1,0 +1,101 @@
+"""Interruptions and diverging runs: kill -9 mid-write, SIGINT/SIGTERM save and say how to resume, NaN stops."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import ce_losses
+import ce_model
+import ce_train
+from conftest import ROOT, TINY
+
+
+def start(tmp_path, out, extra):
+    cmd = [sys.executable, os.path.join(ROOT, "ce_train.py"), *TINY, "--data-root", str(tmp_path / "data"),
+           "--batch-size", "4", "--out", str(out), *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+
+
+def wait_for(path, proc, timeout=60):
+    t0 = time.time()
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_kill_9_while_checkpointing_leaves_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    # a checkpoint every step, so the kills land during writes as well as between them
+    proc = start(tmp_path, out, ["--steps", "100000", "--eval-every", "1", "--log-every", "1000"])
+    try:
+        wait_for(out / "ckpt.pt", proc)
+        steps = []
+        for delay in (0.0, 0.013, 0.029, 0.041):
+            time.sleep(delay)
+            steps.append(ce_model.read_checkpoint(out / "ckpt.pt")["step"])  # readable while being rewritten
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    state = ce_model.read_checkpoint(out / "ckpt.pt")
+    assert state["step"] >= max(steps) >= 1
+    G, D, _ = ce_model.load_checkpoint(out / "ckpt.pt")
+    assert all(torch.isfinite(p).all() for p in G.parameters())
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_and_says_how_to_resume(tmp_path, sig, code):
+    out = tmp_path / "run"
+    proc = start(tmp_path, out, ["--steps", "100000", "--eval-every", "5", "--log-every", "5"])
+    try:
+        wait_for(out / "ckpt.pt", proc)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr and f"Resume with: python ce_train.py --resume {out}" in stdout
+    step = ce_model.read_checkpoint(out / "ckpt.pt")["step"]
+    assert step >= 5
+    # the resumed run continues from exactly there
+    ce_train.main(["--resume", str(out), "--steps", str(step + 2), "--device", "cpu"])
+    assert ce_model.read_checkpoint(out / "ckpt.pt")["step"] == step + 2
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_flags, monkeypatch, capsys):
+    real = ce_losses.reconstruction_loss
+    calls = []
+
+    def poisoned(pred, target, weight):
+        calls.append(1)
+        loss = real(pred, target, weight)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(ce_losses, "reconstruction_loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        ce_train.main(tiny_flags + ["--steps", "6", "--batch-size", "4", "--eval-every", "2", "--log-every", "5",
+                                    "--out", str(out)])
+    msg = str(e.value.code)
+    assert "NaN/Inf at step 3" in msg and f"{out}/ckpt.pt" in msg
+    state = ce_model.read_checkpoint(out / "ckpt.pt")
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["G"].values() if v.is_floating_point())
+
+
+def test_discriminator_winning_is_reported(tmp_path, tiny_flags, monkeypatch, capsys):
+    """A discriminator whose every answer is 'fake' (logit - 30: D(G(x)) ~ 1e-13) is flagged after 3 log windows."""
+    forward = ce_model.Discriminator.forward
+    monkeypatch.setattr(ce_model.Discriminator, "forward", lambda self, x: forward(self, x) - 30)
+    ce_train.main(tiny_flags + ["--steps", "8", "--batch-size", "4", "--log-every", "2", "--eval-every", "1000",
+                                "--out", str(tmp_path / "run")])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
+    assert len(lines) == 4
+    assert ["D has won outright" in ln for ln in lines] == [False, False, True, True]
+    assert "--lam-adv" in lines[-1] and "--lr-d" in lines[-1]
