@@ -167,26 +167,153 @@ def inpaint(G, images, overlap, ring, fill, dtype=None):
     return masked, ce_data.paste(masked, predict(G, masked, dtype=dtype), overlap, ring)
 
 
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def read_log(run):
+    """A run's log.jsonl as (training records, evaluation records)."""
+    path = os.path.join(run, "log.jsonl")
+    if not os.path.isfile(path):
+        raise ce_data.DataError(f"{path}: no training log here; give a run folder written by ce_train.py")
+    with open(path) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    return [r for r in recs if "loss_rec" in r], [r for r in recs if "eval" in r]
+
+
+IGNORED_IN_LABELS = {"out", "resume", "device", "quick", "log_every", "eval_every", "compile", "data_root"}
+
+
+def run_labels(runs):
+    """Label each run by the flags in which the runs differ (args.json), e.g. 'lam_adv=0.01'."""
+    args = []
+    for r in runs:
+        try:
+            with open(os.path.join(r, "args.json")) as f:
+                args.append(json.load(f))
+        except (OSError, ValueError):
+            args.append({})
+    keys = sorted(k for k in set().union(*args) if k not in IGNORED_IN_LABELS
+                  and len({json.dumps(a.get(k)) for a in args}) > 1)
+    return [" ".join(f"{k}={a.get(k)}" for k in keys) or os.path.basename(os.path.normpath(r))
+            for r, a in zip(runs, args)]
+
+
+def plot_curves(runs, path):
+    """Training curves of one or several runs, overlaid: losses, D outputs and held-out PSNR against step."""
+    plt = _plt()
+    panels = [("loss_D", "loss_D"), ("loss_rec", "loss_rec (Eq. 1)"), ("loss_adv", "loss_adv (G, Eq. 2)"),
+              ("D_x", "D(x)"), ("D_G_x", "D(G(x))"), ("psnr", "held-out PSNR, hole (dB)")]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
+    for run, label in zip(runs, run_labels(runs)):
+        train, evals = read_log(run)
+        for ax, (key, title) in zip(axes.flat, panels):
+            recs = evals if key == "psnr" else train
+            ys = [r["eval"]["psnr"] if key == "psnr" else r[key] for r in recs]
+            ax.plot([r["step"] for r in recs], ys, marker="o" if key == "psnr" else None, ms=3, label=label)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("step", fontsize=8)
+            ax.grid(alpha=0.3)
+    axes[1, 2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+    return path
+
+
+def make_gif(run, max_frames=20, rows=2, scale=0.5):
+    """OUT/evolution.gif: the first `rows` rows of each sample grid over training, at most `max_frames` frames."""
+    from PIL import ImageDraw
+    names = sorted(f for f in os.listdir(os.path.join(run, "samples")) if f.startswith("step_") and f.endswith(".png"))
+    if not names:
+        return None
+    k = min(max_frames, len(names))  # evenly spaced frames, first and last included
+    pick = sorted({round(i * (len(names) - 1) / max(k - 1, 1)) for i in range(k)})
+    frames = []
+    for i in pick:
+        im = Image.open(os.path.join(run, "samples", names[i])).convert("RGB")
+        im = im.crop((0, 0, im.width, min(im.height, rows * 132 - 4)))
+        im = im.resize((int(im.width * scale), int(im.height * scale)), Image.BILINEAR)
+        ImageDraw.Draw(im).text((3, 2), f"step {int(names[i][5:12])}", fill=(255, 255, 0))
+        frames.append(im.quantize(colors=128))
+    path = os.path.join(run, "evolution.gif")
+    frames[0].save(path + ".tmp.gif", save_all=True, append_images=frames[1:], duration=400, loop=0)
+    os.replace(path + ".tmp.gif", path)
+    return path
+
+
+def comparison_figure(models, images, path, dtype=None):
+    """masked | each model | each baseline | original for N held-out images, the hole's PSNR under each.
+
+    models: [(label, G, args)], all with the same mask (overlap, ring, fill) as the first.
+    """
+    plt = _plt()
+    a = models[0][2]
+    ov, ring, fill = a["overlap"], a["ring"], a["fill"]
+    masked, target = ce_data.mask_batch(images, ov, ring, fill)
+    hole = ce_data.hole_mask(ov, ring)
+    cols = [("masked input", masked, None)]
+    for label, G, _ in models:
+        pred = predict(G, masked.to(next(G.parameters()).device), dtype=dtype).cpu()
+        cols.append((label, ce_data.paste(masked, pred, ov, ring), pred))
+    for m in BASELINES[1:]:
+        pred = baseline_region(m, masked, ov, ring)
+        cols.append((m.replace("_", " "), ce_data.paste(masked, pred, ov, ring), pred))
+    cols.append(("original", images, None))
+    n, k = len(images), len(cols)
+    fig, axes = plt.subplots(n, k, figsize=(1.6 * k, 1.75 * n), squeeze=False)
+    for j, (title, full, pred) in enumerate(cols):
+        pics = to_uint8(full)
+        psnr = image_metrics(pred, target, hole)["psnr"] if pred is not None else None
+        for i in range(n):
+            ax = axes[i, j]
+            ax.imshow(pics[i])
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_title(title, fontsize=7)
+            if psnr is not None:
+                ax.set_xlabel(f"{psnr[i]:.1f} dB", fontsize=7)
+    fig.tight_layout(pad=0.3)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump); shared by ce_train.py."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a checkpoint written by ce_train.py (OUT/best.pt or OUT/ckpt.pt)")
+    p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", nargs="+", help="checkpoint(s) written by ce_train.py (OUT/best.pt, OUT/ckpt.pt or OUT)")
     p.add_argument("--data", choices=("shapes", "tiny", "imagenet", "folder"), help="dataset (default: the checkpoint's)")
     p.add_argument("--data-root", help="dataset folder (default: the checkpoint's)")
     p.add_argument("--split", default="val", choices=("val", "test"), help="held-out split to evaluate")
     p.add_argument("--max-images", type=int, default=0, help="evaluate at most this many images (0: all)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    p.add_argument("--json", action="store_true", help="print one JSON line per checkpoint instead of the table")
     p.add_argument("--image", nargs="+", metavar="PHOTO", help="inpaint these photos (centre-cropped to 128 px)")
-    p.add_argument("--figure", action="store_true", help="save a comparison grid of --n held-out images")
-    p.add_argument("--n", type=int, default=8, help="images in --figure")
-    p.add_argument("--out", default="inpainted", help="folder for --image and --figure outputs")
+    p.add_argument("--figure", action="store_true", help="comparison figure of --n held-out images (all --ckpt side by side)")
+    p.add_argument("--n", type=int, default=6, help="images in --figure")
+    p.add_argument("--plot", nargs="+", metavar="RUN", help="training curves of these run folders, overlaid")
+    p.add_argument("--out", help="output: folder for --image/--figure (default: inpainted), file for --plot "
+                                 "(default: curves.png)")
     a = p.parse_args(argv)
     if a.batch_size <= 0 or a.max_images < 0 or a.n <= 0:
         p.error("--batch-size and --n must be positive and --max-images >= 0")
+    if not a.ckpt and not a.plot:
+        p.error("give --ckpt CKPT (evaluate, --image, --figure) or --plot RUN [RUN ...]")
     return a
 
 
@@ -215,34 +342,42 @@ def run_images(G, paths, a, out, dtype):
         print(f"{path} -> {out}/{stem}_filled.png, {out}/{stem}_compare.png (masked | filled | original)")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    G, _, state = ce_model.load_checkpoint(args.ckpt, dev)
-    a = state["args"]  # the checkpoint's own flags decide the mask and the network
-    dtype = torch.bfloat16 if dev.type == "cuda" else None
-    if args.image:
-        return run_images(G, args.image, a, args.out, dtype)
+def held_out(args, a):
+    """uint8 held-out images for checkpoint flags `a`, with --data/--data-root/--split/--max-images applied."""
     data, root = args.data or a["data"], args.data_root or a["data_root"]
     images = ce_data.load_split(data, root, args.split, a["load_size"], a.get("shapes_n", 10000))
-    if args.max_images:
-        images = images[:args.max_images]
-    if args.figure:
-        x = ce_data.to_float(center_crop(torch.from_numpy(np.asarray(images[:args.n])))).to(dev)
-        masked, target = ce_data.mask_batch(x, a["overlap"], a["ring"], a["fill"])
-        cols = [masked, ce_data.paste(masked, predict(G, masked, dtype=dtype), a["overlap"], a["ring"])]
-        for m in BASELINES[1:]:
-            cols.append(ce_data.paste(masked, baseline_region(m, masked, a["overlap"], a["ring"]), a["overlap"], a["ring"]))
-        path = save_grid(os.path.join(args.out, "figure.png"), cols + [x], per_row=1)
-        print(f"wrote {path}: masked | model | context mean | harmonic | original, {len(x)} {data}/{args.split} images")
+    return (images[:args.max_images] if args.max_images else images), data
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.plot:
+        print(f"wrote {plot_curves(args.plot, args.out or 'curves.png')}")
         return
-    results = evaluate(G, images, a["overlap"], a["ring"], a["fill"], ("model",) + BASELINES, args.batch_size, dtype)
-    if args.json:
-        print(json.dumps({"ckpt": state["path"], "step": state.get("step"), "data": data, "split": args.split,
-                          **{m: {k: round(v, 4) for k, v in r.items()} for m, r in results.items()}}))
-    else:
-        print_table(results, f"{state['path']} (step {state.get('step')}) on {data}/{args.split}, "
-                             f"{len(images)} images, overlap {a['overlap']}, ring {a['ring']}, fill {a['fill']}")
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else None
+    loaded = [ce_model.load_checkpoint(c, dev) for c in args.ckpt]
+    a = loaded[0][2]["args"]  # the checkpoint's own flags decide the mask and the network
+    if args.image:
+        return run_images(loaded[0][0], args.image, a, args.out or "inpainted", dtype)
+    if args.figure:
+        images, data = held_out(args, a)
+        x = ce_data.to_float(center_crop(torch.from_numpy(np.array(images[:args.n]))))
+        labels = run_labels([os.path.dirname(s["path"]) for _, _, s in loaded])
+        path = comparison_figure([(lab, G, s["args"]) for lab, (G, _, s) in zip(labels, loaded)], x,
+                                 os.path.join(args.out or "inpainted", "figure.png"), dtype)
+        print(f"wrote {path}: masked | model(s) | baselines | original, {len(x)} {data}/{args.split} images")
+        return
+    for G, _, state in loaded:
+        a = state["args"]
+        images, data = held_out(args, a)
+        results = evaluate(G, images, a["overlap"], a["ring"], a["fill"], ("model",) + BASELINES, args.batch_size, dtype)
+        if args.json:
+            print(json.dumps({"ckpt": state["path"], "step": state.get("step"), "data": data, "split": args.split,
+                              **{m: {k: round(v, 4) for k, v in r.items()} for m, r in results.items()}}))
+        else:
+            print_table(results, f"{state['path']} (step {state.get('step')}) on {data}/{args.split}, {len(images)} "
+                                 f"images, overlap {a['overlap']}, ring {a['ring']}, fill {a['fill']}")
 
 
 def cli(fn, argv=None):

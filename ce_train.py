@@ -40,13 +40,8 @@ VARIANTS = {
 CPU_QUICK = dict(width=32, bottleneck=512, batch_size=32, steps=1500, eval_every=500)
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump: what is wrong and where to look
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser():
-    p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ce_eval.Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--variant", default="paper", choices=tuple(VARIANTS),
         help="preset of the flags below: paper text, official Lua code, or seed report (README 'Variants')")
@@ -279,6 +274,8 @@ def main(argv=None):
             shutil.copyfile(ckpt, ckpt + ".best.tmp")
             os.replace(ckpt + ".best.tmp", os.path.join(args.out, "best.pt"))
         append_log(log_path, {"step": step, "eval": {k: round(v, 4) for k, v in r.items()}})
+        ce_eval.plot_curves([args.out], os.path.join(args.out, "curves.png"))
+        ce_eval.make_gif(args.out)
         print(f"eval @ {step}: held-out PSNR {r['psnr']:.2f} dB, L1 {r['l1']:.2f} %, L2 {r['l2']:.2f} % "
               f"(hole, {r['n_images']} images){' *best*' if is_best else ''}")
 
