@@ -144,8 +144,13 @@ def _shape_image(rng, s):
 
 
 def _pool(workers):
-    """A process pool for decoding. fork (Linux) starts fastest and needs no re-import of the caller's script."""
-    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    """A process pool for decoding. Not fork: forking a process whose torch threads hold locks can deadlock the
+    children. forkserver forks workers from a clean server process that has imported this module once."""
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+    else:
+        ctx = mp.get_context("spawn")
     return ctx.Pool(workers)
 
 
@@ -550,15 +555,17 @@ class Batches:
     def get(self, step):
         idx = self.indices(step)
         x = self.images[idx]                                               # (B, S, S, 3) uint8
+        # random numbers are drawn for the whole global batch and sliced, so a rank's images are augmented
+        # exactly as the same images are in a one-process run with world * B per batch
         g = _seeded(self.data_device, self.seed, "aug", step)
-        B, c = len(idx), self.crop
+        B, c, mine = len(idx), self.crop, slice(self.rank * len(idx), (self.rank + 1) * len(idx))
         if self.size > c:  # official: random 128 crop of a 350px image (--load-size 350)
-            off = torch.randint(0, self.size - c + 1, (2, B, 1), generator=g, device=x.device)
+            off = torch.randint(0, self.size - c + 1, (2, B * self.world, 1), generator=g, device=x.device)[:, mine]
             ar = torch.arange(c, device=x.device)
             rows, cols = off[0] + ar, off[1] + ar                          # (B, c)
             x = x[torch.arange(B, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
         if self.flip:
-            f = torch.rand(B, generator=g, device=x.device) < 0.5
+            f = torch.rand(B * self.world, generator=g, device=x.device)[mine] < 0.5
             x = torch.where(f[:, None, None, None], x.flip(2), x)
         if x.device != self.device:
             x = x.pin_memory().to(self.device, non_blocking=True)

@@ -363,7 +363,7 @@ def main(argv=None):
     if args.figure:
         images, data = held_out(args, a)
         x = ce_data.to_float(center_crop(torch.from_numpy(np.array(images[:args.n]))))
-        labels = run_labels([os.path.dirname(s["path"]) for _, _, s in loaded])
+        labels = run_labels([os.path.dirname(s["path"]) for _, _, s in loaded]) if len(loaded) > 1 else ["model"]
         path = comparison_figure([(lab, G, s["args"]) for lab, (G, _, s) in zip(labels, loaded)], x,
                                  os.path.join(args.out or "inpainted", "figure.png"), dtype)
         print(f"wrote {path}: masked | model(s) | baselines | original, {len(x)} {data}/{args.split} images")

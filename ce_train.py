@@ -20,6 +20,9 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ce_data
 import ce_eval
@@ -37,7 +40,7 @@ VARIANTS = {
 }
 # DEVIATION: on a CPU, with no size flags, `python ce_train.py --data shapes` trains a smaller network for fewer
 # steps so that the quick start ends in minutes; the paper's network is --width 64 --bottleneck 4000.
-CPU_QUICK = dict(width=32, bottleneck=512, batch_size=32, steps=1500, eval_every=500)
+CPU_QUICK = dict(width=32, bottleneck=512, batch_size=32, steps=1000, eval_every=250)
 
 
 def build_parser():
@@ -189,11 +192,26 @@ def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
+def setup_distributed(args):
+    """torchrun sets WORLD_SIZE, RANK, LOCAL_RANK: one process per GPU (NCCL) or per CPU worker (gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world
+
+
 def main(argv=None):
     args = parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once, also when piped to a file
+    rank, world = setup_distributed(args)
+    master = rank == 0                            # only rank 0 prints, logs, samples and checkpoints
+    say = print if master else (lambda *a, **k: None)
     device = torch.device(args.device)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)                  # same initial weights on every rank
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
     ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     mem_fmt = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -206,21 +224,24 @@ def main(argv=None):
     train_u8 = ce_data.load_split(args.data, args.data_root, "train", args.load_size, args.shapes_n)
     val_u8 = ce_data.load_split(args.data, args.data_root, "val", args.load_size, args.shapes_n)[:args.eval_images]
     batches = ce_data.Batches(train_u8, args.batch_size, device, args.seed, args.flip, 128, args.channels_last,
-                              torch.float32)
+                              torch.float32, rank, world)
     total = args.steps or args.epochs * batches.steps_per_epoch
 
     # ---- networks, optimisers (paper 4: Adam, beta1 0.5), loss weights
     G, D = ce_model.build_models(args.width, args.bottleneck, args.bottleneck_bn, args.bias, args.init)
+    if world > 1 and device.type == "cuda":  # BN statistics over the global batch, as in one process
+        G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
     G, D = G.to(device, memory_format=mem_fmt), D.to(device, memory_format=mem_fmt)
     optG = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2))
     optD = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2))
     W = ce_losses.overlap_weights(64, args.overlap, args.overlap_weight, args.rec_reduction).to(device)
     step, best = 0, -math.inf
-    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-    for f in os.listdir(args.out):  # temp files of a run killed while writing (the real files are intact)
-        if ".tmp" in f:
-            os.remove(os.path.join(args.out, f))
     log_path = os.path.join(args.out, "log.jsonl")
+    if master:
+        os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+        for f in os.listdir(args.out):  # temp files of a run killed while writing (the real files are intact)
+            if ".tmp" in f:
+                os.remove(os.path.join(args.out, f))
     if args.resume:
         state = ce_model.read_checkpoint(args.resume)
         G.load_state_dict(state["G"]), D.load_state_dict(state["D"])
@@ -229,19 +250,26 @@ def main(argv=None):
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and device.type == "cuda":
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        truncate_log(log_path, step)
-        print(f"resumed {state['path']} at step {step}")
-    fG, fD = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
+        if master:
+            truncate_log(log_path, step)
+        say(f"resumed {state['path']} at step {step}")
+    # DDP averages gradients across ranks in backward. The G step's pass through D uses the plain module: D is
+    # frozen there, and DDP would wait for gradients of D that never come.
+    ddp = (lambda m: DDP(m, device_ids=[device.index] if device.type == "cuda" else None)) if world > 1 else (lambda m: m)
+    maybe_compile = torch.compile if args.compile else (lambda m: m)
+    fG, fD, fD_frozen = maybe_compile(ddp(G)), maybe_compile(ddp(D)), maybe_compile(D)
 
-    print(f"Context Encoder | {args.data} ({len(train_u8)} train / {len(val_u8)} held-out images) | "
-          f"G {ce_model.count_params(G) / 1e6:.2f}M D {ce_model.count_params(D) / 1e6:.2f}M params | "
-          f"{total} steps x {args.batch_size} | {device} {args.dtype} | out {args.out}")
-    print("config: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())))
+    say(f"Context Encoder | {args.data} ({len(train_u8)} train / {len(val_u8)} held-out images) | "
+        f"G {ce_model.count_params(G) / 1e6:.2f}M D {ce_model.count_params(D) / 1e6:.2f}M params | "
+        f"{total} steps x {args.batch_size}{f' x {world} ranks' if world > 1 else ''} | {device} {args.dtype} | "
+        f"out {args.out}")
+    say("config: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())))
     if args.quick:
-        print("CPU quick start: a smaller network (--width 32 --bottleneck 512) for 1500 steps; pass --width 64 "
-              "--bottleneck 4000 --steps N for the paper's network")
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
+        say("CPU quick start: a smaller network (--width 32 --bottleneck 512) for 1000 steps; pass --width 64 "
+            "--bottleneck 4000 --steps N for the paper's network")
+    if master:
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
 
     # fixed held-out batch for the sample grids
     fixed = ce_data.to_float(ce_eval.center_crop(torch.from_numpy(val_u8[:16].copy()))).to(device)
@@ -279,19 +307,20 @@ def main(argv=None):
         print(f"eval @ {step}: held-out PSNR {r['psnr']:.2f} dB, L1 {r['l1']:.2f} %, L2 {r['l2']:.2f} % "
               f"(hole, {r['n_images']} images){' *best*' if is_best else ''}")
 
-    # SIGINT / SIGTERM: finish the current step, save, say how to resume.
+    # SIGINT / SIGTERM: finish the current step, save, say how to resume. With several ranks they agree on
+    # stopping at the next log step, so that all stop at the same step.
     stop = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda s, f: stop.append(s))
 
     acc = torch.zeros(5, device=device)  # loss_D, loss_rec, loss_adv, D(x), D(G(x)) summed since the last log
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss, on device
-    n_acc, t_log, d_wins = 0, time.time(), 0
+    n_acc, t_log, d_wins, halt = 0, time.time(), 0, False
     last_good = os.path.join(args.out, "ckpt.pt") if args.resume else None
     use_d = args.lam_adv > 0
     zero = torch.zeros((), device=device)
     G.train(), D.train()
-    while step < total and not stop:
+    while step < total and not halt:
         real = batches.get(step)                                            # (B, 3, 128, 128) in [-1, 1]
         masked, target = ce_data.mask_batch(real, args.overlap, args.ring, args.fill)
         with ctx:
@@ -307,7 +336,7 @@ def main(argv=None):
             optD.step()
             D.requires_grad_(False)   # the G step needs gradients through D, not for D's weights
             with ctx:
-                loss_adv = ce_losses.generator_adversarial_loss(fD(fake))
+                loss_adv = ce_losses.generator_adversarial_loss(fD_frozen(fake))
         else:
             loss_d = loss_adv = logit_real = logit_fake = zero
         # ---- G step, Eq. (3): lambda_rec * L_rec (Eq. 1) + lambda_adv * L_adv, same batch, same G(x)
@@ -323,39 +352,54 @@ def main(argv=None):
             acc += s
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(s).all(), step, bad_step)
         n_acc += 1
+        halt = bool(stop) and world == 1
 
         if step % args.log_every == 0 or step == total:
             vals = (acc / n_acc).tolist()   # CPU-GPU sync point: the only one in a normal step
             check_finite()
+            if world > 1:                   # all ranks stop together if any was signalled
+                flag = torch.tensor([float(bool(stop))], device=device)
+                dist.all_reduce(flag)
+                halt = flag.item() > 0
             dt = time.time() - t_log
-            ips = n_acc * args.batch_size / dt
+            ips = n_acc * args.batch_size * world / dt
             rec = dict(zip(("loss_D", "loss_rec", "loss_adv", "D_x", "D_G_x"), vals))
             d_wins = d_wins + 1 if use_d and rec["D_G_x"] < 0.01 else 0
             warn = (f" | warning: D has won outright for {d_wins} log windows (D(G(x)) ~ 0); "
                     "a lower --lam-adv or --lr-d usually helps") if d_wins >= 3 else ""
             gan = (f"loss_D {rec['loss_D']:.3f} | rec {rec['loss_rec']:.4f} | adv {rec['loss_adv']:.3f} | "
                    f"D(x) {rec['D_x']:.2f} | D(G(x)) {rec['D_G_x']:.2f}") if use_d else f"rec {rec['loss_rec']:.4f}"
-            print(f"step {step}/{total} | epoch {batches.epoch_of(step - 1)} | {gan} | {ips:,.0f} img/s | "
-                  f"ETA {fmt_time((total - step) * dt / n_acc)}{warn}", flush=True)
-            append_log(log_path, {"step": step, "epoch": batches.epoch_of(step - 1),
-                                  **{k: round(v, 6) for k, v in rec.items()}, "img_per_s": round(ips, 1),
-                                  "time": round(time.time(), 2), **({"warning": "D wins"} if warn else {})})
+            say(f"step {step}/{total} | epoch {batches.epoch_of(step - 1)} | {gan} | {ips:,.0f} img/s | "
+                f"ETA {fmt_time((total - step) * dt / n_acc)}{warn}")
+            if master:
+                append_log(log_path, {"step": step, "epoch": batches.epoch_of(step - 1),
+                                      **{k: round(v, 6) for k, v in rec.items()}, "img_per_s": round(ips, 1),
+                                      "time": round(time.time(), 2), **({"warning": "D wins"} if warn else {})})
             acc.zero_()
             n_acc, t_log = 0, time.time()
-        if step % args.eval_every == 0 or step == total:
+        if master and (step % args.eval_every == 0 or step == total):
             evaluate_and_save()
             last_good = os.path.join(args.out, "ckpt.pt")
             t_log = time.time()  # evaluation is not training time
 
+    if world > 1:  # every rank must hold the same weights: DDP's promise, checked once at the end
+        flat = torch.cat([p.detach().float().flatten() for p in G.parameters()])
+        ref = flat.clone()
+        dist.broadcast(ref, 0)
+        diff = (flat - ref).abs().max()
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        say(f"DDP: {world} ranks, max |weight - rank 0 weight| = {diff.item():.3g}")
+        dist.destroy_process_group()
     if stop:
         check_finite()
-        checkpoint(os.path.join(args.out, "ckpt.pt"))
+        if master:
+            checkpoint(os.path.join(args.out, "ckpt.pt"))
         name = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(stop[0], "signal")
-        print(f"\n{name}: saved {args.out}/ckpt.pt at step {step}/{total}. "
-              f"Resume with: python ce_train.py --resume {args.out}")
+        say(f"\n{name}: saved {args.out}/ckpt.pt at step {step}/{total}. "
+            f"Resume with: python ce_train.py --resume {args.out}")
         sys.exit(128 + stop[0])
-    print(f"done: {step} steps, best held-out PSNR {best:.2f} dB. "
-          f"Evaluate with: python ce_eval.py --ckpt {args.out}/best.pt")
+    say(f"done: {step} steps, best held-out PSNR {best:.2f} dB. "
+        f"Evaluate with: python ce_eval.py --ckpt {args.out}/best.pt")
 
 
 if __name__ == "__main__":

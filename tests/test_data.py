@@ -190,5 +190,6 @@ def test_batches_deterministic_per_step_and_augmented():
     r0, r1 = (ce_data.Batches(imgs, 2, "cpu", seed=7, rank=r, world=2) for r in (0, 1))
     g = ce_data.Batches(imgs, 4, "cpu", seed=7)
     assert torch.equal(torch.cat([r0.indices(0), r1.indices(0)]), g.indices(0))
+    assert torch.equal(torch.cat([r0.get(1), r1.get(1)]), g.get(1))        # same crops and flips too
     with pytest.raises(ce_data.DataError, match="fewer than one batch"):
         ce_data.Batches(imgs, 64, "cpu")

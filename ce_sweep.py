@@ -1,0 +1,81 @@
+"""The seed report's lambda sweep (its Table 1) as one command: one training run per lambda_rec/lambda_adv ratio,
+each evaluated on the held-out split with ce_eval's metrics; a table on the terminal and in OUT/sweep.csv,
+overlaid curves in OUT/curves.png and a side-by-side comparison in OUT/figure.png.
+
+    python ce_sweep.py --ratios 1 100 200 1000 --out runs/sweep -- --data tiny --steps 5000
+
+Ratio r means lambda_rec = r / (1 + r), lambda_adv = 1 / (1 + r) (x1000 ~ the paper's 0.999 / 0.001). Flags after
+`--` go to ce_train.py unchanged. A run folder that already exists is resumed, so a stopped sweep continues.
+"""
+import csv
+import os
+import time
+
+import numpy as np
+import torch
+
+import ce_data
+import ce_eval
+import ce_model
+import ce_train
+
+COLUMNS = ("ratio", "lam_rec", "lam_adv", "data", "steps", "psnr", "l1", "l2", "psnr_region", "n_images", "wall_s")
+
+
+def parse_args(argv=None):
+    p = ce_eval.Parser(description=__doc__.split("\n")[0])
+    p.add_argument("--ratios", type=float, nargs="+", default=[1, 100, 200, 1000],
+                   help="lambda_rec / lambda_adv ratios (seed report: 1, 100, 200, 500, 1000)")
+    p.add_argument("--out", default=os.path.join("runs", "sweep"), help="folder for the runs, sweep.csv and figures")
+    p.add_argument("--n", type=int, default=6, help="held-out images in the comparison figure")
+    p.add_argument("train", nargs="*", help="flags for ce_train.py, after --")
+    a = p.parse_args(argv)
+    if any(r <= 0 for r in a.ratios):
+        p.error("--ratios must be > 0")
+    return a
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    rows, runs = [], []
+    for r in args.ratios:
+        run = os.path.join(args.out, f"ratio{r:g}")
+        lam = ["--lam-rec", f"{r / (1 + r):.6g}", "--lam-adv", f"{1 / (1 + r):.6g}"]
+        resume = os.path.exists(os.path.join(run, "ckpt.pt"))
+        print(f"=== ratio x{r:g}: {'resuming' if resume else 'training'} {run}", flush=True)
+        t0 = time.time()
+        ce_train.main((["--resume", run] if resume else ["--out", run]) + lam + args.train)
+        wall = time.time() - t0
+        G, _, state = ce_model.load_checkpoint(os.path.join(run, "ckpt.pt"),
+                                               "cuda" if torch.cuda.is_available() else "cpu")
+        a = state["args"]
+        images = ce_data.load_split(a["data"], a["data_root"], "val", a["load_size"], a["shapes_n"])
+        dtype = torch.bfloat16 if torch.cuda.is_available() else None
+        methods = ("model",) + (ce_eval.BASELINES if not rows else ())
+        res = ce_eval.evaluate(G, images, a["overlap"], a["ring"], a["fill"], methods, dtype=dtype)
+        if not rows:  # the classical baselines do not depend on lambda: one row each, for reference
+            for m in ce_eval.BASELINES:
+                rows.append({"ratio": m, "data": a["data"], **res[m]})
+        rows.append({"ratio": f"x{r:g}", "lam_rec": a["lam_rec"], "lam_adv": a["lam_adv"], "data": a["data"],
+                     "steps": state["step"], **res["model"], "wall_s": round(wall, 1)})
+        runs.append(run)
+    with open(os.path.join(args.out, "sweep.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in rows])
+    print(f"\n{'ratio':<14}{'steps':>7}{'PSNR dB':>9}{'L1 %':>8}{'L2 %':>8}{'wall s':>9}   ({rows[-1]['data']}, held-out, hole)")
+    for row in rows:
+        print(f"{row['ratio']:<14}{row.get('steps', ''):>7}{row['psnr']:>9.2f}{row['l1']:>8.2f}{row['l2']:>8.2f}"
+              f"{row.get('wall_s', ''):>9}")
+    ce_eval.plot_curves(runs, os.path.join(args.out, "curves.png"))
+    images = images[:args.n]
+    x = ce_data.to_float(ce_eval.center_crop(torch.from_numpy(np.array(images))))
+    models = [(f"x{r:g}", ce_model.load_checkpoint(os.path.join(run, "ckpt.pt"), G.encoder[0].weight.device)[0],
+               a) for r, run in zip(args.ratios, runs)]
+    ce_eval.comparison_figure(models, x, os.path.join(args.out, "figure.png"), dtype)
+    print(f"wrote {args.out}/sweep.csv, {args.out}/curves.png, {args.out}/figure.png")
+
+
+if __name__ == "__main__":
+    ce_eval.cli(main)
