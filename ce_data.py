@@ -16,6 +16,7 @@ import time
 import urllib.request
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -359,7 +360,7 @@ def _report(meta, what):
         ex = "; ".join(meta.get("skipped_examples", []))
         print(f"warning: {what}: skipped {meta['skipped']} unreadable image file(s), e.g. {ex}", file=sys.stderr)
     if meta.get("upsampled"):
-        print(f"warning: {what}: {meta['upsampled']} image(s) smaller than {meta['size']}px were upsampled",
+        print(f"note: {what}: {meta['upsampled']} image(s) smaller than {meta['size']}px were upsampled",
               file=sys.stderr)
 
 
@@ -516,14 +517,17 @@ def _seeded(device, *key):
 class Batches:
     """Training batches from a uint8 (N, S, S, 3) array: random 128 crop (if S > 128), horizontal flip, [-1, 1].
 
-    The data lives on `device` when it fits (a device-side permutation is sliced, so there is no DataLoader and no
-    host sync); otherwise it stays in host memory and each batch is gathered there and copied over.
+    Resident (the default when the data fits in 40 % of free device memory): the uint8 data lives on `device`;
+    each batch is a slice of a device-side permutation, augmented there: no DataLoader, no host sync.
+    Streaming (data too large, e.g. ImageNet at 128 px = 63 GB, or resident=False): the data stays in host memory
+    (a memory-mapped cache); a background thread gathers and augments batch k+1 into pinned memory and copies it
+    on a side CUDA stream while batch k trains, so the step does not wait on the copy.
     Batch `step` depends only on (seed, step): data order and augmentation resume exactly.
     With world > 1 (DDP), rank r takes the r-th slice of each global batch of world * batch_size images.
     """
 
     def __init__(self, images, batch_size, device, seed=0, flip=True, crop=128, channels_last=False,
-                 dtype=torch.float32, rank=0, world=1):
+                 dtype=torch.float32, rank=0, world=1, resident=None):
         self.n, self.size = len(images), images.shape[1]
         self.batch_size, self.world, self.rank = batch_size, world, rank
         self.steps_per_epoch = self.n // (batch_size * world)
@@ -533,11 +537,16 @@ class Batches:
         self.device, self.seed, self.flip, self.crop = torch.device(device), seed, flip, crop
         self.channels_last, self.dtype = channels_last, dtype
         self.images = torch.from_numpy(np.ascontiguousarray(images))
-        self.data_device = torch.device("cpu")
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            if self.images.numel() < 0.4 * free:
-                self.images, self.data_device = self.images.to(self.device), self.device
+        if resident is None:
+            resident = self.device.type == "cpu" or self.images.numel() < 0.4 * torch.cuda.mem_get_info(self.device)[0]
+        self.streaming = not resident
+        if resident:
+            self.images = self.images.to(self.device)
+        else:
+            self._thread = ThreadPoolExecutor(1)
+            self._ahead = None   # (step, future of the batch for that step)
+            self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.data_device = self.images.device
         self._perm_epoch, self._perm = None, None
 
     def epoch_of(self, step):
@@ -552,7 +561,8 @@ class Batches:
         start = (i * self.world + self.rank) * self.batch_size
         return self._perm[start:start + self.batch_size]
 
-    def get(self, step):
+    def augmented(self, step):
+        """uint8 (B, 128, 128, 3) batch for `step`, on the device where the data lives."""
         idx = self.indices(step)
         x = self.images[idx]                                               # (B, S, S, 3) uint8
         # random numbers are drawn for the whole global batch and sliced, so a rank's images are augmented
@@ -567,6 +577,30 @@ class Batches:
         if self.flip:
             f = torch.rand(B * self.world, generator=g, device=x.device)[mine] < 0.5
             x = torch.where(f[:, None, None, None], x.flip(2), x)
-        if x.device != self.device:
-            x = x.pin_memory().to(self.device, non_blocking=True)
+        return x
+
+    def _prepare(self, step):
+        """Streaming, in the background thread: gather + augment in host memory, then copy on the side stream."""
+        x = self.augmented(step)
+        if self._copy_stream is None:
+            return x, None
+        x = x.pin_memory()
+        with torch.cuda.stream(self._copy_stream):
+            x = x.to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._copy_stream)
+        return x, done
+
+    def get(self, step):
+        """(B, 3, 128, 128) batch in [-1, 1] on the device (channels_last if asked: NHWC storage needs no copy)."""
+        if not self.streaming:
+            return to_float(self.augmented(step), self.dtype, self.channels_last)
+        if self._ahead is None or self._ahead[0] != step:   # first call, or a jump (resume)
+            self._ahead = (step, self._thread.submit(self._prepare, step))
+        x, done = self._ahead[1].result()
+        self._ahead = (step + 1, self._thread.submit(self._prepare, step + 1))   # overlaps this step's training
+        if done is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(done)      # a device-side wait: the host does not block
+            x.record_stream(current)
         return to_float(x, self.dtype, self.channels_last)

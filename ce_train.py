@@ -192,6 +192,49 @@ def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
+def make_train_step(G, D, optG, optD, W, args, ctx=contextlib.nullcontext(), ddp=None):
+    """The iteration of paper 3.2 as a function of one masked batch: a D step on (real centre, detached G(x)),
+    then a G step with the joint loss of Eq. (3) reusing that same G(x). Returns a (5,) tensor: loss_D, loss_rec,
+    loss_adv, D(x), D(G(x)), left on the device (no host sync). With lambda_adv = 0, D is never run.
+
+    ddp wraps G and D for DistributedDataParallel (gradients averaged across ranks in backward). The G step's
+    pass through D uses the plain module: D is frozen there, and DDP would wait for gradients that never come.
+    """
+    wrap = ddp or (lambda m: m)
+    maybe_compile = torch.compile if args.compile else (lambda m: m)
+    fG, fD, fD_frozen = maybe_compile(wrap(G)), maybe_compile(wrap(D)), maybe_compile(D)
+    use_d = args.lam_adv > 0
+
+    def train_step(masked, target):
+        with ctx:
+            fake = fG(masked)                                               # (B, 3, 64, 64), the only G forward
+        # ---- D step, Eq. (2): max log D(y) + log(1 - D(G(x))), on the detached fake
+        if use_d:
+            D.requires_grad_(True)
+            with ctx:
+                logit_real, logit_fake = fD(target), fD(fake.detach())
+            loss_d = ce_losses.discriminator_loss(logit_real, logit_fake, args.d_reduction)
+            optD.zero_grad(set_to_none=True)
+            loss_d.backward()
+            optD.step()
+            D.requires_grad_(False)   # the G step needs gradients through D, not for D's weights
+            with ctx:
+                loss_adv = ce_losses.generator_adversarial_loss(fD_frozen(fake))
+        else:
+            loss_d = loss_adv = logit_real = logit_fake = torch.zeros((), device=masked.device)
+        # ---- G step, Eq. (3): lambda_rec * L_rec (Eq. 1) + lambda_adv * L_adv, same batch, same G(x)
+        loss_rec = ce_losses.reconstruction_loss(fake, target, W)
+        loss_g = ce_losses.joint_loss(loss_rec, loss_adv, args.lam_rec, args.lam_adv)
+        optG.zero_grad(set_to_none=True)
+        loss_g.backward()
+        optG.step()
+        with torch.no_grad():
+            return torch.stack([loss_d.float(), loss_rec.float(), loss_adv.float(),
+                                torch.sigmoid(logit_real.float()).mean(), torch.sigmoid(logit_fake.float()).mean()])
+
+    return train_step
+
+
 def setup_distributed(args):
     """torchrun sets WORLD_SIZE, RANK, LOCAL_RANK: one process per GPU (NCCL) or per CPU worker (gloo)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -253,11 +296,8 @@ def main(argv=None):
         if master:
             truncate_log(log_path, step)
         say(f"resumed {state['path']} at step {step}")
-    # DDP averages gradients across ranks in backward. The G step's pass through D uses the plain module: D is
-    # frozen there, and DDP would wait for gradients of D that never come.
-    ddp = (lambda m: DDP(m, device_ids=[device.index] if device.type == "cuda" else None)) if world > 1 else (lambda m: m)
-    maybe_compile = torch.compile if args.compile else (lambda m: m)
-    fG, fD, fD_frozen = maybe_compile(ddp(G)), maybe_compile(ddp(D)), maybe_compile(D)
+    ddp = (lambda m: DDP(m, device_ids=[device.index] if device.type == "cuda" else None)) if world > 1 else None
+    train_step = make_train_step(G, D, optG, optD, W, args, ctx, ddp)
 
     say(f"Context Encoder | {args.data} ({len(train_u8)} train / {len(val_u8)} held-out images) | "
         f"G {ce_model.count_params(G) / 1e6:.2f}M D {ce_model.count_params(D) / 1e6:.2f}M params | "
@@ -318,37 +358,13 @@ def main(argv=None):
     n_acc, t_log, d_wins, halt = 0, time.time(), 0, False
     last_good = os.path.join(args.out, "ckpt.pt") if args.resume else None
     use_d = args.lam_adv > 0
-    zero = torch.zeros((), device=device)
     G.train(), D.train()
     while step < total and not halt:
         real = batches.get(step)                                            # (B, 3, 128, 128) in [-1, 1]
         masked, target = ce_data.mask_batch(real, args.overlap, args.ring, args.fill)
-        with ctx:
-            fake = fG(masked)                                               # (B, 3, 64, 64), the only G forward
-        # ---- D step, Eq. (2): max log D(y) + log(1 - D(G(x))), on the detached fake
-        if use_d:
-            D.requires_grad_(True)
-            with ctx:
-                logit_real, logit_fake = fD(target), fD(fake.detach())
-            loss_d = ce_losses.discriminator_loss(logit_real, logit_fake, args.d_reduction)
-            optD.zero_grad(set_to_none=True)
-            loss_d.backward()
-            optD.step()
-            D.requires_grad_(False)   # the G step needs gradients through D, not for D's weights
-            with ctx:
-                loss_adv = ce_losses.generator_adversarial_loss(fD_frozen(fake))
-        else:
-            loss_d = loss_adv = logit_real = logit_fake = zero
-        # ---- G step, Eq. (3): lambda_rec * L_rec (Eq. 1) + lambda_adv * L_adv, same batch, same G(x)
-        loss_rec = ce_losses.reconstruction_loss(fake, target, W)
-        loss_g = ce_losses.joint_loss(loss_rec, loss_adv, args.lam_rec, args.lam_adv)
-        optG.zero_grad(set_to_none=True)
-        loss_g.backward()
-        optG.step()
+        s = train_step(masked, target)                                      # (5,) on the device, no sync
         step += 1
         with torch.no_grad():
-            s = torch.stack([loss_d.float(), loss_rec.float(), loss_adv.float(),
-                             torch.sigmoid(logit_real.float()).mean(), torch.sigmoid(logit_fake.float()).mean()])
             acc += s
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(s).all(), step, bad_step)
         n_acc += 1

@@ -193,3 +193,14 @@ def test_batches_deterministic_per_step_and_augmented():
     assert torch.equal(torch.cat([r0.get(1), r1.get(1)]), g.get(1))        # same crops and flips too
     with pytest.raises(ce_data.DataError, match="fewer than one batch"):
         ce_data.Batches(imgs, 64, "cpu")
+
+
+def test_streaming_batches_equal_resident_and_prefetch_ahead():
+    """Data that does not fit on the device streams from host memory with batch k+1 prepared while k trains."""
+    imgs = ce_data.make_shapes(12, seed=4, size=144)
+    res = ce_data.Batches(imgs, 4, "cpu", seed=1, resident=True)
+    st = ce_data.Batches(imgs, 4, "cpu", seed=1, resident=False)
+    assert st.streaming and not res.streaming
+    for step in (0, 1, 2, 7, 3):   # in order, then a jump (as after --resume) and back
+        assert torch.equal(st.get(step), res.get(step))
+        assert st._ahead[0] == step + 1      # the next batch is already being prepared

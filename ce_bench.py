@@ -1,0 +1,215 @@
+"""Benchmark the Context Encoder training step: images/s of ce_train.py's loop against a loop written the way
+typical implementations are, measured side by side in one run, with the same networks, losses and optimisers.
+
+    python ce_bench.py --batch-size 512 --steps 50              # GPU: the paper's network on the embedded data
+    python ce_bench.py --data tiny --batch-size 64               # Tiny ImageNet layout
+    python ce_bench.py --device cpu --width 16 --bottleneck 64 --batch-size 16 --steps 5
+
+Configurations:
+  ours        ce_train's step; uint8 data resident on the device, batches sliced, flipped, normalised and masked
+              there; bf16 autocast + channels_last on CUDA
+  ours-fp32   the same without autocast           (CUDA only: each speed switch off, one at a time)
+  ours-nchw   the same without channels_last      (CUDA only)
+  ours-compile  the same with torch.compile       (with --compile)
+  reference   fp32, NCHW; a per-sample Dataset that decodes an image file with Pillow, resizes, flips, normalises
+              and masks on the CPU, batched by a DataLoader with --workers processes (the seed report's design)
+Timing: --warmup steps first (cudnn autotuning, compilation), then --repeats windows of --steps steps each, the
+device synchronised at the end of each window; the median window is reported. FLOPs are counted on one real step
+with torch.utils.flop_counter (convolutions and matrix products, forward and backward), not assumed.
+"""
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import ce_data
+import ce_eval
+import ce_losses
+import ce_model
+import ce_train
+
+
+class ReferenceDataset(torch.utils.data.Dataset):
+    """One image file per __getitem__: decode, resize to 128, flip, scale to [-1, 1] and mask, all on the CPU."""
+
+    def __init__(self, files, overlap, ring, fill):
+        self.files, self.mask = files, (overlap, ring, fill)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        with Image.open(self.files[i]) as im:
+            im = im.convert("RGB").resize((128, 128), Image.BILINEAR)
+        x = torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1
+        if random.random() < 0.5:
+            x = x.flip(2)
+        masked, target = ce_data.mask_batch(x[None], *self.mask)
+        return masked[0], target[0].clone()
+
+
+def parse_args(argv=None):
+    p = ce_eval.Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="shapes", choices=("shapes", "tiny", "imagenet", "folder"))
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--shapes-n", type=int, default=4096, help="images of the embedded data to benchmark on")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=30, help="steps per timed window")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--bottleneck", type=int, default=4000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=min(10, os.cpu_count() or 1),
+                   help="DataLoader processes of the reference loop (the seed report used 10)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile")
+    p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON line per configuration")
+    a = p.parse_args(argv)
+    if min(a.batch_size, a.steps, a.repeats, a.width, a.bottleneck, a.shapes_n) <= 0 or a.warmup < 0 or a.workers < 0:
+        p.error("sizes and counts must be positive")
+    a.device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    return a
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_args(a, **over):
+    """ce_train's paper defaults with this benchmark's sizes (the step reads only these fields)."""
+    t = ce_train.parse_args(["--device", str(a.device), "--width", str(a.width), "--bottleneck", str(a.bottleneck),
+                             "--out", os.path.join(tempfile.gettempdir(), "ce_bench_unused")])
+    for k, v in over.items():
+        setattr(t, k, v)
+    return t
+
+
+def build(a, device, channels_last):
+    torch.manual_seed(0)
+    t = train_args(a)
+    G, D = ce_model.build_models(a.width, a.bottleneck, t.bottleneck_bn, t.bias, t.init)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    G, D = G.to(device, memory_format=fmt), D.to(device, memory_format=fmt)
+    optG = torch.optim.Adam(G.parameters(), lr=t.lr_g, betas=(t.beta1, t.beta2))
+    optD = torch.optim.Adam(D.parameters(), lr=t.lr_d, betas=(t.beta1, t.beta2))
+    W = ce_losses.overlap_weights(64, t.overlap, t.overlap_weight, t.rec_reduction).to(device)
+    return G, D, optG, optD, W, t
+
+
+def step_flops(step, batch):
+    """FLOPs of one real training step (convolutions and matrix products, forward and backward), counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        step(*batch)
+    return fc.get_total_flops()
+
+
+def measure(name, a, device, next_batch, dtype=None, channels_last=False, compile_=False):
+    """Median seconds per step over a.repeats windows, FLOPs of one step, peak device memory."""
+    G, D, optG, optD, W, t = build(a, device, channels_last)
+    t.compile = compile_
+    ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    step = ce_train.make_train_step(G, D, optG, optD, W, t, ctx)
+    flops = step_flops(ce_train.make_train_step(G, D, optG, optD, W, train_args(a), ctx), next_batch())
+    for _ in range(a.warmup):
+        step(*next_batch())
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    windows = []
+    for _ in range(a.repeats):
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            step(*next_batch())
+        sync(device)
+        windows.append((time.perf_counter() - t0) / a.steps)
+    sec = statistics.median(windows)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"config": name, "img_per_s": a.batch_size / sec, "ms_per_step": 1000 * sec,
+            "tflops": flops / sec / 1e12, "gflop_per_img": flops / a.batch_size / 1e9, "peak_gib": peak}
+
+
+def reference_files(a, images, tmp):
+    """The image files the reference loop decodes: the dataset's own, or the embedded images written as PNGs."""
+    if a.data != "shapes":
+        return ce_data.dataset_files(a.data, a.data_root, "train")
+    files = []
+    for i, im in enumerate(images[: max(a.batch_size * 4, 256)]):
+        files.append(os.path.join(tmp, f"{i:05d}.png"))
+        Image.fromarray(np.asarray(im)).save(files[-1])
+    return files
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    device = torch.device(a.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    train_u8 = ce_data.load_split(a.data, a.data_root, "train", 128, a.shapes_n)
+    t = train_args(a)
+    results = []
+
+    def ours(name, dtype, channels_last, compile_=False):
+        batches = ce_data.Batches(train_u8, a.batch_size, device, 0, True, 128, channels_last)
+        k = iter(range(10**9))
+        results.append(measure(name, a, device, lambda: ce_data.mask_batch(batches.get(next(k)), t.overlap, t.ring,
+                                                                            t.fill), dtype, channels_last, compile_))
+
+    cuda = device.type == "cuda"
+    ours("ours", torch.bfloat16 if cuda else None, cuda)
+    if cuda:
+        ours("ours-fp32", None, True)
+        ours("ours-nchw", torch.bfloat16, False)
+    if a.compile:
+        ours("ours-compile", torch.bfloat16 if cuda else None, cuda, True)
+    if not a.skip_reference:
+        with tempfile.TemporaryDirectory() as tmp:
+            ds = ReferenceDataset(reference_files(a, train_u8, tmp), t.overlap, t.ring, t.fill)
+            loader = torch.utils.data.DataLoader(ds, a.batch_size, shuffle=True, num_workers=a.workers,
+                                                 drop_last=True, pin_memory=cuda, persistent_workers=a.workers > 0)
+            it = iter(loader)
+
+            def next_ref():
+                nonlocal it
+                try:
+                    m, y = next(it)
+                except StopIteration:
+                    it = iter(loader)
+                    m, y = next(it)
+                return m.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+            results.append(measure("reference", a, device, next_ref))
+    ref = next((r["img_per_s"] for r in results if r["config"] == "reference"), None)
+    for r in results:
+        r["vs_reference"] = r["img_per_s"] / ref if ref else None
+    name = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
+    head = (f"{name} | torch {torch.__version__} | {a.data} | batch {a.batch_size} | G width {a.width}, bottleneck "
+            f"{a.bottleneck} | {results[0]['gflop_per_img']:.2f} GFLOP per image per step | median of {a.repeats} x "
+            f"{a.steps} steps")
+    if a.json:
+        for r in results:
+            print(json.dumps({"device": name, "torch": str(torch.__version__), "batch_size": a.batch_size,
+                              **{k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in r.items()}}))
+        return results
+    print(head)
+    print(f"{'config':<14}{'img/s':>10}{'ms/step':>10}{'TFLOP/s':>9}{'peak GiB':>10}{'vs reference':>14}")
+    for r in results:
+        peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+        vs = f"{r['vs_reference']:.2f}x" if r["vs_reference"] else "-"
+        print(f"{r['config']:<14}{r['img_per_s']:>10,.0f}{r['ms_per_step']:>10.2f}{r['tflops']:>9.2f}{peak:>10}{vs:>14}")
+    return results
+
+
+if __name__ == "__main__":
+    ce_eval.cli(main)
