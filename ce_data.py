@@ -7,12 +7,14 @@ Datasets (--data): shapes (embedded, offline, procedurally generated), tiny (Tin
 use), imagenet (DIR/train/<class>/*, DIR/val/...), folder (any folder of images, searched recursively).
 """
 import hashlib
+import http.client
 import json
 import multiprocessing as mp
 import os
 import shutil
 import sys
 import time
+import urllib.error
 import urllib.request
 import zipfile
 import zlib
@@ -378,7 +380,14 @@ def download(url, dest):
     req = urllib.request.Request(url, headers={"User-Agent": "context-encoder"})
     if have and url.startswith(("http://", "https://")):
         req.add_header("Range", f"bytes={have}-")
-    with urllib.request.urlopen(req, timeout=60) as r:
+    try:
+        r = urllib.request.urlopen(req, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code != 416:   # 416: nothing left to fetch, the .part is whole; the zip check will tell
+            raise
+        os.replace(part, dest)
+        return
+    with r:
         resumed = have and getattr(r, "status", 200) == 206
         total = int(r.headers.get("Content-Length") or 0) + (have if resumed else 0)
         done = have if resumed else 0
@@ -428,9 +437,10 @@ def ensure_tiny(root, url=None):
     if not os.path.isfile(archive):
         try:
             download(url, archive)
-        except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts, bad URL
-            raise DataError(f"could not download Tiny ImageNet from {url} ({e}); download it by hand and put "
-                            f"tiny-imagenet-200.zip (or its extracted tiny-imagenet-200/ folder) in {root}") from None
+        except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeouts, cut connections
+            raise DataError(f"could not download Tiny ImageNet from {url} ({type(e).__name__}: {e}); run again to "
+                            f"resume, or download it by hand and put tiny-imagenet-200.zip (or its extracted "
+                            f"tiny-imagenet-200/ folder) in {root}") from None
     _check_zip(archive)
     tmp = os.path.join(root, ".tiny-imagenet-200.extracting")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -455,8 +465,9 @@ def _split_files(files, val_fraction=0.05):
 
 def dataset_files(data, root, split):
     """The image files of one split of --data tiny|imagenet|folder, and the folder to key the cache on."""
-    if not os.path.isdir(root):
-        raise DataError(f"{root}: data root does not exist; pass --data-root DIR pointing at your images")
+    if data != "tiny" and not os.path.isdir(root):
+        raise DataError(f"{root}: data root does not exist or is not a folder; pass --data-root DIR pointing at "
+                        "your images")
     if data == "tiny":
         base = ensure_tiny(root, os.environ.get("CE_TINY_URL"))
         sub = {"train": "train", "val": os.path.join("val", "images"), "test": os.path.join("test", "images")}[split]

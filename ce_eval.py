@@ -387,6 +387,9 @@ def cli(fn, argv=None):
     except (ce_data.DataError, ce_model.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # a folder that cannot be written, a full disk: say which file, no traceback
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and exits on its own)
         print("\ninterrupted; nothing was written over earlier results", file=sys.stderr)
         sys.exit(130)

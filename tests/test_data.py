@@ -1,6 +1,8 @@
 """Datasets: Tiny ImageNet from a zip served by file://, messy folders, the uint8 cache, device batches."""
+import http.server
 import io
 import os
+import threading
 import zipfile
 
 import numpy as np
@@ -56,6 +58,50 @@ def test_tiny_download_check_extract_and_cache(tmp_path, monkeypatch):
     # second call: served from the cache, no decoding
     monkeypatch.setattr(ce_data, "decode_files", lambda *a, **k: pytest.fail("decoded again"))
     assert np.array_equal(ce_data.load_split("tiny", str(root), "train"), train)
+
+
+class FlakyServer(http.server.BaseHTTPRequestHandler):
+    """Serves one file; the first response is cut off half-way; honours Range requests (206)."""
+    data, cut, ranges = b"", True, []
+
+    def do_GET(self):
+        rng = self.headers.get("Range")
+        FlakyServer.ranges.append(rng)
+        start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+        body = FlakyServer.data[start:]
+        self.send_response(206 if rng else 200)
+        self.send_header("Content-Length", str(len(body)))
+        if rng:
+            self.send_header("Content-Range", f"bytes {start}-{len(FlakyServer.data) - 1}/{len(FlakyServer.data)}")
+        self.end_headers()
+        if FlakyServer.cut:
+            FlakyServer.cut = False
+            self.wfile.write(body[: len(body) // 2])
+            return   # HTTP/1.0: the connection closes here, short of Content-Length
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_download_cut_half_way_then_resumed(tmp_path, monkeypatch):
+    FlakyServer.data = make_tiny_zip(tmp_path / "src.zip").read_bytes()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FlakyServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("CE_TINY_URL", f"http://127.0.0.1:{server.server_address[1]}/tiny-imagenet-200.zip")
+        root = tmp_path / "data"                  # does not exist yet: created for Tiny ImageNet
+        with pytest.raises(ce_data.DataError, match="run again to resume"):
+            ce_data.load_split("tiny", str(root), "train")
+        part = root / "tiny-imagenet-200.zip.part"
+        half = len(FlakyServer.data) // 2
+        assert part.stat().st_size == half and not (root / "tiny-imagenet-200.zip").exists()
+        train = ce_data.load_split("tiny", str(root), "train")       # the next run resumes from byte `half`
+        assert FlakyServer.ranges == [None, f"bytes={half}-"]
+        assert train.shape == (6, 128, 128, 3) and not part.exists()
+        assert (root / "tiny-imagenet-200.zip").read_bytes() == FlakyServer.data
+    finally:
+        server.shutdown()
 
 
 def test_tiny_offline_is_one_clear_error(tmp_path, monkeypatch):
