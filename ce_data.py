@@ -6,6 +6,7 @@
 Datasets (--data): shapes (embedded, offline, procedurally generated), tiny (Tiny ImageNet, downloaded on first
 use), imagenet (DIR/train/<class>/*, DIR/val/...), folder (any folder of images, searched recursively).
 """
+import contextlib
 import hashlib
 import http.client
 import json
@@ -338,7 +339,8 @@ def cached_images(files, size, cache_dir, name, root):
     if os.path.isdir(cache_dir):
         for old in os.listdir(cache_dir):  # drop caches of an earlier state of the same split and size
             if old.startswith(f"{name}-{size}-") and not old.startswith(f"{name}-{size}-{key}"):
-                os.remove(os.path.join(cache_dir, old))
+                with contextlib.suppress(FileNotFoundError):   # another process (a DDP rank) got there first
+                    os.remove(os.path.join(cache_dir, old))
     _write_cache(npy, arr, meta)
     return arr, meta
 
@@ -497,6 +499,8 @@ def dataset_files(data, root, split):
 def load_split(data, root, split, size=128, shapes_n=10000):
     """uint8 (N, S, S, 3) images of one split, decoded once and cached under the data root."""
     if data == "shapes":
+        if split == "test":
+            raise DataError("the embedded shapes data has a train and a held-out (val) split only; use --split val")
         n, seed = (shapes_n, 1) if split == "train" else (SHAPES_VAL, 2)   # fixed held-out split
         npy = os.path.join(root, ".ce_cache", f"shapes-{split}-{size}-n{n}-v{CACHE_VERSION}.npy")
         arr, _ = _read_cache(npy, npy[:-4] + ".json", {"version": CACHE_VERSION, "size": size, "n": n})
@@ -518,9 +522,10 @@ def load_split(data, root, split, size=128, shapes_n=10000):
 # ----------------------------------------------------------------------------------------------------------------
 # Training batches: slices of a per-epoch permutation, augmented and normalised on the device.
 
-def _seeded(device, *key):
-    """A generator on `device` seeded from a tuple: stateless randomness, so a resumed run repeats exactly."""
-    g = torch.Generator(device=device)
+def _seeded(*key):
+    """A CPU generator seeded from a tuple: stateless randomness, so a resumed run repeats exactly, and the same
+    on any device (CPU and CUDA generators give different numbers; the data order must not depend on that)."""
+    g = torch.Generator()
     g.manual_seed(int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:7], "little"))
     return g
 
@@ -560,14 +565,17 @@ class Batches:
         self.data_device = self.images.device
         self._perm_epoch, self._perm = None, None
 
+    def _to_data(self, t):
+        """A small CPU tensor (indices, random draws) to where the data lives, without a host sync."""
+        return t.pin_memory().to(self.data_device, non_blocking=True) if self.data_device.type == "cuda" else t
+
     def epoch_of(self, step):
         return step // self.steps_per_epoch
 
     def indices(self, step):
         epoch, i = divmod(step, self.steps_per_epoch)
         if self._perm_epoch != epoch:
-            self._perm = torch.randperm(self.n, generator=_seeded(self.data_device, self.seed, "perm", epoch),
-                                        device=self.data_device)
+            self._perm = self._to_data(torch.randperm(self.n, generator=_seeded(self.seed, "perm", epoch)))
             self._perm_epoch = epoch
         start = (i * self.world + self.rank) * self.batch_size
         return self._perm[start:start + self.batch_size]
@@ -578,15 +586,15 @@ class Batches:
         x = self.images[idx]                                               # (B, S, S, 3) uint8
         # random numbers are drawn for the whole global batch and sliced, so a rank's images are augmented
         # exactly as the same images are in a one-process run with world * B per batch
-        g = _seeded(self.data_device, self.seed, "aug", step)
+        g = _seeded(self.seed, "aug", step)
         B, c, mine = len(idx), self.crop, slice(self.rank * len(idx), (self.rank + 1) * len(idx))
         if self.size > c:  # official: random 128 crop of a 350px image (--load-size 350)
-            off = torch.randint(0, self.size - c + 1, (2, B * self.world, 1), generator=g, device=x.device)[:, mine]
+            off = self._to_data(torch.randint(0, self.size - c + 1, (2, B * self.world, 1), generator=g)[:, mine])
             ar = torch.arange(c, device=x.device)
             rows, cols = off[0] + ar, off[1] + ar                          # (B, c)
             x = x[torch.arange(B, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
         if self.flip:
-            f = torch.rand(B * self.world, generator=g, device=x.device)[mine] < 0.5
+            f = self._to_data(torch.rand(B * self.world, generator=g)[mine] < 0.5)
             x = torch.where(f[:, None, None, None], x.flip(2), x)
         return x
 

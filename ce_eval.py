@@ -12,6 +12,7 @@ Metrics (all on [0, 1] intensities, per image then averaged over images):
   PSNR = 10 log10(1 / MSE);  L1 % = 100 * mean |pred - true|;  L2 % = 100 * mean (pred - true)^2.
 """
 import argparse
+import io
 import json
 import math
 import os
@@ -167,6 +168,14 @@ def inpaint(G, images, overlap, ring, fill, dtype=None):
     return masked, ce_data.paste(masked, predict(G, masked, dtype=dtype), overlap, ring)
 
 
+def atomic_write(path, data):
+    """Write text or bytes to path via a temp file in the same folder + rename (a kill leaves the old file)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 def _plt():
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
@@ -179,8 +188,13 @@ def read_log(run):
     path = os.path.join(run, "log.jsonl")
     if not os.path.isfile(path):
         raise ce_data.DataError(f"{path}: no training log here; give a run folder written by ce_train.py")
+    recs = []
     with open(path) as f:
-        recs = [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                recs.append(json.loads(line))
+            except ValueError:   # a line cut short by a kill: skip it
+                pass
     return [r for r in recs if "loss_rec" in r], [r for r in recs if "eval" in r]
 
 
@@ -219,8 +233,10 @@ def plot_curves(runs, path):
             ax.grid(alpha=0.3)
     axes[1, 2].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=72)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=72)
     plt.close(fig)
+    atomic_write(path, buf.getvalue())
     return path
 
 
@@ -386,6 +402,9 @@ def cli(fn, argv=None):
         return fn(argv)
     except (ce_data.DataError, ce_model.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except torch.cuda.OutOfMemoryError:
+        print("error: out of GPU memory; lower --batch-size (or --width/--bottleneck)", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # a folder that cannot be written, a full disk: say which file, no traceback
         print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)

@@ -8,6 +8,7 @@ Ratio r means lambda_rec = r / (1 + r), lambda_adv = 1 / (1 + r) (x1000 ~ the pa
 `--` go to ce_train.py unchanged. A run folder that already exists is resumed, so a stopped sweep continues.
 """
 import csv
+import io
 import os
 import time
 
@@ -60,10 +61,11 @@ def main(argv=None):
         rows.append({"ratio": f"x{r:g}", "lam_rec": a["lam_rec"], "lam_adv": a["lam_adv"], "data": a["data"],
                      "steps": state["step"], **res["model"], "wall_s": round(wall, 1)})
         runs.append(run)
-    with open(os.path.join(args.out, "sweep.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in rows])
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in rows])
+    ce_eval.atomic_write(os.path.join(args.out, "sweep.csv"), buf.getvalue())
     print(f"\n{'ratio':<14}{'steps':>7}{'PSNR dB':>9}{'L1 %':>8}{'L2 %':>8}{'wall s':>9}   ({rows[-1]['data']}, held-out, hole)")
     for row in rows:
         print(f"{row['ratio']:<14}{row.get('steps', ''):>7}{row['psnr']:>9.2f}{row['l1']:>8.2f}{row['l2']:>8.2f}"

@@ -122,12 +122,15 @@ def parse_args(argv=None):
         for k, v in saved.items():
             if k not in given and k not in RUNTIME and hasattr(args, k):
                 setattr(args, k, v)
-        args.resume, args.out = state["path"], given.get("out", saved["out"])
+        if os.path.basename(state["path"]) != "ckpt.pt" and "out" not in given:
+            p.error(f"resuming from {state['path']} would rewind that run's ckpt.pt and log; pass --out NEW_DIR "
+                    "to branch a new run from it")
+        args.resume, args.out = state["path"], given.get("out", os.path.dirname(state["path"]))
     else:
         for k, v in VARIANTS[args.variant].items():
             if getattr(args, k) is None:
                 setattr(args, k, v)
-    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    args.device = resolve_device(args.device, p)
     cuda = args.device.startswith("cuda")
     if args.dtype == "auto":
         args.dtype = "bf16" if cuda else "fp32"
@@ -140,7 +143,7 @@ def parse_args(argv=None):
             if k not in given:
                 setattr(args, k, v)
     # nonsense is rejected here, with the flag's name, before any work is done
-    checks = [(args.batch_size > 0, "--batch-size must be > 0"), (args.epochs > 0, "--epochs must be > 0"),
+    checks = [(args.batch_size >= 2, "--batch-size must be >= 2 (BatchNorm needs two images per batch and rank)"), (args.epochs > 0, "--epochs must be > 0"),
               (args.steps >= 0, "--steps must be >= 0"), (args.lr_g > 0 and args.lr_d > 0, "learning rates must be > 0"),
               (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1, "--beta1/--beta2 must be in [0, 1)"),
               (args.lam_rec >= 0 and args.lam_adv >= 0, "--lam-rec/--lam-adv must be >= 0"),
@@ -165,6 +168,21 @@ def parse_args(argv=None):
     return args
 
 
+def resolve_device(name, p):
+    """'auto' -> cuda if available, else cpu; a device that does not exist is a parse-time error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        p.error(f"--device {name}: not a device name (cpu, cuda, cuda:N)")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        p.error(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible); use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        p.error(f"--device {name}: only cpu and cuda are supported")
+    return name
+
+
 def rng_state():
     s = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -177,12 +195,20 @@ def append_log(path, record):
         f.write(json.dumps(record) + "\n")
 
 
+def _step_of(line):
+    """The step of a log line, or None for a line cut short by a kill or a full disk (dropped on resume)."""
+    try:
+        return json.loads(line).get("step")
+    except ValueError:
+        return None
+
+
 def truncate_log(path, step):
     """On resume, drop log lines written after the checkpoint's step (they will be written again)."""
     if not os.path.exists(path):
         return
     with open(path) as f:
-        keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        keep = [ln for ln in f if ln.strip() and (_step_of(ln) or 0) <= step]
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
@@ -290,9 +316,11 @@ def main(argv=None):
         G.load_state_dict(state["G"]), D.load_state_dict(state["D"])
         optG.load_state_dict(state["optG"]), optD.load_state_dict(state["optD"])
         step, best = state["step"], state.get("best_psnr", -math.inf)
+        window = state.get("log_window", {"acc": torch.zeros(5), "n_acc": 0, "d_wins": 0})
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            for i, st in enumerate(state["rng"]["cuda"][:torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(st, i)
         if master:
             truncate_log(log_path, step)
         say(f"resumed {state['path']} at step {step}")
@@ -308,8 +336,7 @@ def main(argv=None):
         say("CPU quick start: a smaller network (--width 32 --bottleneck 512) for 1000 steps; pass --width 64 "
             "--bottleneck 4000 --steps N for the paper's network")
     if master:
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
+        ce_eval.atomic_write(os.path.join(args.out, "args.json"), json.dumps(vars(args), indent=1))
 
     # fixed held-out batch for the sample grids
     fixed = ce_data.to_float(ce_eval.center_crop(torch.from_numpy(val_u8[:16].copy()))).to(device)
@@ -318,6 +345,7 @@ def main(argv=None):
         ce_model.save_checkpoint(path, {
             "G": G.state_dict(), "D": D.state_dict(), "optG": optG.state_dict(), "optD": optD.state_dict(),
             "step": step, "epoch": batches.epoch_of(step), "best_psnr": best, "args": vars(args), "rng": rng_state(),
+            "log_window": {"acc": acc.cpu(), "n_acc": n_acc, "d_wins": d_wins},
             "versions": {"torch": str(torch.__version__), "python": platform.python_version()}})
 
     def check_finite():
@@ -334,14 +362,13 @@ def main(argv=None):
         r = ce_eval.evaluate(G, val_u8, args.overlap, args.ring, args.fill, ("model",), dtype=dtype)["model"]
         masked, filled = ce_eval.inpaint(G, fixed, args.overlap, args.ring, args.fill, dtype)
         ce_eval.save_grid(os.path.join(args.out, "samples", f"step_{step:07d}.png"), [masked, filled, fixed])
-        ckpt = os.path.join(args.out, "ckpt.pt")
         is_best = r["psnr"] > best
         best = max(best, r["psnr"])
-        checkpoint(ckpt)
-        if is_best:
-            shutil.copyfile(ckpt, ckpt + ".best.tmp")
-            os.replace(ckpt + ".best.tmp", os.path.join(args.out, "best.pt"))
+        # order matters for a kill at any moment: the log record, then best.pt, then ckpt.pt (which resumes)
         append_log(log_path, {"step": step, "eval": {k: round(v, 4) for k, v in r.items()}})
+        if is_best:
+            checkpoint(os.path.join(args.out, "best.pt"))
+        checkpoint(os.path.join(args.out, "ckpt.pt"))
         ce_eval.plot_curves([args.out], os.path.join(args.out, "curves.png"))
         ce_eval.make_gif(args.out)
         print(f"eval @ {step}: held-out PSNR {r['psnr']:.2f} dB, L1 {r['l1']:.2f} %, L2 {r['l2']:.2f} % "
@@ -350,72 +377,83 @@ def main(argv=None):
     # SIGINT / SIGTERM: finish the current step, save, say how to resume. With several ranks they agree on
     # stopping at the next log step, so that all stop at the same step.
     stop = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda s, f: stop.append(s))
+    previous = {sig: signal.signal(sig, lambda s, f: stop.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        # loss_D, loss_rec, loss_adv, D(x), D(G(x)) summed since the last log line (restored on resume, so that the
+        # log lines of a resumed run are those of an uninterrupted one)
+        acc = window["acc"].to(device) if args.resume else torch.zeros(5, device=device)
+        bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss, on device
+        n_acc, d_wins = (window["n_acc"], window["d_wins"]) if args.resume else (0, 0)
+        t_log, halt = time.time(), False
+        last_good = os.path.join(args.out, "ckpt.pt") if args.resume else None
+        use_d = args.lam_adv > 0
+        G.train(), D.train()
+        while step < total and not halt:
+            real = batches.get(step)                                            # (B, 3, 128, 128) in [-1, 1]
+            masked, target = ce_data.mask_batch(real, args.overlap, args.ring, args.fill)
+            s = train_step(masked, target)                                      # (5,) on the device, no sync
+            step += 1
+            with torch.no_grad():
+                acc += s
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(s).all(), step, bad_step)
+            n_acc += 1
+            halt = bool(stop) and world == 1
 
-    acc = torch.zeros(5, device=device)  # loss_D, loss_rec, loss_adv, D(x), D(G(x)) summed since the last log
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss, on device
-    n_acc, t_log, d_wins, halt = 0, time.time(), 0, False
-    last_good = os.path.join(args.out, "ckpt.pt") if args.resume else None
-    use_d = args.lam_adv > 0
-    G.train(), D.train()
-    while step < total and not halt:
-        real = batches.get(step)                                            # (B, 3, 128, 128) in [-1, 1]
-        masked, target = ce_data.mask_batch(real, args.overlap, args.ring, args.fill)
-        s = train_step(masked, target)                                      # (5,) on the device, no sync
-        step += 1
-        with torch.no_grad():
-            acc += s
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(s).all(), step, bad_step)
-        n_acc += 1
-        halt = bool(stop) and world == 1
+            if step % args.log_every == 0 or step == total:
+                if world > 1:   # all ranks stop together: if any was signalled, or any saw a NaN
+                    flag = torch.tensor([float(bool(stop))], device=device)
+                    dist.all_reduce(flag)
+                    dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
+                    halt = flag.item() > 0
+                vals = (acc / n_acc).tolist()   # CPU-GPU sync point: the only one in a normal step
+                check_finite()
+                if world > 1:                   # all ranks stop together if any was signalled
+                    flag = torch.tensor([float(bool(stop))], device=device)
+                    dist.all_reduce(flag)
+                    halt = flag.item() > 0
+                dt = time.time() - t_log
+                ips = n_acc * args.batch_size * world / dt
+                rec = dict(zip(("loss_D", "loss_rec", "loss_adv", "D_x", "D_G_x"), vals))
+                d_wins = d_wins + 1 if use_d and rec["D_G_x"] < 0.01 else 0
+                warn = (f" | warning: D has won outright for {d_wins} log windows (D(G(x)) ~ 0); "
+                        "a lower --lam-adv or --lr-d usually helps") if d_wins >= 3 else ""
+                gan = (f"loss_D {rec['loss_D']:.3f} | rec {rec['loss_rec']:.4f} | adv {rec['loss_adv']:.3f} | "
+                       f"D(x) {rec['D_x']:.2f} | D(G(x)) {rec['D_G_x']:.2f}") if use_d else f"rec {rec['loss_rec']:.4f}"
+                say(f"step {step}/{total} | epoch {batches.epoch_of(step - 1)} | {gan} | {ips:,.0f} img/s | "
+                    f"ETA {fmt_time((total - step) * dt / n_acc)}{warn}")
+                if master:
+                    append_log(log_path, {"step": step, "epoch": batches.epoch_of(step - 1),
+                                          **{k: round(v, 6) for k, v in rec.items()}, "img_per_s": round(ips, 1),
+                                          "time": round(time.time(), 2), **({"warning": "D wins"} if warn else {})})
+                acc.zero_()
+                n_acc, t_log = 0, time.time()
+            if master and (step % args.eval_every == 0 or step == total):
+                evaluate_and_save()
+                last_good = os.path.join(args.out, "ckpt.pt")
+                t_log = time.time()  # evaluation is not training time
 
-        if step % args.log_every == 0 or step == total:
-            vals = (acc / n_acc).tolist()   # CPU-GPU sync point: the only one in a normal step
+        if world > 1:  # every rank must hold the same weights: DDP's promise, checked once at the end
+            flat = torch.cat([p.detach().float().flatten() for p in G.parameters()])
+            ref = flat.clone()
+            dist.broadcast(ref, 0)
+            diff = (flat - ref).abs().max()
+            dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+            say(f"DDP: {world} ranks, max |weight - rank 0 weight| = {diff.item():.3g}")
+            dist.destroy_process_group()
+        if halt:   # a signal (on any rank): save where we are and say how to go on
             check_finite()
-            if world > 1:                   # all ranks stop together if any was signalled
-                flag = torch.tensor([float(bool(stop))], device=device)
-                dist.all_reduce(flag)
-                halt = flag.item() > 0
-            dt = time.time() - t_log
-            ips = n_acc * args.batch_size * world / dt
-            rec = dict(zip(("loss_D", "loss_rec", "loss_adv", "D_x", "D_G_x"), vals))
-            d_wins = d_wins + 1 if use_d and rec["D_G_x"] < 0.01 else 0
-            warn = (f" | warning: D has won outright for {d_wins} log windows (D(G(x)) ~ 0); "
-                    "a lower --lam-adv or --lr-d usually helps") if d_wins >= 3 else ""
-            gan = (f"loss_D {rec['loss_D']:.3f} | rec {rec['loss_rec']:.4f} | adv {rec['loss_adv']:.3f} | "
-                   f"D(x) {rec['D_x']:.2f} | D(G(x)) {rec['D_G_x']:.2f}") if use_d else f"rec {rec['loss_rec']:.4f}"
-            say(f"step {step}/{total} | epoch {batches.epoch_of(step - 1)} | {gan} | {ips:,.0f} img/s | "
-                f"ETA {fmt_time((total - step) * dt / n_acc)}{warn}")
             if master:
-                append_log(log_path, {"step": step, "epoch": batches.epoch_of(step - 1),
-                                      **{k: round(v, 6) for k, v in rec.items()}, "img_per_s": round(ips, 1),
-                                      "time": round(time.time(), 2), **({"warning": "D wins"} if warn else {})})
-            acc.zero_()
-            n_acc, t_log = 0, time.time()
-        if master and (step % args.eval_every == 0 or step == total):
-            evaluate_and_save()
-            last_good = os.path.join(args.out, "ckpt.pt")
-            t_log = time.time()  # evaluation is not training time
-
-    if world > 1:  # every rank must hold the same weights: DDP's promise, checked once at the end
-        flat = torch.cat([p.detach().float().flatten() for p in G.parameters()])
-        ref = flat.clone()
-        dist.broadcast(ref, 0)
-        diff = (flat - ref).abs().max()
-        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-        say(f"DDP: {world} ranks, max |weight - rank 0 weight| = {diff.item():.3g}")
-        dist.destroy_process_group()
-    if stop:
-        check_finite()
-        if master:
-            checkpoint(os.path.join(args.out, "ckpt.pt"))
-        name = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(stop[0], "signal")
-        say(f"\n{name}: saved {args.out}/ckpt.pt at step {step}/{total}. "
-            f"Resume with: python ce_train.py --resume {args.out}")
-        sys.exit(128 + stop[0])
-    say(f"done: {step} steps, best held-out PSNR {best:.2f} dB. "
-        f"Evaluate with: python ce_eval.py --ckpt {args.out}/best.pt")
+                checkpoint(os.path.join(args.out, "ckpt.pt"))
+            sig = stop[0] if stop else signal.SIGTERM
+            name = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(sig, "signal")
+            say(f"\n{name}: saved {args.out}/ckpt.pt at step {step}/{total}. "
+                f"Resume with: python ce_train.py --resume {args.out}")
+            sys.exit(128 + sig)
+        say(f"done: {step} steps, best held-out PSNR {best:.2f} dB. "
+            f"Evaluate with: python ce_eval.py --ckpt {args.out}/best.pt")
+    finally:   # leave the process as we found it (ce_sweep.py calls main() in a loop)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

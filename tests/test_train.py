@@ -1,6 +1,7 @@
 """End to end on a tiny model: train, log, samples, checkpoints, exact resume, evaluation, clear CLI errors."""
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch
 from PIL import Image
 
 import ce_eval
+import ce_losses
 import ce_model
 import ce_train
 
@@ -63,16 +65,29 @@ def test_train_resume_evaluate(tmp_path, tiny_flags, capsys):
     assert Image.open(os.path.join(out, "evolution.gif")).n_frames == 3   # steps 2, 4, 6
 
 
-def test_resume_is_exact(tmp_path, tiny_flags):
-    """A run stopped at step 3 and resumed gives the same losses at steps 4..6 as one uninterrupted run."""
-    common = tiny_flags + ["--batch-size", "4", "--log-every", "1", "--eval-every", "3"]
-    ce_train.main(common + ["--steps", "6", "--out", str(tmp_path / "a")])
-    ce_train.main(common + ["--steps", "3", "--out", str(tmp_path / "b")])
-    ce_train.main(["--resume", str(tmp_path / "b"), "--steps", "6", "--device", "cpu"])
-    keys = ("loss_D", "loss_rec", "loss_adv", "D_x", "D_G_x")
+def test_resume_is_exact(tmp_path, tiny_flags, monkeypatch):
+    """A run stopped by SIGTERM after step 3 (in the middle of a log window) and resumed gives the same log lines
+    and the same weights as one uninterrupted run."""
+    common = tiny_flags + ["--batch-size", "4", "--log-every", "2", "--eval-every", "1000", "--steps", "6"]
+    ce_train.main(common + ["--out", str(tmp_path / "a")])
+    real, calls = ce_losses.reconstruction_loss, []
+
+    def interrupt_at_step_3(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)   # handled by ce_train: finish the step, save, exit 143
+        return real(*args)
+
+    monkeypatch.setattr(ce_losses, "reconstruction_loss", interrupt_at_step_3)
+    with pytest.raises(SystemExit) as e:
+        ce_train.main(common + ["--out", str(tmp_path / "b")])
+    assert e.value.code == 143 and ce_model.read_checkpoint(tmp_path / "b")["step"] == 3
+    monkeypatch.setattr(ce_losses, "reconstruction_loss", real)
+    ce_train.main(["--resume", str(tmp_path / "b"), "--device", "cpu"])
+    keys = ("step", "loss_D", "loss_rec", "loss_adv", "D_x", "D_G_x")
     a = [[r[k] for k in keys] for r in read_log(tmp_path / "a") if "loss_rec" in r]
     b = [[r[k] for k in keys] for r in read_log(tmp_path / "b") if "loss_rec" in r]
-    assert len(a) == len(b) == 6
+    assert [r[0] for r in a] == [2, 4, 6]
     assert a == b
     wa = ce_model.read_checkpoint(tmp_path / "a")["G"]
     wb = ce_model.read_checkpoint(tmp_path / "b")["G"]
@@ -114,7 +129,10 @@ def test_defaults_are_paper_values_and_cpu_quick_start(tmp_path):
 
 
 @pytest.mark.parametrize("flags,words", [
-    (["--batch-size", "-1"], "--batch-size must be > 0"),
+    (["--batch-size", "-1"], "--batch-size must be >= 2"),
+    (["--batch-size", "1"], "BatchNorm needs two images"),
+    (["--device", "tpu9"], "--device tpu9"),
+    (["--device", "cuda:7"], "no such CUDA device"),
     (["--overlap", "40"], "--overlap must be in"),
     (["--lam-adv", "-0.1"], "--lam-rec/--lam-adv must be >= 0"),
     (["--load-size", "64"], "--load-size must be >= 128"),
@@ -122,7 +140,7 @@ def test_defaults_are_paper_values_and_cpu_quick_start(tmp_path):
 ])
 def test_nonsense_flags_rejected(flags, words, capsys):
     with pytest.raises(SystemExit) as e:
-        ce_eval.cli(ce_train.main, flags + ["--device", "cpu"])
+        ce_eval.cli(ce_train.main, flags + ([] if "--device" in flags else ["--device", "cpu"]))
     assert e.value.code == 2 and words in capsys.readouterr().err
 
 
@@ -146,3 +164,18 @@ def test_eval_image_errors(tmp_path, tiny_flags, capsys):
         with pytest.raises(SystemExit) as e:
             ce_eval.cli(ce_eval.main, ["--ckpt", out, "--device", "cpu", "--image", str(photo)])
         assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_resume_targets_the_checkpoint_folder_and_refuses_to_rewind(tmp_path, tiny_flags, monkeypatch, capsys):
+    out = tmp_path / "r"
+    ce_train.main(tiny_flags + ["--steps", "2", "--batch-size", "4", "--out", str(out)])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)          # resumed from another working directory: the run stays in its folder
+    ce_train.main(["--resume", str(out / "ckpt.pt"), "--steps", "3", "--device", "cpu"])
+    assert ce_model.read_checkpoint(out)["step"] == 3 and not (elsewhere / "runs").exists()
+    with pytest.raises(SystemExit) as e:  # best.pt would rewind ckpt.pt: only into a new folder
+        ce_train.main(["--resume", str(out / "best.pt"), "--steps", "4", "--device", "cpu"])
+    assert e.value.code == 2 and "--out NEW_DIR" in capsys.readouterr().err
+    ce_train.main(["--resume", str(out / "best.pt"), "--steps", "4", "--device", "cpu", "--out", str(tmp_path / "branch")])
+    assert ce_model.read_checkpoint(tmp_path / "branch")["step"] == 4 and ce_model.read_checkpoint(out)["step"] == 3
