@@ -64,7 +64,8 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """Adversarial discriminator of paper 3.2 on the 64x64 region: (B, 3, 64, 64) -> (B,) logits.
 
-    The official code ends in a sigmoid; we return logits and use BCE-with-logits (same maths, autocast-safe).
+    DEVIATION: the official code ends in a sigmoid + BCE; this returns logits for BCE-with-logits, the same function
+    but numerically safe under bf16 autocast.
     """
 
     def __init__(self, width=64, bias=False):

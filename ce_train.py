@@ -14,7 +14,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import signal
 import sys
 import time
@@ -244,6 +243,8 @@ def make_train_step(G, D, optG, optD, W, args, ctx=contextlib.nullcontext(), ddp
             loss_d.backward()
             optD.step()
             D.requires_grad_(False)   # the G step needs gradients through D, not for D's weights
+            # DEVIATION: D is run again on the fake after its update (PyTorch's DCGAN); official train.lua reuses
+            # the D output computed before the update.
             with ctx:
                 loss_adv = ce_losses.generator_adversarial_loss(fD_frozen(fake))
         else:
@@ -281,6 +282,8 @@ def main(argv=None):
     say = print if master else (lambda *a, **k: None)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)                  # same initial weights on every rank
+    # DEVIATION: on CUDA the step runs under bf16 autocast with channels_last tensors (speed; --dtype fp32 and
+    # --no-channels-last turn them off); the losses are computed in float32 either way.
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
     ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     mem_fmt = torch.channels_last if args.channels_last else torch.contiguous_format

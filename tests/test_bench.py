@@ -44,3 +44,25 @@ def test_full_size_step_flops_counted_equal_hand_count():
     flops = ce_bench.step_flops(ce_train.make_train_step(G, D, optG, optD, W, t), batch)
     assert flops == conv_flops(64, 4000) * 2
     assert flops / 2 / 1e9 == pytest.approx(3.7215, abs=1e-4)
+
+
+def test_speed_switches_do_not_change_the_numbers():
+    """channels_last and bf16 autocast (the CPU-available switches) give the same losses as plain fp32 NCHW:
+    equal up to float rounding for channels_last, within bf16 tolerance for autocast."""
+    import contextlib
+    import torch
+    import ce_data
+    import ce_train
+    a = ce_bench.parse_args(["--device", "cpu", "--width", "8", "--bottleneck", "16"])
+    images = torch.rand(4, 3, 128, 128) * 2 - 1
+
+    def two_steps(channels_last, dtype):
+        G, D, optG, optD, W, t = ce_bench.build(a, torch.device("cpu"), channels_last)
+        ctx = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+        step = ce_train.make_train_step(G, D, optG, optD, W, t, ctx)
+        x = images.contiguous(memory_format=torch.channels_last) if channels_last else images
+        return torch.stack([step(*ce_data.mask_batch(x)) for _ in range(2)])
+
+    plain = two_steps(False, None)
+    assert torch.allclose(two_steps(True, None), plain, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(two_steps(False, torch.bfloat16), plain, rtol=5e-2, atol=1e-2)
