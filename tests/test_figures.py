@@ -65,3 +65,21 @@ def test_comparison_figure_psnr_labels(tmp_path):
     assert w > h  # 2 rows x 6 columns
     with pytest.raises(ce_eval.ce_data.DataError, match="no training log"):
         ce_eval.plot_curves([str(tmp_path)], str(tmp_path / "c.png"))
+
+
+def test_plot_cli_overlays_runs(tmp_path, tiny_flags, capsys):
+    import ce_train
+    runs = []
+    for lam in ("0.001", "0.01"):
+        runs.append(str(tmp_path / f"run{lam}"))
+        ce_train.main(tiny_flags + ["--steps", "2", "--batch-size", "4", "--log-every", "1", "--lam-adv", lam,
+                                    "--out", runs[-1]])
+    capsys.readouterr()
+    ce_eval.main(["--plot", *runs, "--out", str(tmp_path / "both.png")])
+    assert "both.png" in capsys.readouterr().out and Image.open(tmp_path / "both.png").size[0] > 400
+    assert ce_eval.run_labels(runs) == ["lam_adv=0.001", "lam_adv=0.01"]
+    with pytest.raises(SystemExit) as e:     # neither --ckpt nor --plot: one-line usage error
+        ce_eval.main([])
+    assert e.value.code == 2 and "--plot RUN" in capsys.readouterr().err
+    with pytest.raises(ce_eval.ce_data.DataError, match="--split val"):
+        ce_eval.main(["--ckpt", runs[0], "--device", "cpu", "--split", "test"])
