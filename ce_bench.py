@@ -77,7 +77,7 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if min(a.batch_size, a.steps, a.repeats, a.width, a.bottleneck, a.shapes_n) <= 0 or a.warmup < 0 or a.workers < 0:
         p.error("sizes and counts must be positive")
-    a.device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    a.device = ce_eval.resolve_device(a.device, p)
     return a
 
 

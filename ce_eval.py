@@ -303,10 +303,25 @@ def comparison_figure(models, images, path, dtype=None):
 # Command line
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage dump); shared by ce_train.py."""
+    """argparse with one-line errors (no usage dump); shared by ce_train.py, ce_bench.py and ce_sweep.py."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def resolve_device(name, p):
+    """'auto' -> cuda if available, else cpu; a device that does not exist is a parse-time error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        p.error(f"--device {name}: not a device name (cpu, cuda, cuda:N)")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        p.error(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible); use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        p.error(f"--device {name}: only cpu and cuda are supported")
+    return name
 
 
 def parse_args(argv=None):
@@ -330,6 +345,7 @@ def parse_args(argv=None):
         p.error("--batch-size and --n must be positive and --max-images >= 0")
     if not a.ckpt and not a.plot:
         p.error("give --ckpt CKPT (evaluate, --image, --figure) or --plot RUN [RUN ...]")
+    a.device = resolve_device(a.device, p)
     return a
 
 
@@ -370,7 +386,7 @@ def main(argv=None):
     if args.plot:
         print(f"wrote {plot_curves(args.plot, args.out or 'curves.png')}")
         return
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else None
     loaded = [ce_model.load_checkpoint(c, dev) for c in args.ckpt]
     a = loaded[0][2]["args"]  # the checkpoint's own flags decide the mask and the network

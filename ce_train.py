@@ -129,7 +129,7 @@ def parse_args(argv=None):
         for k, v in VARIANTS[args.variant].items():
             if getattr(args, k) is None:
                 setattr(args, k, v)
-    args.device = resolve_device(args.device, p)
+    args.device = ce_eval.resolve_device(args.device, p)
     cuda = args.device.startswith("cuda")
     if args.dtype == "auto":
         args.dtype = "bf16" if cuda else "fp32"
@@ -165,21 +165,6 @@ def parse_args(argv=None):
     elif not args.resume and os.path.exists(os.path.join(args.out, "ckpt.pt")):
         p.error(f"{args.out} already holds a run; pass --resume {args.out} to continue it or choose another --out")
     return args
-
-
-def resolve_device(name, p):
-    """'auto' -> cuda if available, else cpu; a device that does not exist is a parse-time error."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        p.error(f"--device {name}: not a device name (cpu, cuda, cuda:N)")
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        p.error(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible); use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        p.error(f"--device {name}: only cpu and cuda are supported")
-    return name
 
 
 def rng_state():

@@ -179,3 +179,9 @@ def test_resume_targets_the_checkpoint_folder_and_refuses_to_rewind(tmp_path, ti
     assert e.value.code == 2 and "--out NEW_DIR" in capsys.readouterr().err
     ce_train.main(["--resume", str(out / "best.pt"), "--steps", "4", "--device", "cpu", "--out", str(tmp_path / "branch")])
     assert ce_model.read_checkpoint(tmp_path / "branch")["step"] == 4 and ce_model.read_checkpoint(out)["step"] == 3
+
+
+def test_eval_rejects_a_missing_device(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        ce_eval.main(["--ckpt", str(tmp_path), "--device", "cuda:7"])
+    assert e.value.code == 2 and "no such CUDA device" in capsys.readouterr().err
