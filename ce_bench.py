@@ -17,8 +17,6 @@ Timing: --warmup steps first (cudnn autotuning, compilation), then --repeats win
 device synchronised at the end of each window; the median window is reported. FLOPs are counted on one real step
 with torch.utils.flop_counter (convolutions and matrix products, forward and backward), not assumed.
 """
-import argparse
-import contextlib
 import json
 import os
 import platform
@@ -31,10 +29,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+import ce_cli
 import ce_data
-import ce_eval
-import ce_losses
-import ce_model
+import ce_datasets
 import ce_train
 
 
@@ -58,7 +55,7 @@ class ReferenceDataset(torch.utils.data.Dataset):
 
 
 def parse_args(argv=None):
-    p = ce_eval.Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ce_cli.Parser(__doc__)
     p.add_argument("--data", default="shapes", choices=("shapes", "tiny", "imagenet", "folder"))
     p.add_argument("--data-root", default="data")
     p.add_argument("--shapes-n", type=int, default=4096, help="images of the embedded data to benchmark on")
@@ -77,7 +74,7 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if min(a.batch_size, a.steps, a.repeats, a.width, a.bottleneck, a.shapes_n) <= 0 or a.warmup < 0 or a.workers < 0:
         p.error("sizes and counts must be positive")
-    a.device = ce_eval.resolve_device(a.device, p)
+    a.device = ce_cli.resolve_device(a.device, p)
     return a
 
 
@@ -86,25 +83,12 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def train_args(a, **over):
-    """ce_train's paper defaults with this benchmark's sizes (the step reads only these fields)."""
-    t = ce_train.parse_args(["--device", str(a.device), "--width", str(a.width), "--bottleneck", str(a.bottleneck),
-                             "--out", os.path.join(tempfile.gettempdir(), "ce_bench_unused")])
-    for k, v in over.items():
-        setattr(t, k, v)
-    return t
-
-
-def build(a, device, channels_last):
+def build(a, device, channels_last, dtype="fp32"):
+    """ce_train's networks, optimisers and loss weights (its builder, paper defaults) at this benchmark's sizes."""
     torch.manual_seed(0)
-    t = train_args(a)
-    G, D = ce_model.build_models(a.width, a.bottleneck, t.bottleneck_bn, t.bias, t.init)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    G, D = G.to(device, memory_format=fmt), D.to(device, memory_format=fmt)
-    optG = torch.optim.Adam(G.parameters(), lr=t.lr_g, betas=(t.beta1, t.beta2))
-    optD = torch.optim.Adam(D.parameters(), lr=t.lr_d, betas=(t.beta1, t.beta2))
-    W = ce_losses.overlap_weights(64, t.overlap, t.overlap_weight, t.rec_reduction).to(device)
-    return G, D, optG, optD, W, t
+    hw = ce_cli.Hardware(device, dtype, channels_last)
+    t = ce_train.default_args(device=str(device), width=a.width, bottleneck=a.bottleneck)
+    return (*ce_train.build_training(t, hw), t)
 
 
 def step_flops(step, batch):
@@ -115,13 +99,13 @@ def step_flops(step, batch):
     return fc.get_total_flops()
 
 
-def measure(name, a, device, next_batch, dtype=None, channels_last=False, compile_=False):
+def measure(name, a, device, next_batch, dtype="fp32", channels_last=False, compile_=False):
     """Median seconds per step over a.repeats windows, FLOPs of one step, peak device memory."""
-    G, D, optG, optD, W, t = build(a, device, channels_last)
+    G, D, optG, optD, W, t = build(a, device, channels_last, dtype)
+    ctx = ce_cli.Hardware(device, dtype, channels_last).ctx
+    flops = step_flops(ce_train.make_train_step(G, D, optG, optD, W, t, ctx), next_batch())   # never compiled
     t.compile = compile_
-    ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     step = ce_train.make_train_step(G, D, optG, optD, W, t, ctx)
-    flops = step_flops(ce_train.make_train_step(G, D, optG, optD, W, train_args(a), ctx), next_batch())
     for _ in range(a.warmup):
         step(*next_batch())
     sync(device)
@@ -143,7 +127,7 @@ def measure(name, a, device, next_batch, dtype=None, channels_last=False, compil
 def reference_files(a, images, tmp):
     """The image files the reference loop decodes: the dataset's own, or the embedded images written as PNGs."""
     if a.data != "shapes":
-        return ce_data.dataset_files(a.data, a.data_root, "train")
+        return ce_datasets.dataset_files(a.data, a.data_root, "train")
     files = []
     for i, im in enumerate(images[: max(a.batch_size * 4, 256)]):
         files.append(os.path.join(tmp, f"{i:05d}.png"))
@@ -151,65 +135,68 @@ def reference_files(a, images, tmp):
     return files
 
 
-def main(argv=None):
-    a = parse_args(argv)
-    device = torch.device(a.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    train_u8 = ce_data.load_split(a.data, a.data_root, "train", 128, a.shapes_n)
-    t = train_args(a)
-    results = []
+def measure_reference(a, device, train_u8, t):
+    """The reference loop: image files decoded per sample by a DataLoader, masked on the CPU, copied each step."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = ReferenceDataset(reference_files(a, train_u8, tmp), t.overlap, t.ring, t.fill)
+        loader = torch.utils.data.DataLoader(ds, a.batch_size, shuffle=True, num_workers=a.workers, drop_last=True,
+                                             pin_memory=device.type == "cuda", persistent_workers=a.workers > 0)
+        it = iter(loader)
 
-    def ours(name, dtype, channels_last, compile_=False):
-        batches = ce_data.Batches(train_u8, a.batch_size, device, 0, True, 128, channels_last)
-        k = iter(range(10**9))
-        results.append(measure(name, a, device, lambda: ce_data.mask_batch(batches.get(next(k)), t.overlap, t.ring,
-                                                                            t.fill), dtype, channels_last, compile_))
+        def next_ref():
+            nonlocal it
+            try:
+                m, y = next(it)
+            except StopIteration:
+                it = iter(loader)
+                m, y = next(it)
+            return m.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
-    cuda = device.type == "cuda"
-    ours("ours", torch.bfloat16 if cuda else None, cuda)
-    if cuda:
-        ours("ours-fp32", None, True)
-        ours("ours-nchw", torch.bfloat16, False)
-    if a.compile:
-        ours("ours-compile", torch.bfloat16 if cuda else None, cuda, True)
-    if not a.skip_reference:
-        with tempfile.TemporaryDirectory() as tmp:
-            ds = ReferenceDataset(reference_files(a, train_u8, tmp), t.overlap, t.ring, t.fill)
-            loader = torch.utils.data.DataLoader(ds, a.batch_size, shuffle=True, num_workers=a.workers,
-                                                 drop_last=True, pin_memory=cuda, persistent_workers=a.workers > 0)
-            it = iter(loader)
+        return measure("reference", a, device, next_ref)
 
-            def next_ref():
-                nonlocal it
-                try:
-                    m, y = next(it)
-                except StopIteration:
-                    it = iter(loader)
-                    m, y = next(it)
-                return m.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
-            results.append(measure("reference", a, device, next_ref))
+def report(results, a, device):
+    """The table (or one JSON line per configuration), each configuration against the reference of this run."""
     ref = next((r["img_per_s"] for r in results if r["config"] == "reference"), None)
     for r in results:
         r["vs_reference"] = r["img_per_s"] / ref if ref else None
-    name = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
-    head = (f"{name} | torch {torch.__version__} | {a.data} | batch {a.batch_size} | G width {a.width}, bottleneck "
-            f"{a.bottleneck} | {results[0]['gflop_per_img']:.2f} GFLOP per image per step | median of {a.repeats} x "
-            f"{a.steps} steps")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     if a.json:
         for r in results:
             print(json.dumps({"device": name, "torch": str(torch.__version__), "batch_size": a.batch_size,
                               **{k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in r.items()}}))
-        return results
-    print(head)
+        return
+    print(f"{name} | torch {torch.__version__} | {a.data} | batch {a.batch_size} | G width {a.width}, bottleneck "
+          f"{a.bottleneck} | {results[0]['gflop_per_img']:.2f} GFLOP per image per step | median of {a.repeats} x "
+          f"{a.steps} steps")
     print(f"{'config':<14}{'img/s':>10}{'ms/step':>10}{'TFLOP/s':>9}{'peak GiB':>10}{'vs reference':>14}")
     for r in results:
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
         vs = f"{r['vs_reference']:.2f}x" if r["vs_reference"] else "-"
         print(f"{r['config']:<14}{r['img_per_s']:>10,.0f}{r['ms_per_step']:>10.2f}{r['tflops']:>9.2f}{peak:>10}{vs:>14}")
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    device = torch.device(a.device)
+    train_u8 = ce_datasets.load_split(a.data, a.data_root, "train", 128, a.shapes_n)
+    t = ce_train.default_args()
+    cuda = device.type == "cuda"
+    # (name, autocast dtype, channels_last, torch.compile): ours with everything on, then each switch off alone
+    configs = [("ours", "auto", cuda, False)]
+    configs += [("ours-fp32", "fp32", True, False), ("ours-nchw", "bf16", False, False)] * cuda
+    configs += [("ours-compile", "auto", cuda, True)] * a.compile
+    results = []
+    for name, dtype, channels_last, compile_ in configs:
+        batches = ce_data.Batches(train_u8, a.batch_size, device, 0, True, 128, channels_last)
+        k = iter(range(10**9))
+        next_batch = lambda: ce_data.mask_batch(batches.get(next(k)), t.overlap, t.ring, t.fill)  # noqa: E731
+        results.append(measure(name, a, device, next_batch, dtype, channels_last, compile_))
+    if not a.skip_reference:
+        results.append(measure_reference(a, device, train_u8, t))
+    report(results, a, device)
     return results
 
 
 if __name__ == "__main__":
-    ce_eval.cli(main)
+    ce_cli.run(main)

@@ -11,18 +11,18 @@ Metrics (all on [0, 1] intensities, per image then averaged over images):
   region: the whole 64x64 centre of the final image (prediction pasted into the hole, visible ring kept real)
   PSNR = 10 log10(1 / MSE);  L1 % = 100 * mean |pred - true|;  L2 % = 100 * mean (pred - true)^2.
 """
-import argparse
 import io
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import torch
 from PIL import Image
 
+import ce_cli
 import ce_data
+import ce_datasets
 import ce_model
 
 BASELINES = ("fill", "context_mean", "harmonic")
@@ -114,24 +114,18 @@ def evaluate(G, images_u8, overlap=7, ring="visible", fill="mean", methods=("mod
     sums = {m: {} for m in methods}
     hole = ce_data.hole_mask(overlap, ring)
     full = torch.ones_like(hole)
+    lo, hi = ce_data.region_bounds(128)
     n = len(images_u8)
     for i in range(0, n, batch_size):
-        x = ce_data.to_float(center_crop(torch.from_numpy(np.array(images_u8[i:i + batch_size])))).to(dev)
+        x = ce_data.eval_batch(images_u8[i:i + batch_size]).to(dev)
         masked, target = ce_data.mask_batch(x, overlap, ring, fill)
         for m in methods:
             pred = predict(G, masked, batch_size, dtype) if m == "model" else baseline_region(m, masked, overlap, ring)
-            final = ce_data.paste(masked, pred, overlap, ring)[..., 32:96, 32:96] if x.shape[-1] == 128 else pred
+            final = ce_data.paste(masked, pred, overlap, ring)[..., lo:hi, lo:hi]
             for suffix, p, mask in (("", pred, hole), ("_region", final, full)):
                 for k, v in image_metrics(p, target, mask).items():
                     sums[m][k + suffix] = sums[m].get(k + suffix, 0.0) + float(v.double().sum())
     return {m: {**{k: v / n for k, v in s.items()}, "n_images": n} for m, s in sums.items()}
-
-
-def center_crop(x, size=128):
-    """uint8 (B, S, S, 3) -> (B, size, size, 3), the centre (evaluation uses no random crop)."""
-    s = x.shape[1]
-    o = (s - size) // 2
-    return x[:, o:o + size, o:o + size] if s != size else x
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -168,14 +162,6 @@ def inpaint(G, images, overlap, ring, fill, dtype=None):
     return masked, ce_data.paste(masked, predict(G, masked, dtype=dtype), overlap, ring)
 
 
-def atomic_write(path, data):
-    """Write text or bytes to path via a temp file in the same folder + rename (a kill leaves the old file)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _plt():
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
@@ -185,16 +171,7 @@ def _plt():
 
 def read_log(run):
     """A run's log.jsonl as (training records, evaluation records)."""
-    path = os.path.join(run, "log.jsonl")
-    if not os.path.isfile(path):
-        raise ce_data.DataError(f"{path}: no training log here; give a run folder written by ce_train.py")
-    recs = []
-    with open(path) as f:
-        for line in f:
-            try:
-                recs.append(json.loads(line))
-            except ValueError:   # a line cut short by a kill: skip it
-                pass
+    recs = ce_cli.read_log(os.path.join(run, "log.jsonl"))
     return [r for r in recs if "loss_rec" in r], [r for r in recs if "eval" in r]
 
 
@@ -236,7 +213,7 @@ def plot_curves(runs, path):
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=72)
     plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    ce_cli.atomic_write(path, buf.getvalue())
     return path
 
 
@@ -256,8 +233,8 @@ def make_gif(run, max_frames=20, rows=2, scale=0.5):
         ImageDraw.Draw(im).text((3, 2), f"step {int(names[i][5:12])}", fill=(255, 255, 0))
         frames.append(im.quantize(colors=128))
     path = os.path.join(run, "evolution.gif")
-    frames[0].save(path + ".tmp.gif", save_all=True, append_images=frames[1:], duration=400, loop=0)
-    os.replace(path + ".tmp.gif", path)
+    ce_cli.atomic_write(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
+                                                       duration=400, loop=0))
     return path
 
 
@@ -302,30 +279,8 @@ def comparison_figure(models, images, path, dtype=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage dump); shared by ce_train.py, ce_bench.py and ce_sweep.py."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def resolve_device(name, p):
-    """'auto' -> cuda if available, else cpu; a device that does not exist is a parse-time error."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        p.error(f"--device {name}: not a device name (cpu, cuda, cuda:N)")
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        p.error(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible); use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        p.error(f"--device {name}: only cpu and cuda are supported")
-    return name
-
-
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ce_cli.Parser(__doc__)
     p.add_argument("--ckpt", nargs="+", help="checkpoint(s) written by ce_train.py (OUT/best.pt, OUT/ckpt.pt or OUT)")
     p.add_argument("--data", choices=("shapes", "tiny", "imagenet", "folder"), help="dataset (default: the checkpoint's)")
     p.add_argument("--data-root", help="dataset folder (default: the checkpoint's)")
@@ -345,7 +300,7 @@ def parse_args(argv=None):
         p.error("--batch-size and --n must be positive and --max-images >= 0")
     if not a.ckpt and not a.plot:
         p.error("give --ckpt CKPT (evaluate, --image, --figure) or --plot RUN [RUN ...]")
-    a.device = resolve_device(a.device, p)
+    a.device = ce_cli.resolve_device(a.device, p)
     return a
 
 
@@ -361,11 +316,11 @@ def run_images(G, paths, a, out, dtype):
     os.makedirs(out, exist_ok=True)
     for path in paths:
         try:
-            arr, _ = ce_data.decode_image(path, 128)
+            arr, _ = ce_datasets.decode_image(path, 128)
         except FileNotFoundError:
-            raise ce_data.DataError(f"{path}: no such file") from None
+            raise ce_cli.DataError(f"{path}: no such file") from None
         except (OSError, ValueError, SyntaxError) as e:
-            raise ce_data.DataError(f"{path}: not a readable image ({e})") from None
+            raise ce_cli.DataError(f"{path}: not a readable image ({e})") from None
         x = ce_data.to_float(torch.from_numpy(arr[None])).to(next(G.parameters()).device)
         masked, filled = inpaint(G, x, a["overlap"], a["ring"], a["fill"], dtype)
         stem = os.path.splitext(os.path.basename(path))[0]
@@ -377,7 +332,7 @@ def run_images(G, paths, a, out, dtype):
 def held_out(args, a):
     """uint8 held-out images for checkpoint flags `a`, with --data/--data-root/--split/--max-images applied."""
     data, root = args.data or a["data"], args.data_root or a["data_root"]
-    images = ce_data.load_split(data, root, args.split, a["load_size"], a.get("shapes_n", 10000))
+    images = ce_datasets.load_split(data, root, args.split, a["load_size"], a.get("shapes_n", 10000))
     return (images[:args.max_images] if args.max_images else images), data
 
 
@@ -386,15 +341,15 @@ def main(argv=None):
     if args.plot:
         print(f"wrote {plot_curves(args.plot, args.out or 'curves.png')}")
         return
-    dev = torch.device(args.device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else None
-    loaded = [ce_model.load_checkpoint(c, dev) for c in args.ckpt]
+    hw = ce_cli.Hardware(args.device)
+    dtype = hw.dtype
+    loaded = [ce_model.load_checkpoint(c, hw.device) for c in args.ckpt]
     a = loaded[0][2]["args"]  # the checkpoint's own flags decide the mask and the network
     if args.image:
         return run_images(loaded[0][0], args.image, a, args.out or "inpainted", dtype)
     if args.figure:
         images, data = held_out(args, a)
-        x = ce_data.to_float(center_crop(torch.from_numpy(np.array(images[:args.n]))))
+        x = ce_data.eval_batch(images[:args.n])
         labels = run_labels([os.path.dirname(s["path"]) for _, _, s in loaded]) if len(loaded) > 1 else ["model"]
         path = comparison_figure([(lab, G, s["args"]) for lab, (G, _, s) in zip(labels, loaded)], x,
                                  os.path.join(args.out or "inpainted", "figure.png"), dtype)
@@ -412,23 +367,5 @@ def main(argv=None):
                                  f"images, overlap {a['overlap']}, ring {a['ring']}, fill {a['fill']}")
 
 
-def cli(fn, argv=None):
-    """Run fn; user-facing errors become one line on stderr and exit code 2, never a traceback."""
-    try:
-        return fn(argv)
-    except (ce_data.DataError, ce_model.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except torch.cuda.OutOfMemoryError:
-        print("error: out of GPU memory; lower --batch-size (or --width/--bottleneck)", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:  # a folder that cannot be written, a full disk: say which file, no traceback
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and exits on its own)
-        print("\ninterrupted; nothing was written over earlier results", file=sys.stderr)
-        sys.exit(130)
-
-
 if __name__ == "__main__":
-    cli(main)
+    ce_cli.run(main)

@@ -119,7 +119,7 @@ def save_checkpoint(path, state):
     A kill at any moment leaves either the previous complete file or the new complete file, never half of one.
     """
     path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.ce-tmp{os.getpid()}"  # the temp-file pattern of ce_cli.atomic_write
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)

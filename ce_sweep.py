@@ -12,10 +12,11 @@ import io
 import os
 import time
 
-import numpy as np
 import torch
 
+import ce_cli
 import ce_data
+import ce_datasets
 import ce_eval
 import ce_model
 import ce_train
@@ -24,7 +25,7 @@ COLUMNS = ("ratio", "lam_rec", "lam_adv", "data", "steps", "psnr", "l1", "l2", "
 
 
 def parse_args(argv=None):
-    p = ce_eval.Parser(description=__doc__.split("\n")[0])
+    p = ce_cli.Parser(__doc__)
     p.add_argument("--ratios", type=float, nargs="+", default=[1, 100, 200, 1000],
                    help="lambda_rec / lambda_adv ratios (seed report: 1, 100, 200, 500, 1000)")
     p.add_argument("--out", default=os.path.join("runs", "sweep"), help="folder for the runs, sweep.csv and figures")
@@ -36,48 +37,58 @@ def parse_args(argv=None):
     return a
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    rows, runs = [], []
-    for r in args.ratios:
-        run = os.path.join(args.out, f"ratio{r:g}")
-        lam = ["--lam-rec", f"{r / (1 + r):.6g}", "--lam-adv", f"{1 / (1 + r):.6g}"]
-        resume = os.path.exists(os.path.join(run, "ckpt.pt"))
-        print(f"=== ratio x{r:g}: {'resuming' if resume else 'training'} {run}", flush=True)
-        t0 = time.time()
-        ce_train.main((["--resume", run] if resume else ["--out", run]) + lam + args.train)
-        wall = time.time() - t0
-        G, _, state = ce_model.load_checkpoint(os.path.join(run, "ckpt.pt"),
-                                               "cuda" if torch.cuda.is_available() else "cpu")
-        a = state["args"]
-        images = ce_data.load_split(a["data"], a["data_root"], "val", a["load_size"], a["shapes_n"])
-        dtype = torch.bfloat16 if torch.cuda.is_available() else None
-        methods = ("model",) + (ce_eval.BASELINES if not rows else ())
-        res = ce_eval.evaluate(G, images, a["overlap"], a["ring"], a["fill"], methods, dtype=dtype)
-        if not rows:  # the classical baselines do not depend on lambda: one row each, for reference
-            for m in ce_eval.BASELINES:
-                rows.append({"ratio": m, "data": a["data"], **res[m]})
-        rows.append({"ratio": f"x{r:g}", "lam_rec": a["lam_rec"], "lam_adv": a["lam_adv"], "data": a["data"],
-                     "steps": state["step"], **res["model"], "wall_s": round(wall, 1)})
-        runs.append(run)
+def train_and_evaluate(r, run, train_flags, hw, first):
+    """Train (or resume) one ratio's run, then evaluate its final checkpoint once (with the baselines if first).
+    Returns (the loaded generator, the run's flags, the held-out images, the metrics, the wall time)."""
+    lam = ["--lam-rec", f"{r / (1 + r):.6g}", "--lam-adv", f"{1 / (1 + r):.6g}"]
+    resume = os.path.exists(os.path.join(run, "ckpt.pt"))
+    print(f"=== ratio x{r:g}: {'resuming' if resume else 'training'} {run}", flush=True)
+    t0 = time.time()
+    ce_train.main((["--resume", run] if resume else ["--out", run]) + lam + train_flags)
+    wall = time.time() - t0
+    G, _, state = ce_model.load_checkpoint(os.path.join(run, "ckpt.pt"), hw.device)
+    a = state["args"]
+    images = ce_datasets.load_split(a["data"], a["data_root"], "val", a["load_size"], a["shapes_n"])
+    methods = ("model",) + (ce_eval.BASELINES if first else ())
+    res = ce_eval.evaluate(G, images, a["overlap"], a["ring"], a["fill"], methods, dtype=hw.dtype)
+    return G, state, images, res, wall
+
+
+def write_table(rows, out):
+    """OUT/sweep.csv (atomically) and the same table on the terminal."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, COLUMNS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in rows])
-    ce_eval.atomic_write(os.path.join(args.out, "sweep.csv"), buf.getvalue())
-    print(f"\n{'ratio':<14}{'steps':>7}{'PSNR dB':>9}{'L1 %':>8}{'L2 %':>8}{'wall s':>9}   ({rows[-1]['data']}, held-out, hole)")
+    ce_cli.atomic_write(os.path.join(out, "sweep.csv"), buf.getvalue())
+    print(f"\n{'ratio':<14}{'steps':>7}{'PSNR dB':>9}{'L1 %':>8}{'L2 %':>8}{'wall s':>9}   "
+          f"({rows[-1]['data']}, held-out, hole)")
     for row in rows:
         print(f"{row['ratio']:<14}{row.get('steps', ''):>7}{row['psnr']:>9.2f}{row['l1']:>8.2f}{row['l2']:>8.2f}"
               f"{row.get('wall_s', ''):>9}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    hw = ce_cli.Hardware("cuda" if torch.cuda.is_available() else "cpu")
+    rows, runs, models = [], [], []
+    for r in args.ratios:
+        run = os.path.join(args.out, f"ratio{r:g}")
+        G, state, images, res, wall = train_and_evaluate(r, run, args.train, hw, first=not rows)
+        a = state["args"]
+        if not rows:  # the classical baselines do not depend on lambda: one row each, for reference
+            rows += [{"ratio": m, "data": a["data"], **res[m]} for m in ce_eval.BASELINES]
+        rows.append({"ratio": f"x{r:g}", "lam_rec": a["lam_rec"], "lam_adv": a["lam_adv"], "data": a["data"],
+                     "steps": state["step"], **res["model"], "wall_s": round(wall, 1)})
+        runs.append(run)
+        models.append((f"x{r:g}", G, a))
+    write_table(rows, args.out)
     ce_eval.plot_curves(runs, os.path.join(args.out, "curves.png"))
-    images = images[:args.n]
-    x = ce_data.to_float(ce_eval.center_crop(torch.from_numpy(np.array(images))))
-    models = [(f"x{r:g}", ce_model.load_checkpoint(os.path.join(run, "ckpt.pt"), G.encoder[0].weight.device)[0],
-               a) for r, run in zip(args.ratios, runs)]
-    ce_eval.comparison_figure(models, x, os.path.join(args.out, "figure.png"), dtype)
+    x = ce_data.eval_batch(images[:args.n])
+    ce_eval.comparison_figure(models, x, os.path.join(args.out, "figure.png"), hw.dtype)
     print(f"wrote {args.out}/sweep.csv, {args.out}/curves.png, {args.out}/figure.png")
 
 
 if __name__ == "__main__":
-    ce_eval.cli(main)
+    ce_cli.run(main)

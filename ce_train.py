@@ -7,6 +7,7 @@
 
 Each step: one D update on (real centre, detached G(x)), then one G update with the joint loss on the same
 batch, reusing that G(x). Logs to OUT/log.jsonl; evaluates, samples and checkpoints every --eval-every steps.
+Read main() first: it is the whole algorithm; the helpers above it are defined in the order main uses them.
 """
 import argparse
 import contextlib
@@ -23,12 +24,14 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import ce_cli
 import ce_data
+import ce_datasets
 import ce_eval
 import ce_losses
 import ce_model
 
-# The three variants of paper-notes.md: --variant sets these defaults; any flag given explicitly wins.
+# The three variants (README "Variants"): --variant sets these defaults; any flag given explicitly wins.
 VARIANTS = {
     "paper": dict(overlap=7, ring="visible", fill="mean", beta2=0.999, bottleneck_bn=True, bias=False,
                   init="dcgan", rec_reduction="all", d_reduction="sum", flip=True),
@@ -40,10 +43,14 @@ VARIANTS = {
 # DEVIATION: on a CPU, with no size flags, `python ce_train.py --data shapes` trains a smaller network for fewer
 # steps so that the quick start ends in minutes; the paper's network is --width 64 --bottleneck 4000.
 CPU_QUICK = dict(width=32, bottleneck=512, batch_size=32, steps=1000, eval_every=250)
+RUNTIME = ("device", "dtype", "channels_last", "compile", "resume")  # decided afresh on each machine
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flags: paper values are the defaults; --variant presets; a resumed run's own flags; nonsense refused up front
 
 def build_parser():
-    p = ce_eval.Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ce_cli.Parser(__doc__)
     add = p.add_argument
     add("--variant", default="paper", choices=tuple(VARIANTS),
         help="preset of the flags below: paper text, official Lua code, or seed report (README 'Variants')")
@@ -94,112 +101,127 @@ def build_parser():
     return p
 
 
-ARCH = ce_model.ARCH_KEYS  # what a checkpoint's weights depend on
-RUNTIME = ("device", "dtype", "channels_last", "compile", "resume")  # decided afresh on each machine
-
-
-def explicit_flags(p, argv):
+def given_flags(argv):
     """The dests given on the command line (parsing again with every default replaced by a sentinel)."""
     sentinel = object()
     q = build_parser()
     q.set_defaults(**{k: sentinel for k in vars(q.parse_args([]))})
-    ns = q.parse_args(argv)
-    return {k: v for k, v in vars(ns).items() if v is not sentinel}
+    return {k: v for k, v in vars(q.parse_args(argv)).items() if v is not sentinel}
+
+
+def take_resumed_flags(args, given, p):
+    """--resume: the checkpoint's flags, overridden only by what this command line says (never the network's)."""
+    state = ce_model.read_checkpoint(args.resume)
+    saved = state["args"]
+    clash = [f"--{k.replace('_', '-')} {given[k]} (checkpoint: {saved[k]})"
+             for k in ce_model.ARCH_KEYS if k in given and given[k] != saved.get(k)]
+    if clash:
+        p.error(f"{state['path']} was trained with other network flags: {', '.join(clash)}; drop them to resume")
+    for k, v in saved.items():
+        if k not in given and k not in RUNTIME and hasattr(args, k):
+            setattr(args, k, v)
+    if os.path.basename(state["path"]) != "ckpt.pt" and "out" not in given:
+        p.error(f"resuming from {state['path']} would rewind that run's ckpt.pt and log; pass --out NEW_DIR "
+                "to branch a new run from it")
+    args.resume, args.out = state["path"], given.get("out", os.path.dirname(state["path"]))
+
+
+def apply_variant(args):
+    """Fill the flags left unset (None) from the --variant preset."""
+    for k, v in VARIANTS[args.variant].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+
+
+def validate(args, p):
+    """Nonsense is rejected here, with the flag's name, before any work is done."""
+    checks = [
+        (args.batch_size >= 2, "--batch-size must be >= 2 (BatchNorm needs two images per batch and rank)"),
+        (args.epochs > 0, "--epochs must be > 0"), (args.steps >= 0, "--steps must be >= 0"),
+        (args.lr_g > 0 and args.lr_d > 0, "learning rates must be > 0"),
+        (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1, "--beta1/--beta2 must be in [0, 1)"),
+        (args.lam_rec >= 0 and args.lam_adv >= 0, "--lam-rec/--lam-adv must be >= 0"),
+        (args.lam_rec + args.lam_adv > 0, "--lam-rec and --lam-adv cannot both be 0"),
+        (0 <= args.overlap < 32, "--overlap must be in [0, 31]: the ring must leave a hole inside the 64px region"),
+        (args.overlap_weight > 0, "--overlap-weight must be > 0"),
+        (args.width > 0 and args.bottleneck > 0, "--width/--bottleneck must be > 0"),
+        (args.load_size >= 128, "--load-size must be >= 128 (the network sees 128x128 crops)"),
+        (args.shapes_n > 0, "--shapes-n must be > 0"),
+        (args.log_every > 0 and args.eval_every > 0 and args.eval_images > 0,
+         "--log-every/--eval-every/--eval-images must be > 0")]
+    for ok, msg in checks:
+        if not ok:
+            p.error(msg)
+
+
+def choose_out(args, p):
+    """The run folder: --out as given (never an existing run unless resuming), else runs/<data>[-N]."""
+    if args.out:
+        if not args.resume and os.path.exists(os.path.join(args.out, "ckpt.pt")):
+            p.error(f"{args.out} already holds a run; pass --resume {args.out} to continue it or choose another --out")
+        return args.out
+    base = out = os.path.join("runs", args.data)
+    i = 2
+    while os.path.exists(os.path.join(out, "ckpt.pt")):
+        out, i = f"{base}-{i}", i + 1
+    return out
 
 
 def parse_args(argv=None):
     p = build_parser()
-    args = p.parse_args(argv)
-    given = explicit_flags(p, argv)
-    if args.resume:  # the checkpoint's flags, overridden only by what this command line says
-        state = ce_model.read_checkpoint(args.resume)
-        saved = state["args"]
-        clash = [f"--{k.replace('_', '-')} {given[k]} (checkpoint: {saved[k]})"
-                 for k in ARCH if k in given and given[k] != saved.get(k)]
-        if clash:
-            p.error(f"{state['path']} was trained with other network flags: {', '.join(clash)}; drop them to resume")
-        for k, v in saved.items():
-            if k not in given and k not in RUNTIME and hasattr(args, k):
-                setattr(args, k, v)
-        if os.path.basename(state["path"]) != "ckpt.pt" and "out" not in given:
-            p.error(f"resuming from {state['path']} would rewind that run's ckpt.pt and log; pass --out NEW_DIR "
-                    "to branch a new run from it")
-        args.resume, args.out = state["path"], given.get("out", os.path.dirname(state["path"]))
+    args, given = p.parse_args(argv), given_flags(argv)
+    if args.resume:
+        take_resumed_flags(args, given, p)
     else:
-        for k, v in VARIANTS[args.variant].items():
-            if getattr(args, k) is None:
-                setattr(args, k, v)
-    args.device = ce_eval.resolve_device(args.device, p)
-    cuda = args.device.startswith("cuda")
-    if args.dtype == "auto":
-        args.dtype = "bf16" if cuda else "fp32"
-    if args.channels_last is None:
-        args.channels_last = cuda
-    args.quick = (not args.resume and not cuda and args.data == "shapes"
+        apply_variant(args)
+    args.device = ce_cli.resolve_device(args.device, p)
+    hw = ce_cli.Hardware(args.device, args.dtype, args.channels_last)
+    args.dtype, args.channels_last = hw.dtype_name, hw.channels_last
+    args.quick = (not args.resume and hw.device.type == "cpu" and args.data == "shapes"
                   and not set(given) & {"width", "bottleneck", "batch_size", "steps", "epochs"})
     if args.quick:
         for k, v in CPU_QUICK.items():
             if k not in given:
                 setattr(args, k, v)
-    # nonsense is rejected here, with the flag's name, before any work is done
-    checks = [(args.batch_size >= 2, "--batch-size must be >= 2 (BatchNorm needs two images per batch and rank)"), (args.epochs > 0, "--epochs must be > 0"),
-              (args.steps >= 0, "--steps must be >= 0"), (args.lr_g > 0 and args.lr_d > 0, "learning rates must be > 0"),
-              (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1, "--beta1/--beta2 must be in [0, 1)"),
-              (args.lam_rec >= 0 and args.lam_adv >= 0, "--lam-rec/--lam-adv must be >= 0"),
-              (args.lam_rec + args.lam_adv > 0, "--lam-rec and --lam-adv cannot both be 0"),
-              (0 <= args.overlap < 32, "--overlap must be in [0, 31]: the ring must leave a hole inside the 64px region"),
-              (args.overlap_weight > 0, "--overlap-weight must be > 0"),
-              (args.width > 0 and args.bottleneck > 0, "--width/--bottleneck must be > 0"),
-              (args.load_size >= 128, "--load-size must be >= 128 (the network sees 128x128 crops)"),
-              (args.shapes_n > 0, "--shapes-n must be > 0"),
-              (args.log_every > 0 and args.eval_every > 0 and args.eval_images > 0,
-               "--log-every/--eval-every/--eval-images must be > 0")]
-    for ok, msg in checks:
-        if not ok:
-            p.error(msg)
-    if not args.out:
-        base = os.path.join("runs", args.data)
-        args.out, i = base, 2
-        while os.path.exists(os.path.join(args.out, "ckpt.pt")):
-            args.out, i = f"{base}-{i}", i + 1
-    elif not args.resume and os.path.exists(os.path.join(args.out, "ckpt.pt")):
-        p.error(f"{args.out} already holds a run; pass --resume {args.out} to continue it or choose another --out")
+    validate(args, p)
+    args.out = choose_out(args, p)
     return args
 
 
-def rng_state():
-    s = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
+def default_args(**flags):
+    """The flags of `--variant paper` with `flags` changed: what ce_bench.py builds its networks from."""
+    args = build_parser().parse_args([])
+    apply_variant(args)
+    vars(args).update(flags)
+    return args
 
 
-def append_log(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+# ----------------------------------------------------------------------------------------------------------------
+# Networks, optimisers and the training step
+
+def setup_distributed(args):
+    """torchrun sets WORLD_SIZE, RANK, LOCAL_RANK: one process per GPU (NCCL) or per CPU worker (gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world
 
 
-def _step_of(line):
-    """The step of a log line, or None for a line cut short by a kill or a full disk (dropped on resume)."""
-    try:
-        return json.loads(line).get("step")
-    except ValueError:
-        return None
-
-
-def truncate_log(path, step):
-    """On resume, drop log lines written after the checkpoint's step (they will be written again)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        keep = [ln for ln in f if ln.strip() and (_step_of(ln) or 0) <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
-
-
-def fmt_time(s):
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+def build_training(args, hw, world=1):
+    """G and D of paper Fig. 2, their Adam optimisers (paper 4: beta1 0.5, lr 0.002 / 0.0002) and the weight map W
+    of Eq. (1), on hw's device in hw's memory format. Several CUDA ranks: BatchNorm over the global batch."""
+    G, D = ce_model.build_models(args.width, args.bottleneck, args.bottleneck_bn, args.bias, args.init)
+    if world > 1 and hw.device.type == "cuda":
+        G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
+    G, D = G.to(hw.device, memory_format=hw.mem_fmt), D.to(hw.device, memory_format=hw.mem_fmt)
+    optG = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2))
+    optD = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2))
+    W = ce_losses.overlap_weights(64, args.overlap, args.overlap_weight, args.rec_reduction).to(hw.device)
+    return G, D, optG, optD, W
 
 
 def make_train_step(G, D, optG, optD, W, args, ctx=contextlib.nullcontext(), ddp=None):
@@ -207,8 +229,9 @@ def make_train_step(G, D, optG, optD, W, args, ctx=contextlib.nullcontext(), ddp
     then a G step with the joint loss of Eq. (3) reusing that same G(x). Returns a (5,) tensor: loss_D, loss_rec,
     loss_adv, D(x), D(G(x)), left on the device (no host sync). With lambda_adv = 0, D is never run.
 
-    ddp wraps G and D for DistributedDataParallel (gradients averaged across ranks in backward). The G step's
-    pass through D uses the plain module: D is frozen there, and DDP would wait for gradients that never come.
+    ctx is the autocast context (ce_cli.Hardware.ctx; none by default). ddp wraps G and D for
+    DistributedDataParallel (gradients averaged across ranks in backward). The G step's pass through D uses the
+    plain module: D is frozen there, and DDP would wait for gradients that never come.
     """
     wrap = ddp or (lambda m: m)
     maybe_compile = torch.compile if args.compile else (lambda m: m)
@@ -247,202 +270,224 @@ def make_train_step(G, D, optG, optD, W, args, ctx=contextlib.nullcontext(), ddp
     return train_step
 
 
-def setup_distributed(args):
-    """torchrun sets WORLD_SIZE, RANK, LOCAL_RANK: one process per GPU (NCCL) or per CPU worker (gloo)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if args.device.startswith("cuda"):
-        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    return dist.get_rank(), world
+# ----------------------------------------------------------------------------------------------------------------
+# Run state: what a resumed run needs besides weights and optimisers
 
+STATS = ("loss_D", "loss_rec", "loss_adv", "D_x", "D_G_x")   # what train_step returns, in order
+
+
+class RunState:
+    """Step, best held-out PSNR, the open log window (the step statistics summed since the last log line, so that
+    a resumed run writes the same log lines as an uninterrupted one), the D-wins streak, the first step with a
+    non-finite statistic (kept on the device: no sync) and the last checkpoint known to be good."""
+
+    def __init__(self, device):
+        self.step, self.best, self.n_acc, self.d_wins, self.last_good = 0, -math.inf, 0, 0, None
+        self.acc = torch.zeros(len(STATS), device=device)
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.t_log = time.time()   # wall-clock start of the log window (not saved)
+
+    def add(self, stats):
+        """Count one training step's (5,) statistics, on the device."""
+        self.step, self.n_acc = self.step + 1, self.n_acc + 1
+        with torch.no_grad():
+            self.acc += stats
+            self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(stats).all(), self.step, self.bad_step)
+
+    def state_dict(self):
+        return {"step": self.step, "best_psnr": self.best,
+                "log_window": {"acc": self.acc.cpu(), "n_acc": self.n_acc, "d_wins": self.d_wins}}
+
+    def load_state_dict(self, state, path):
+        window = state.get("log_window", {"acc": torch.zeros(len(STATS)), "n_acc": 0, "d_wins": 0})
+        self.step, self.best = state["step"], state.get("best_psnr", -math.inf)
+        self.acc.copy_(window["acc"])
+        self.n_acc, self.d_wins, self.last_good = window["n_acc"], window["d_wins"], path
+
+    def check_finite(self):
+        """Stop, naming the step, if a loss went NaN/Inf: nothing non-finite is ever written over a checkpoint."""
+        bad = int(self.bad_step)  # CPU-GPU sync point (log, eval and final steps only)
+        if bad >= 0:
+            sys.exit(f"error: a loss became NaN/Inf at step {bad}; training stopped without saving. Last good "
+                     f"checkpoint: {self.last_good or 'none yet'} (left intact). Try a lower --lr-g/--lr-d or "
+                     f"--lam-adv, or resume from it with another --seed.")
+
+
+def rng_state():
+    s = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def save(path, nets, args, run, epoch):
+    """One checkpoint: G, D, both optimisers, the run state, flags, RNG states and versions (ce_model format)."""
+    ce_model.save_checkpoint(path, {
+        **{k: m.state_dict() for k, m in nets.items()}, **run.state_dict(), "epoch": epoch, "args": vars(args),
+        "rng": rng_state(), "versions": {"torch": str(torch.__version__), "python": platform.python_version()}})
+
+
+def resume(args, nets, run, device, master):
+    """Take up a run where its checkpoint left it: weights, optimisers, run state, RNG; the log rewound to it."""
+    state = ce_model.read_checkpoint(args.resume)
+    for k, m in nets.items():
+        m.load_state_dict(state[k])
+    run.load_state_dict(state, os.path.join(args.out, "ckpt.pt"))
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and device.type == "cuda":
+        for i, st in enumerate(state["rng"]["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(st, i)
+    if master:
+        ce_cli.rewind_log(os.path.join(args.out, "log.jsonl"), run.step)
+        print(f"resumed {state['path']} at step {run.step}")
+
+
+def announce(args, world, n_train, n_val, G, D, total):
+    """The run's first lines (what, how big, where), and OUT/args.json."""
+    print(f"Context Encoder | {args.data} ({n_train} train / {n_val} held-out images) | "
+          f"G {ce_model.count_params(G) / 1e6:.2f}M D {ce_model.count_params(D) / 1e6:.2f}M params | "
+          f"{total} steps x {args.batch_size}{f' x {world} ranks' if world > 1 else ''} | {args.device} "
+          f"{args.dtype} | out {args.out}")
+    print("config: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())))
+    if args.quick:
+        print("CPU quick start: a smaller network (--width 32 --bottleneck 512) for 1000 steps; pass --width 64 "
+              "--bottleneck 4000 --steps N for the paper's network")
+    ce_cli.atomic_write(os.path.join(args.out, "args.json"), json.dumps(vars(args), indent=1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Logging, evaluation, the end of a run
+
+def fmt_time(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def log_window(run, stop, args, total, epoch, world, master):
+    """A log line with the window's mean statistics (the only CPU-GPU sync of a normal step). With several ranks,
+    one all-reduce makes them agree on stopping (a signal or a NaN on any rank). Returns: stop now?"""
+    halt = bool(stop)
+    if world > 1:
+        flags = torch.stack([torch.tensor(int(halt), device=run.acc.device), run.bad_step])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        halt, run.bad_step = bool(flags[0]), flags[1]
+    rec = dict(zip(STATS, (run.acc / run.n_acc).tolist()))   # CPU-GPU sync point
+    run.check_finite()
+    dt = time.time() - run.t_log
+    ips = run.n_acc * args.batch_size * world / dt
+    use_d = args.lam_adv > 0
+    run.d_wins = run.d_wins + 1 if use_d and rec["D_G_x"] < 0.01 else 0
+    warn = (f" | warning: D has won outright for {run.d_wins} log windows (D(G(x)) ~ 0); "
+            "a lower --lam-adv or --lr-d usually helps") if run.d_wins >= 3 else ""
+    gan = (f"loss_D {rec['loss_D']:.3f} | rec {rec['loss_rec']:.4f} | adv {rec['loss_adv']:.3f} | "
+           f"D(x) {rec['D_x']:.2f} | D(G(x)) {rec['D_G_x']:.2f}") if use_d else f"rec {rec['loss_rec']:.4f}"
+    if master:
+        print(f"step {run.step}/{total} | epoch {epoch} | {gan} | {ips:,.0f} img/s | "
+              f"ETA {fmt_time((total - run.step) * dt / run.n_acc)}{warn}")
+        ce_cli.append_log(os.path.join(args.out, "log.jsonl"), {
+            "step": run.step, "epoch": epoch, **{k: round(v, 6) for k, v in rec.items()}, "img_per_s": round(ips, 1),
+            "time": round(time.time(), 2), **({"warning": "D wins"} if warn else {})})
+    run.acc.zero_()
+    run.n_acc, run.t_log = 0, time.time()
+    return halt
+
+
+def evaluate_and_save(run, nets, args, val_u8, fixed, hw, epoch):
+    """Held-out metrics (ce_eval), a sample grid, the log record, best.pt, ckpt.pt, curves and the GIF."""
+    run.check_finite()
+    G = nets["G"]
+    r = ce_eval.evaluate(G, val_u8, args.overlap, args.ring, args.fill, ("model",), dtype=hw.dtype)["model"]
+    masked, filled = ce_eval.inpaint(G, fixed, args.overlap, args.ring, args.fill, hw.dtype)
+    ce_eval.save_grid(os.path.join(args.out, "samples", f"step_{run.step:07d}.png"), [masked, filled, fixed])
+    is_best = r["psnr"] > run.best
+    run.best = max(run.best, r["psnr"])
+    # order matters for a kill at any moment: the log record, then best.pt, then ckpt.pt (which resumes)
+    ce_cli.append_log(os.path.join(args.out, "log.jsonl"),
+                      {"step": run.step, "eval": {k: round(v, 4) for k, v in r.items()}})
+    if is_best:
+        save(os.path.join(args.out, "best.pt"), nets, args, run, epoch)
+    save(os.path.join(args.out, "ckpt.pt"), nets, args, run, epoch)
+    run.last_good = os.path.join(args.out, "ckpt.pt")
+    ce_eval.plot_curves([args.out], os.path.join(args.out, "curves.png"))
+    ce_eval.make_gif(args.out)
+    print(f"eval @ {run.step}: held-out PSNR {r['psnr']:.2f} dB, L1 {r['l1']:.2f} %, L2 {r['l2']:.2f} % "
+          f"(hole, {r['n_images']} images){' *best*' if is_best else ''}")
+    run.t_log = time.time()  # evaluation is not training time
+
+
+def finish(run, nets, args, stop, halt, world, total, epoch, master):
+    """Ranks check that they hold the same weights; a signal saves ckpt.pt and says how to resume."""
+    if world > 1:  # DDP's promise, checked once at the end
+        flat = torch.cat([p.detach().float().flatten() for p in nets["G"].parameters()])
+        ref = flat.clone()
+        dist.broadcast(ref, 0)
+        diff = (flat - ref).abs().max()
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        if master:
+            print(f"DDP: {world} ranks, max |weight - rank 0 weight| = {diff.item():.3g}")
+        dist.destroy_process_group()
+    if halt:   # a signal (on any rank): save where we are and say how to go on
+        run.check_finite()
+        if master:
+            save(os.path.join(args.out, "ckpt.pt"), nets, args, run, epoch)
+        sig = stop[0] if stop else signal.SIGTERM
+        name = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(sig, "signal")
+        if master:
+            print(f"\n{name}: saved {args.out}/ckpt.pt at step {run.step}/{total}. "
+                  f"Resume with: python ce_train.py --resume {args.out}")
+        sys.exit(128 + sig)
+    if master:
+        print(f"done: {run.step} steps, best held-out PSNR {run.best:.2f} dB. "
+              f"Evaluate with: python ce_eval.py --ckpt {args.out}/best.pt")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     args = parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once, also when piped to a file
     rank, world = setup_distributed(args)
     master = rank == 0                            # only rank 0 prints, logs, samples and checkpoints
-    say = print if master else (lambda *a, **k: None)
-    device = torch.device(args.device)
+    hw = ce_cli.Hardware(args.device, args.dtype, args.channels_last)
     torch.manual_seed(args.seed)                  # same initial weights on every rank
-    # DEVIATION: on CUDA the step runs under bf16 autocast with channels_last tensors (speed; --dtype fp32 and
-    # --no-channels-last turn them off); the losses are computed in float32 either way.
-    dtype = torch.bfloat16 if args.dtype == "bf16" else None
-    ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-    mem_fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
-    # ---- data: decoded once into uint8, then batches are made on the device
-    train_u8 = ce_data.load_split(args.data, args.data_root, "train", args.load_size, args.shapes_n)
-    val_u8 = ce_data.load_split(args.data, args.data_root, "val", args.load_size, args.shapes_n)[:args.eval_images]
-    batches = ce_data.Batches(train_u8, args.batch_size, device, args.seed, args.flip, 128, args.channels_last,
+    # ---- data: decoded once into uint8 (ce_datasets), batches cut, augmented and masked on the device (ce_data)
+    train_u8 = ce_datasets.load_split(args.data, args.data_root, "train", args.load_size, args.shapes_n)
+    val_u8 = ce_datasets.load_split(args.data, args.data_root, "val", args.load_size, args.shapes_n)[:args.eval_images]
+    batches = ce_data.Batches(train_u8, args.batch_size, hw.device, args.seed, args.flip, 128, hw.channels_last,
                               torch.float32, rank, world)
     total = args.steps or args.epochs * batches.steps_per_epoch
+    fixed = ce_data.eval_batch(val_u8[:16]).to(hw.device)   # the same 16 held-out images in every sample grid
 
-    # ---- networks, optimisers (paper 4: Adam, beta1 0.5), loss weights
-    G, D = ce_model.build_models(args.width, args.bottleneck, args.bottleneck_bn, args.bias, args.init)
-    if world > 1 and device.type == "cuda":  # BN statistics over the global batch, as in one process
-        G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
-    G, D = G.to(device, memory_format=mem_fmt), D.to(device, memory_format=mem_fmt)
-    optG = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2))
-    optD = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2))
-    W = ce_losses.overlap_weights(64, args.overlap, args.overlap_weight, args.rec_reduction).to(device)
-    step, best = 0, -math.inf
-    log_path = os.path.join(args.out, "log.jsonl")
+    # ---- networks and optimisers (paper 4); a resumed run takes up all of its state
+    G, D, optG, optD, W = build_training(args, hw, world)
+    nets = dict(G=G, D=D, optG=optG, optD=optD)
+    run = RunState(hw.device)
     if master:
         os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-        for f in os.listdir(args.out):  # temp files of a run killed while writing (the real files are intact)
-            if ".tmp" in f:
-                os.remove(os.path.join(args.out, f))
+        ce_cli.remove_temp_files(args.out)
     if args.resume:
-        state = ce_model.read_checkpoint(args.resume)
-        G.load_state_dict(state["G"]), D.load_state_dict(state["D"])
-        optG.load_state_dict(state["optG"]), optD.load_state_dict(state["optD"])
-        step, best = state["step"], state.get("best_psnr", -math.inf)
-        window = state.get("log_window", {"acc": torch.zeros(5), "n_acc": 0, "d_wins": 0})
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and device.type == "cuda":
-            for i, st in enumerate(state["rng"]["cuda"][:torch.cuda.device_count()]):
-                torch.cuda.set_rng_state(st, i)
-        if master:
-            truncate_log(log_path, step)
-        say(f"resumed {state['path']} at step {step}")
-    ddp = (lambda m: DDP(m, device_ids=[device.index] if device.type == "cuda" else None)) if world > 1 else None
-    train_step = make_train_step(G, D, optG, optD, W, args, ctx, ddp)
-
-    say(f"Context Encoder | {args.data} ({len(train_u8)} train / {len(val_u8)} held-out images) | "
-        f"G {ce_model.count_params(G) / 1e6:.2f}M D {ce_model.count_params(D) / 1e6:.2f}M params | "
-        f"{total} steps x {args.batch_size}{f' x {world} ranks' if world > 1 else ''} | {device} {args.dtype} | "
-        f"out {args.out}")
-    say("config: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())))
-    if args.quick:
-        say("CPU quick start: a smaller network (--width 32 --bottleneck 512) for 1000 steps; pass --width 64 "
-            "--bottleneck 4000 --steps N for the paper's network")
+        resume(args, nets, run, hw.device, master)
+    ddp = (lambda m: DDP(m, device_ids=[hw.device.index] if hw.device.type == "cuda" else None)) if world > 1 else None
+    train_step = make_train_step(G, D, optG, optD, W, args, hw.ctx, ddp)
     if master:
-        ce_eval.atomic_write(os.path.join(args.out, "args.json"), json.dumps(vars(args), indent=1))
+        announce(args, world, len(train_u8), len(val_u8), G, D, total)
 
-    # fixed held-out batch for the sample grids
-    fixed = ce_data.to_float(ce_eval.center_crop(torch.from_numpy(val_u8[:16].copy()))).to(device)
-
-    def checkpoint(path):
-        ce_model.save_checkpoint(path, {
-            "G": G.state_dict(), "D": D.state_dict(), "optG": optG.state_dict(), "optD": optD.state_dict(),
-            "step": step, "epoch": batches.epoch_of(step), "best_psnr": best, "args": vars(args), "rng": rng_state(),
-            "log_window": {"acc": acc.cpu(), "n_acc": n_acc, "d_wins": d_wins},
-            "versions": {"torch": str(torch.__version__), "python": platform.python_version()}})
-
-    def check_finite():
-        """Stop, naming the step, if a loss went NaN/Inf: nothing non-finite is ever written over a checkpoint."""
-        bad = int(bad_step)  # CPU-GPU sync point (log and eval steps only)
-        if bad >= 0:
-            sys.exit(f"error: a loss became NaN/Inf at step {bad}; training stopped without saving. Last good "
-                     f"checkpoint: {last_good or 'none yet'} (left intact). Try a lower --lr-g/--lr-d or --lam-adv, "
-                     f"or resume from it with another --seed.")
-
-    def evaluate_and_save():
-        nonlocal best
-        check_finite()
-        r = ce_eval.evaluate(G, val_u8, args.overlap, args.ring, args.fill, ("model",), dtype=dtype)["model"]
-        masked, filled = ce_eval.inpaint(G, fixed, args.overlap, args.ring, args.fill, dtype)
-        ce_eval.save_grid(os.path.join(args.out, "samples", f"step_{step:07d}.png"), [masked, filled, fixed])
-        is_best = r["psnr"] > best
-        best = max(best, r["psnr"])
-        # order matters for a kill at any moment: the log record, then best.pt, then ckpt.pt (which resumes)
-        append_log(log_path, {"step": step, "eval": {k: round(v, 4) for k, v in r.items()}})
-        if is_best:
-            checkpoint(os.path.join(args.out, "best.pt"))
-        checkpoint(os.path.join(args.out, "ckpt.pt"))
-        ce_eval.plot_curves([args.out], os.path.join(args.out, "curves.png"))
-        ce_eval.make_gif(args.out)
-        print(f"eval @ {step}: held-out PSNR {r['psnr']:.2f} dB, L1 {r['l1']:.2f} %, L2 {r['l2']:.2f} % "
-              f"(hole, {r['n_images']} images){' *best*' if is_best else ''}")
-
-    # SIGINT / SIGTERM: finish the current step, save, say how to resume. With several ranks they agree on
-    # stopping at the next log step, so that all stop at the same step.
-    stop = []
-    previous = {sig: signal.signal(sig, lambda s, f: stop.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        # loss_D, loss_rec, loss_adv, D(x), D(G(x)) summed since the last log line (restored on resume, so that the
-        # log lines of a resumed run are those of an uninterrupted one)
-        acc = window["acc"].to(device) if args.resume else torch.zeros(5, device=device)
-        bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss, on device
-        n_acc, d_wins = (window["n_acc"], window["d_wins"]) if args.resume else (0, 0)
-        t_log, halt = time.time(), False
-        last_good = os.path.join(args.out, "ckpt.pt") if args.resume else None
-        use_d = args.lam_adv > 0
-        G.train(), D.train()
-        while step < total and not halt:
-            real = batches.get(step)                                            # (B, 3, 128, 128) in [-1, 1]
+    # ---- train: batch -> D step (Eq. 2) -> G step (Eq. 3) -> log -> evaluate, sample, checkpoint
+    G.train(), D.train()
+    halt = False
+    with ce_cli.signals_caught() as stop:        # SIGINT/SIGTERM: finish the step, save, say how to resume
+        run.t_log = time.time()
+        while run.step < total and not halt:
+            real = batches.get(run.step)                                        # (B, 3, 128, 128) in [-1, 1]
             masked, target = ce_data.mask_batch(real, args.overlap, args.ring, args.fill)
-            s = train_step(masked, target)                                      # (5,) on the device, no sync
-            step += 1
-            with torch.no_grad():
-                acc += s
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(s).all(), step, bad_step)
-            n_acc += 1
-            halt = bool(stop) and world == 1
-
-            if step % args.log_every == 0 or step == total:
-                if world > 1:   # all ranks stop together: if any was signalled, or any saw a NaN
-                    flag = torch.tensor([float(bool(stop))], device=device)
-                    dist.all_reduce(flag)
-                    dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
-                    halt = flag.item() > 0
-                vals = (acc / n_acc).tolist()   # CPU-GPU sync point: the only one in a normal step
-                check_finite()
-                if world > 1:                   # all ranks stop together if any was signalled
-                    flag = torch.tensor([float(bool(stop))], device=device)
-                    dist.all_reduce(flag)
-                    halt = flag.item() > 0
-                dt = time.time() - t_log
-                ips = n_acc * args.batch_size * world / dt
-                rec = dict(zip(("loss_D", "loss_rec", "loss_adv", "D_x", "D_G_x"), vals))
-                d_wins = d_wins + 1 if use_d and rec["D_G_x"] < 0.01 else 0
-                warn = (f" | warning: D has won outright for {d_wins} log windows (D(G(x)) ~ 0); "
-                        "a lower --lam-adv or --lr-d usually helps") if d_wins >= 3 else ""
-                gan = (f"loss_D {rec['loss_D']:.3f} | rec {rec['loss_rec']:.4f} | adv {rec['loss_adv']:.3f} | "
-                       f"D(x) {rec['D_x']:.2f} | D(G(x)) {rec['D_G_x']:.2f}") if use_d else f"rec {rec['loss_rec']:.4f}"
-                say(f"step {step}/{total} | epoch {batches.epoch_of(step - 1)} | {gan} | {ips:,.0f} img/s | "
-                    f"ETA {fmt_time((total - step) * dt / n_acc)}{warn}")
-                if master:
-                    append_log(log_path, {"step": step, "epoch": batches.epoch_of(step - 1),
-                                          **{k: round(v, 6) for k, v in rec.items()}, "img_per_s": round(ips, 1),
-                                          "time": round(time.time(), 2), **({"warning": "D wins"} if warn else {})})
-                acc.zero_()
-                n_acc, t_log = 0, time.time()
-            if master and (step % args.eval_every == 0 or step == total):
-                evaluate_and_save()
-                last_good = os.path.join(args.out, "ckpt.pt")
-                t_log = time.time()  # evaluation is not training time
-
-        if world > 1:  # every rank must hold the same weights: DDP's promise, checked once at the end
-            flat = torch.cat([p.detach().float().flatten() for p in G.parameters()])
-            ref = flat.clone()
-            dist.broadcast(ref, 0)
-            diff = (flat - ref).abs().max()
-            dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-            say(f"DDP: {world} ranks, max |weight - rank 0 weight| = {diff.item():.3g}")
-            dist.destroy_process_group()
-        if halt:   # a signal (on any rank): save where we are and say how to go on
-            check_finite()
-            if master:
-                checkpoint(os.path.join(args.out, "ckpt.pt"))
-            sig = stop[0] if stop else signal.SIGTERM
-            name = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(sig, "signal")
-            say(f"\n{name}: saved {args.out}/ckpt.pt at step {step}/{total}. "
-                f"Resume with: python ce_train.py --resume {args.out}")
-            sys.exit(128 + sig)
-        say(f"done: {step} steps, best held-out PSNR {best:.2f} dB. "
-            f"Evaluate with: python ce_eval.py --ckpt {args.out}/best.pt")
-    finally:   # leave the process as we found it (ce_sweep.py calls main() in a loop)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            run.add(train_step(masked, target))                                 # (5,) on the device, no sync
+            halt = bool(stop) and world == 1      # several ranks agree on stopping at the next log step
+            if run.step % args.log_every == 0 or run.step == total:
+                halt = log_window(run, stop, args, total, batches.epoch_of(run.step - 1), world, master)
+            if master and (run.step % args.eval_every == 0 or run.step == total):
+                evaluate_and_save(run, nets, args, val_u8, fixed, hw, batches.epoch_of(run.step))
+        finish(run, nets, args, stop, halt, world, total, batches.epoch_of(run.step), master)
 
 
 if __name__ == "__main__":
-    ce_eval.cli(main)
+    ce_cli.run(main)

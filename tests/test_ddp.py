@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ce_data
+import ce_datasets
 import ce_losses
 import ce_model
 from conftest import ROOT, TINY
@@ -29,7 +30,7 @@ def reference_data_parallel(data_root, steps, per_rank=2, world=2):
     optG = torch.optim.Adam(G.parameters(), lr=0.002, betas=(0.5, 0.999))
     optD = torch.optim.Adam(D.parameters(), lr=0.0002, betas=(0.5, 0.999))
     W = ce_losses.overlap_weights(64, 7, 10.0)
-    batches = ce_data.Batches(ce_data.load_split("shapes", data_root, "train", 128, 64), per_rank * world, "cpu", 0)
+    batches = ce_data.Batches(ce_datasets.load_split("shapes", data_root, "train", 128, 64), per_rank * world, "cpu", 0)
     rank0 = []
     for step in range(steps):
         masked, target = ce_data.mask_batch(batches.get(step), 7, "visible", "mean")

@@ -63,7 +63,7 @@ def test_comparison_figure_psnr_labels(tmp_path):
     path = ce_eval.comparison_figure([("a", G, args), ("b", G, args)], x, str(tmp_path / "f.png"))
     w, h = Image.open(path).size
     assert w > h  # 2 rows x 6 columns
-    with pytest.raises(ce_eval.ce_data.DataError, match="no training log"):
+    with pytest.raises(ce_eval.ce_cli.DataError, match="no training log"):
         ce_eval.plot_curves([str(tmp_path)], str(tmp_path / "c.png"))
 
 
@@ -81,5 +81,5 @@ def test_plot_cli_overlays_runs(tmp_path, tiny_flags, capsys):
     with pytest.raises(SystemExit) as e:     # neither --ckpt nor --plot: one-line usage error
         ce_eval.main([])
     assert e.value.code == 2 and "--plot RUN" in capsys.readouterr().err
-    with pytest.raises(ce_eval.ce_data.DataError, match="--split val"):
+    with pytest.raises(ce_eval.ce_cli.DataError, match="--split val"):
         ce_eval.main(["--ckpt", runs[0], "--device", "cpu", "--split", "test"])

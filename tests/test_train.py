@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import ce_cli
 import ce_eval
 import ce_losses
 import ce_model
@@ -140,7 +141,7 @@ def test_defaults_are_paper_values_and_cpu_quick_start(tmp_path):
 ])
 def test_nonsense_flags_rejected(flags, words, capsys):
     with pytest.raises(SystemExit) as e:
-        ce_eval.cli(ce_train.main, flags + ([] if "--device" in flags else ["--device", "cpu"]))
+        ce_cli.run(ce_train.main, flags + ([] if "--device" in flags else ["--device", "cpu"]))
     assert e.value.code == 2 and words in capsys.readouterr().err
 
 
@@ -162,7 +163,7 @@ def test_eval_image_errors(tmp_path, tiny_flags, capsys):
     (tmp_path / "bad.jpg").write_text("not an image")
     for photo, words in ((tmp_path / "missing.jpg", "no such file"), (tmp_path / "bad.jpg", "not a readable image")):
         with pytest.raises(SystemExit) as e:
-            ce_eval.cli(ce_eval.main, ["--ckpt", out, "--device", "cpu", "--image", str(photo)])
+            ce_cli.run(ce_eval.main, ["--ckpt", out, "--device", "cpu", "--image", str(photo)])
         assert e.value.code == 2 and words in capsys.readouterr().err
 
 
