@@ -5,6 +5,7 @@ from a uint8 array (ce_datasets.py turns files on disk into that array).
     python -c "import torch, ce_data as d; m, y = d.mask_batch(torch.zeros(2, 3, 128, 128)); print(m.shape, y.shape)"
 """
 import hashlib
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -87,7 +88,10 @@ def eval_batch(images_u8, size=128):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Training batches: slices of a per-epoch permutation, augmented and normalised on the device.
+# Random masks (paper 3.3): random blocks and random regions for the whole-image model. A mask is a bool tensor
+# (N, 1, S, S), True = hidden. The few random numbers come from a CPU generator seeded by a key such as
+# (seed, "mask", step), so that a resumed run and every device draw the same ones; the masks themselves are built
+# from them on the device, for the whole batch at once.
 
 def _seeded(*key):
     """A CPU generator seeded from a tuple: stateless randomness, so a resumed run repeats exactly, and the same
@@ -96,6 +100,134 @@ def _seeded(*key):
     g.manual_seed(int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:7], "little"))
     return g
 
+
+MASKS = ("center", "block", "region")
+# official train_random.lua: 600x600 uniform noise (res 0.06 x MAX_SIZE 10000) upsampled bicubically to 10000x10000,
+# thresholded at density 0.25; a crop is used only if 20 % < hole fraction < 30 %.
+REGION_SCALE = 10000 / 600
+REGION_DENSITY = 0.25
+REGION_WINDOW = (0.20, 0.30)
+REGION_CANDIDATES = 16
+
+
+def block_masks(n, size=128, g=None, device="cpu", blocks=8, side=(16, 32), max_cover=0.25):
+    """Random blocks (paper 3.3: "a number of smaller possibly overlapping masks, covering up to 1/4 of the image";
+    no official code exists, so the rule is this project's): `blocks` rectangles per image, each side uniform in
+    [side[0], side[1]] px, top-left corner uniform over the positions that keep it inside the image; they are
+    added in turn, a rectangle is skipped when it would take the union above `max_cover` of the image. The first
+    always fits, so the coverage lies in [side[0]^2 / size^2, max_cover] (1.6 % .. 25 % at the defaults)."""
+    hw = torch.randint(side[0], side[1] + 1, (2, n, blocks), generator=g)
+    yx = (torch.rand(2, n, blocks, generator=g) * (size - hw + 1)).long()
+    hw, yx = hw.to(device), yx.to(device)
+    ar = torch.arange(size, device=device)
+    inside = (ar >= yx[..., None]) & (ar < (yx + hw)[..., None])            # (2, n, blocks, size): rows, columns
+    rects = inside[0][..., :, None] & inside[1][..., None, :]               # (n, blocks, size, size)
+    union = torch.zeros(n, size, size, dtype=torch.bool, device=device)
+    for j in range(blocks):   # a loop over the few blocks, vectorised over images
+        grown = union | rects[:, j]
+        fits = grown.float().mean(dim=(1, 2)) <= max_cover
+        union = torch.where(fits[:, None, None], grown, union)
+    return union[:, None]
+
+
+def _cubic(t, a=-0.75):
+    """The bicubic convolution kernel (Keys, a = -0.75: PyTorch's and OpenCV's bicubic)."""
+    t = t.abs()
+    near = ((a + 2) * t - (a + 3)) * t * t + 1
+    far = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    return torch.where(t <= 1, near, torch.where(t < 2, far, torch.zeros_like(t)))
+
+
+def _upsample_rows(size, cells, scale, start):
+    """(M, size, cells) bicubic weights: row i of an image upsampled by `scale` sits at source coordinate
+    start + (i + 0.5) / scale - 0.5 of a `cells`-long noise line (align_corners=False, as F.interpolate)."""
+    src = start[:, None] + (torch.arange(size, device=start.device, dtype=start.dtype) + 0.5) / scale - 0.5
+    return _cubic(src[:, :, None] - torch.arange(cells, device=start.device, dtype=start.dtype))
+
+
+def _fields(noise, start, size, scale):
+    """Smooth fields (M, size, size) from noise (M, cells, cells) and phases (2, M): separable bicubic, 2 matmuls."""
+    cells = noise.shape[-1]
+    return _upsample_rows(size, cells, scale, start[0]) @ noise @ _upsample_rows(size, cells, scale, start[1]).mT
+
+
+def region_masks(n, size=128, g=None, device="cpu", candidates=REGION_CANDIDATES, scale=REGION_SCALE,
+                 density=REGION_DENSITY, window=REGION_WINDOW, rounds=4):
+    """Random regions, the official recipe without its 10000x10000 pattern. Each image has `candidates` crops of a
+    smooth field (uniform noise upsampled bicubically by `scale`, generated at that scale for the crop alone: a few
+    low-resolution cells and a random sub-cell phase, which is what a crop of the big pattern at a random position
+    sees), thresholded at `density` (below = hole); the first candidate whose hole fraction lies strictly inside
+    `window` is used (official train_random.lua:316-327 retries crops the same way). When none does (about 2 % of
+    images with 16 candidates, since ~78 % of crops are rejected), the first candidate is thresholded at its own
+    25th percentile instead, which keeps the fraction inside the window.
+    All random numbers are drawn up front, so the result does not depend on how candidates are evaluated: on a CPU
+    in `rounds` batches, stopping once every image has a mask (a host check is free there); elsewhere all at once."""
+    cells = int(math.floor((size - 0.5) / scale + 2.5)) + 3               # the low-res cells a crop's taps reach
+    noise = torch.rand(n, candidates, cells, cells, generator=g).to(device)
+    start = (2 + torch.rand(2, n, candidates, generator=g)).to(device)     # sub-cell phase; >= 2 keeps taps >= 0
+    chosen = torch.zeros(n, size, size, device=device)
+    found = torch.zeros(n, dtype=torch.bool, device=device)
+    per = candidates // rounds
+    for r in range(rounds):
+        idx = (~found).nonzero()[:, 0] if chosen.device.type == "cpu" else torch.arange(n, device=device)
+        cand = slice(r * per, (r + 1) * per)
+        f = _fields(noise[idx, cand].flatten(0, 1), start[:, idx, cand].flatten(1, 2), size, scale)
+        f = f.view(len(idx), per, size, size)
+        frac = (f < density).float().mean(dim=(2, 3))                       # (len(idx), per)
+        ok = (frac > window[0]) & (frac < window[1])
+        pick = f[torch.arange(len(idx), device=device), ok.float().argmax(dim=1)]
+        if r == 0:
+            flat = f[:, 0].flatten(1)                                       # fallback: the first candidate at its
+            own = flat.kthvalue(round(density * size * size), dim=1).values  # own 25th percentile
+            fallback = f[:, 0] < own[:, None, None]
+        take = ok.any(dim=1) & ~found[idx]
+        chosen[idx] = torch.where(take[:, None, None], (pick < density).float(), chosen[idx])
+        found[idx] |= take
+        if chosen.device.type == "cpu" and bool(found.all()):
+            break
+    return torch.where(found[:, None, None], chosen.bool(), fallback)[:, None]
+
+
+def random_masks(kind, n, key, size=128, device="cpu", per_batch=False, rows=None):
+    """n masks of `kind` (block or region) drawn from the seed `key`, e.g. (seed, "mask", step), on `device`.
+    per_batch: one mask shared by the whole batch (official train_random.lua:330). rows: keep only these images
+    (a DDP rank's slice of the global batch, so each rank sees what a one-process run of the global batch sees)."""
+    make = {"block": block_masks, "region": region_masks}[kind]
+    masks = make(1 if per_batch else n, size, _seeded(*key), device)
+    masks = masks.expand(n, -1, -1, -1) if per_batch else masks
+    return masks if rows is None else masks[rows]
+
+
+EVAL_CHUNK = 256
+
+
+def eval_masks(kind, start, n, device="cpu"):
+    """The fixed held-out masks of images start .. start+n-1: chunk c of EVAL_CHUNK images always comes from the key
+    ("eval-masks", kind, c), so every method, every run and every batch size sees the same mask on an image."""
+    first, last = start // EVAL_CHUNK, (start + n - 1) // EVAL_CHUNK
+    parts = []
+    for c in range(first, last + 1):
+        m = random_masks(kind, EVAL_CHUNK, ("eval-masks", kind, c), device=device)
+        parts.append(m[max(start - c * EVAL_CHUNK, 0):min(start + n - c * EVAL_CHUNK, EVAL_CHUNK)])
+    return torch.cat(parts)
+
+
+def apply_mask(images, mask, fill="mean"):
+    """Fill the hidden pixels: images (B, 3, S, S) in [-1, 1], mask (B, 1, S, S) bool -> the masked input.
+    The fill values are Python scalars: nothing is copied to the device, no host sync."""
+    masked = images.clone()
+    for c in range(3):
+        masked[:, c].masked_fill_(mask[:, 0], MEAN_FILL[c] if fill == "mean" else 0.0)
+    return masked
+
+
+def paste_image(images, pred, mask):
+    """Whole-image model: the prediction replaces only the hidden pixels (official test_random.lua:126-128)."""
+    return torch.where(mask, pred.to(images.dtype), images)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training batches: slices of a per-epoch permutation, augmented and normalised on the device.
 
 class Batches:
     """Training batches from a uint8 (N, S, S, 3) array: random 128 crop (if S > 128), horizontal flip, [-1, 1].

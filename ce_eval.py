@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ def unit(x):
 
 
 def image_metrics(pred, target, mask):
-    """Per-image PSNR (dB), L1 %, L2 % over the pixels where `mask` (1, 1, H, W) is 1. Inputs in [-1, 1].
+    """Per-image PSNR (dB), L1 %, L2 % over the pixels where `mask` ((1 or B), 1, H, W) is 1. Inputs in [-1, 1].
 
     Returns a dict of (B,) float tensors. PSNR per image then averaged is the paper's reading of Table 1.
     """
@@ -90,6 +91,69 @@ def baseline_region(name, masked, overlap, ring):
     return out[..., lo:hi, lo:hi]
 
 
+def _neighbour_sum(u):
+    """Sum of the 4 neighbours of every pixel, (B, C, H, W); pixels outside the image count as absent (0)."""
+    p = torch.nn.functional.pad(u, (1, 1, 1, 1))
+    return p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:]
+
+
+def harmonic_fill_mask(images, mask, tol=1e-9, max_iter=5000):
+    """Diffusion inpainting of an arbitrary hole: in every hidden pixel, the 5-point Laplace equation
+    deg(p) u_p = sum of its neighbours (deg = neighbours inside the image), with the visible pixels as boundary
+    values. A symmetric positive definite system on the hole, solved per image and channel by conjugate gradients
+    in float64 on the device until ||residual|| <= tol ||rhs||. images (B, C, H, W), mask (B, 1, H, W) bool ->
+    images with the hole filled. On the centre square it equals harmonic_fill's exact DST solution (tested)."""
+    x = images.double()
+    hole = mask.to(x.device).double().expand_as(x)
+    deg = _neighbour_sum(torch.ones_like(x[:1, :1]))
+
+    def A(v):                                    # v is zero outside the hole
+        return hole * (deg * v - _neighbour_sum(v))
+
+    b = hole * _neighbour_sum(x * (1 - hole))
+    u, r = torch.zeros_like(x), b.clone()
+    p, rr = r.clone(), (r * r).sum(dim=(2, 3), keepdim=True)
+    stop = (tol ** 2) * rr.clamp_min(1e-300)
+    for i in range(max_iter):
+        Ap = A(p)
+        alpha = rr / (p * Ap).sum(dim=(2, 3), keepdim=True).clamp_min(1e-300)
+        u, r = u + alpha * p, r - alpha * Ap
+        rr_new = (r * r).sum(dim=(2, 3), keepdim=True)
+        if i % 16 == 15 and bool((rr_new <= stop).all()):   # a host sync every 16 iterations
+            break
+        p, rr = r + (rr_new / rr.clamp_min(1e-300)) * p, rr_new
+    return torch.where(hole.bool(), u, x).to(images.dtype)
+
+
+def baseline_image(name, masked, mask):
+    """The whole image a classical baseline makes from a masked input with an arbitrary hole `mask` (B, 1, H, W)."""
+    if name == "fill":
+        return masked
+    if name == "context_mean":   # each image's mean visible colour in every hidden pixel
+        vis = (~mask).to(masked.dtype)
+        mean = (masked * vis).sum(dim=(2, 3), keepdim=True) / vis.sum(dim=(2, 3), keepdim=True).clamp_min(1)
+        return torch.where(mask, mean, masked)
+    if name == "harmonic":
+        return harmonic_fill_mask(masked, mask)
+    raise ValueError(name)
+
+
+def eval_task(x, kind, start, overlap, ring, fill):
+    """What every method sees and is scored on, for held-out images x (B, 3, 128, 128) starting at index `start`:
+    the masked input, the target, the hole (pixels scored by the hole metrics), compose(pred) -> the final picture
+    scored by the region metrics (prediction pasted into the hole only), and baseline(name) -> a baseline's pred."""
+    if kind == "center":
+        masked, target = ce_data.mask_batch(x, overlap, ring, fill)
+        lo, hi = ce_data.region_bounds(x.shape[-1])
+        return SimpleNamespace(masked=masked, target=target, hole=ce_data.hole_mask(overlap, ring),
+                               compose=lambda p: ce_data.paste(masked, p, overlap, ring)[..., lo:hi, lo:hi],
+                               baseline=lambda name: baseline_region(name, masked, overlap, ring))
+    mask = ce_data.eval_masks(kind, start, len(x), x.device)
+    masked = ce_data.apply_mask(x, mask, fill)
+    return SimpleNamespace(masked=masked, target=x, hole=mask, compose=lambda p: ce_data.paste_image(masked, p, mask),
+                           baseline=lambda name: baseline_image(name, masked, mask))
+
+
 @torch.no_grad()
 def predict(G, masked, batch_size=256, dtype=None):
     """G(masked) in eval mode (BN running statistics), batched, float32 out."""
@@ -105,25 +169,24 @@ def predict(G, masked, batch_size=256, dtype=None):
     return torch.cat(outs)
 
 
-def evaluate(G, images_u8, overlap=7, ring="visible", fill="mean", methods=("model",), batch_size=256, dtype=None):
-    """Mean metrics of each method over uint8 (N, S, S, 3) images (S >= 128, centre-cropped to 128).
+def evaluate(G, images_u8, overlap=7, ring="visible", fill="mean", methods=("model",), batch_size=256, dtype=None,
+             mask="center"):
+    """Mean metrics of each method over uint8 (N, S, S, 3) images (S >= 128, centre-cropped to 128), with the
+    central hole (mask="center") or the fixed held-out block/region masks (ce_data.eval_masks).
 
-    Returns {method: {"psnr", "l1", "l2", "psnr_region", "l1_region", "l2_region", "n_images"}}.
+    Returns {method: {"psnr", "l1", "l2", "psnr_region", "l1_region", "l2_region", "n_images"}}: hole metrics over
+    the hidden pixels; region metrics over the 64x64 centre (centre masks) or the whole image (random masks).
     """
     dev = next(G.parameters()).device if G is not None else torch.device("cpu")
     sums = {m: {} for m in methods}
-    hole = ce_data.hole_mask(overlap, ring)
-    full = torch.ones_like(hole)
-    lo, hi = ce_data.region_bounds(128)
     n = len(images_u8)
     for i in range(0, n, batch_size):
         x = ce_data.eval_batch(images_u8[i:i + batch_size]).to(dev)
-        masked, target = ce_data.mask_batch(x, overlap, ring, fill)
+        t = eval_task(x, mask, i, overlap, ring, fill)
         for m in methods:
-            pred = predict(G, masked, batch_size, dtype) if m == "model" else baseline_region(m, masked, overlap, ring)
-            final = ce_data.paste(masked, pred, overlap, ring)[..., lo:hi, lo:hi]
-            for suffix, p, mask in (("", pred, hole), ("_region", final, full)):
-                for k, v in image_metrics(p, target, mask).items():
+            pred = predict(G, t.masked, batch_size, dtype) if m == "model" else t.baseline(m)
+            for suffix, p, hole in (("", pred, t.hole), ("_region", t.compose(pred), torch.ones_like(t.hole[:1]))):
+                for k, v in image_metrics(p, t.target, hole).items():
                     sums[m][k + suffix] = sums[m].get(k + suffix, 0.0) + float(v.double().sum())
     return {m: {**{k: v / n for k, v in s.items()}, "n_images": n} for m, s in sums.items()}
 

@@ -31,8 +31,31 @@ def overlap_weights(size=64, overlap=7, ring_weight=10.0, reduction="all"):
     return w.view(1, 1, size, size)
 
 
+def hole_weights(mask, overlap=7, overlap_weight=10.0):
+    """W of the paper's masked Eq. (1), ||M (x - F((1 - M) x))||^2, for an arbitrary hole M (B, 1, H, W) bool:
+    0 on visible pixels, 1 on hidden ones, and `overlap_weight` on the hidden pixels within `overlap` px of the
+    visible context (chessboard distance, by a max-pool of the visible map; pixels outside the image do not count
+    as context). With mean() in reconstruction_loss, this is (sum over hidden pixels of W d^2) / (B C H W), the
+    "all" normalisation of overlap_weights().
+    DEVIATION: the paper states the overlap weighting for the centre region only; for random masks this project puts
+    the 10x on the hidden rim (the pixels that must agree with the context), and says so in the README."""
+    hole = mask.float()
+    if overlap > 0:
+        near = F.max_pool2d(1 - hole, 2 * overlap + 1, stride=1, padding=overlap) > 0   # a visible pixel is near
+        return hole * torch.where(near, float(overlap_weight), 1.0)
+    return hole
+
+
+def context_weights(mask, context_weight=10.0):
+    """W of the official whole-image loss for random masks (train_random.lua:412-437): an MSE over every pixel of
+    the image, with `context_weight` on the visible pixels and 1 on the hidden ones when useOverlapPred=1 ("10x more
+    L2 weight on unmasked region"); context_weight=1 is useOverlapPred=0 (all pixels alike). mask (B, 1, H, W)."""
+    return torch.where(mask, 1.0, float(context_weight))
+
+
 def reconstruction_loss(pred, target, weight):
-    """Eq. (1): L_rec = mean over (B, C, H, W) of W * (G(x) - y)^2, W from overlap_weights().
+    """Eq. (1): L_rec = mean over (B, C, H, W) of W * (G(x) - y)^2, W from overlap_weights() (centre region,
+    (1, 1, 64, 64)) or hole_weights() / context_weights() (whole image, per-image masks, (B, 1, 128, 128)).
 
     Computed in float32 whatever the autocast dtype, because it is a small difference of close numbers.
     """

@@ -31,9 +31,13 @@ def _up(cin, cout, bias):
 
 
 class Generator(nn.Module):
-    """Encoder-decoder of paper Fig. 2: (B, 3, 128, 128) masked image -> (B, 3, 64, 64) predicted centre."""
+    """Encoder-decoder of paper Fig. 2: (B, 3, 128, 128) masked image -> (B, 3, 64, 64) predicted centre.
 
-    def __init__(self, width=64, bottleneck=4000, bottleneck_bn=True, bias=False):
+    full_image=True: the model for random block/region masks (official train_random.lua:148-152 with fineSize 128):
+    one more up-convolution, so that it predicts the whole (B, 3, 128, 128) image.
+    """
+
+    def __init__(self, width=64, bottleneck=4000, bottleneck_bn=True, bias=False, full_image=False):
         super().__init__()
         w = width
         self.encoder = nn.Sequential(                                   # (B, 3, 128, 128)
@@ -53,7 +57,8 @@ class Generator(nn.Module):
             *_up(8 * w, 4 * w, bias),                                   # (B, 4w, 8, 8)
             *_up(4 * w, 2 * w, bias),                                   # (B, 2w, 16, 16)
             *_up(2 * w, w, bias),                                       # (B, w, 32, 32)
-            nn.ConvTranspose2d(w, 3, 4, 2, 1, bias=bias),               # (B, 3, 64, 64)
+            *(_up(w, w, bias) if full_image else []),                   # (B, w, 64, 64)   whole-image model
+            nn.ConvTranspose2d(w, 3, 4, 2, 1, bias=bias),               # (B, 3, 64, 64) or (B, 3, 128, 128)
             nn.Tanh(),
         )
 
@@ -63,16 +68,18 @@ class Generator(nn.Module):
 
 class Discriminator(nn.Module):
     """Adversarial discriminator of paper 3.2 on the 64x64 region: (B, 3, 64, 64) -> (B,) logits.
+    full_image=True: on whole 128x128 images (official train_random.lua:194-198 adds one strided conv).
 
     DEVIATION: the official code ends in a sigmoid + BCE; this returns logits for BCE-with-logits, the same function
     but numerically safe under bf16 autocast.
     """
 
-    def __init__(self, width=64, bias=False):
+    def __init__(self, width=64, bias=False, full_image=False):
         super().__init__()
         w = width
         self.net = nn.Sequential(                                       # (B, 3, 64, 64)
             *_down(3, w, bn=False, bias=bias),                          # (B, w, 32, 32)
+            *(_down(w, w, bn=True, bias=bias) if full_image else []),   # whole image: 128 -> 64 -> 32
             *_down(w, 2 * w, bn=True, bias=bias),                       # (B, 2w, 16, 16)
             *_down(2 * w, 4 * w, bn=True, bias=bias),                   # (B, 4w, 8, 8)
             *_down(4 * w, 8 * w, bn=True, bias=bias),                   # (B, 8w, 4, 4)
@@ -99,10 +106,11 @@ def dcgan_init(module):
 ARCH_KEYS = ("width", "bottleneck", "bottleneck_bn", "bias")
 
 
-def build_models(width=64, bottleneck=4000, bottleneck_bn=True, bias=False, init="dcgan"):
-    """Build (G, D). Paper/official: bias-free convs, bottleneck BN, DCGAN init; seed: biases, no BN, torch init."""
-    G = Generator(width, bottleneck, bottleneck_bn, bias)
-    D = Discriminator(width, bias)
+def build_models(width=64, bottleneck=4000, bottleneck_bn=True, bias=False, init="dcgan", full_image=False):
+    """Build (G, D). Paper/official: bias-free convs, bottleneck BN, DCGAN init; seed: biases, no BN, torch init.
+    full_image: the whole-image pair for random block/region masks (centre masks: the 64x64 region pair)."""
+    G = Generator(width, bottleneck, bottleneck_bn, bias, full_image)
+    D = Discriminator(width, bias, full_image)
     if init == "dcgan":
         dcgan_init(G)
         dcgan_init(D)
@@ -155,7 +163,7 @@ def load_checkpoint(path, device="cpu"):
     """Rebuild (G, D, state) from a checkpoint alone, using the architecture flags saved in it."""
     state = read_checkpoint(path)
     a = state["args"]
-    G, D = build_models(**{k: a[k] for k in ARCH_KEYS}, init="none")
+    G, D = build_models(**{k: a[k] for k in ARCH_KEYS}, init="none", full_image=a.get("mask", "center") != "center")
     try:
         G.load_state_dict(state["G"])
         D.load_state_dict(state["D"])

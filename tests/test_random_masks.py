@@ -1,0 +1,188 @@
+"""Random block and random region masks (paper 3.3, official train_random.lua), the whole-image networks and the
+losses for arbitrary holes."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ce_data
+import ce_losses
+import ce_model
+
+
+@pytest.fixture(scope="module")
+def region_1000():
+    return ce_data.random_masks("region", 1000, (0, "test-region"))
+
+
+@pytest.fixture(scope="module")
+def block_1000():
+    return ce_data.random_masks("block", 1000, (0, "test-block"))
+
+
+def test_region_masks_hole_fraction_in_the_official_window(region_1000):
+    frac = region_1000.float().mean(dim=(1, 2, 3))
+    assert region_1000.shape == (1000, 1, 128, 128) and region_1000.dtype == torch.bool
+    assert bool(((frac > 0.2) & (frac < 0.3)).all())
+    assert len({m.numpy().tobytes() for m in region_1000[:50]}) == 50        # per image, not one per batch
+
+
+def test_block_masks_cover_at_most_a_quarter_and_at_least_one_block(block_1000):
+    cover = block_1000.float().mean(dim=(1, 2, 3))
+    assert bool((cover <= 0.25).all()) and bool((cover >= 16 * 16 / 128**2).all())
+    # every hidden pixel lies in an all-hidden 16x16 window (a union of >= 16 px rectangles is its own opening),
+    # and there is more than one rectangle in most masks (several smaller, possibly overlapping blocks)
+    m = block_1000[:50].float()
+    eroded = -F.max_pool2d(-m, 16, stride=1)                                  # 1 where a whole 16x16 window is hidden
+    opened = F.max_pool2d(F.pad(eroded, (15, 15, 15, 15)), 16, stride=1)
+    assert torch.equal(opened, m)
+    assert (cover > 32 * 32 / 128**2).float().mean() > 0.5                   # most cover more than one largest block
+
+
+def test_masks_depend_only_on_the_key():
+    for kind in ("block", "region"):
+        a = ce_data.random_masks(kind, 8, (3, "mask", 17))
+        assert torch.equal(a, ce_data.random_masks(kind, 8, (3, "mask", 17)))
+        assert not torch.equal(a, ce_data.random_masks(kind, 8, (3, "mask", 18)))
+        # a DDP rank's slice is what a one-process run of the global batch gives those images
+        assert torch.equal(ce_data.random_masks(kind, 8, (3, "mask", 17), rows=slice(4, 8)), a[4:])
+        one = ce_data.random_masks(kind, 8, (3, "mask", 17), per_batch=True)
+        assert one.shape == (8, 1, 128, 128) and all(torch.equal(one[0], one[i]) for i in range(8))
+
+
+def test_region_field_is_a_crop_of_a_bicubically_upsampled_noise_pattern():
+    """The per-crop field equals cropping F.interpolate(noise, bicubic) of a big pattern (the official recipe)."""
+    g = torch.Generator().manual_seed(0)
+    noise = torch.rand(1, 1, 30, 30, generator=g)
+    scale = 500 / 30
+    big = F.interpolate(noise, size=(500, 500), mode="bicubic", align_corners=False)[0, 0]
+    for Y, X in ((100, 150), (37, 211), (250, 64)):
+        c0, c1 = int(Y / scale) - 2, int(X / scale) - 2
+        cells = 13
+        start = torch.tensor([[Y / scale - c0], [X / scale - c1]])
+        ours = ce_data._fields(noise[0, :, c0:c0 + cells, c1:c1 + cells], start, 128, scale)[0]
+        assert torch.allclose(ours, big[Y:Y + 128, X:X + 128], atol=1e-5)
+
+
+def test_apply_mask_and_paste_image_touch_only_hidden_pixels():
+    x = torch.rand(2, 3, 128, 128) * 2 - 1
+    mask = ce_data.random_masks("block", 2, (0, "t"))
+    masked = ce_data.apply_mask(x, mask)
+    assert torch.equal(masked[~mask.expand_as(x)], x[~mask.expand_as(x)])
+    for c in range(3):
+        assert torch.all(masked[:, c][mask[:, 0]] == ce_data.MEAN_FILL[c])
+    pred = torch.zeros_like(x)
+    out = ce_data.paste_image(x, pred, mask)
+    assert torch.equal(out[mask.expand_as(x)], pred[mask.expand_as(x)])
+    assert torch.equal(out[~mask.expand_as(x)], x[~mask.expand_as(x)])
+
+
+def test_masked_loss_equals_a_hand_computation():
+    """5x5 image, hole = the 3x3 centre plus one pixel; overlap 1: the hidden pixels next to a visible pixel
+    (chessboard) weigh 10, the hidden centre pixel (all 8 neighbours hidden) weighs 1, visible pixels 0."""
+    mask = torch.zeros(1, 1, 5, 5, dtype=torch.bool)
+    mask[..., 1:4, 1:4] = True
+    W = ce_losses.hole_weights(mask, overlap=1, overlap_weight=10.0)
+    expect = torch.zeros(5, 5)
+    expect[1:4, 1:4] = 10.0
+    expect[2, 2] = 1.0
+    assert torch.equal(W[0, 0], expect)
+    pred, target = torch.zeros(1, 3, 5, 5), torch.zeros(1, 3, 5, 5)
+    pred[:, :, 2, 2] = 1.0      # error 1 at the inner hidden pixel: 3 channels x weight 1
+    pred[:, 0, 1, 1] = 2.0      # error 2 at a rim pixel, one channel: weight 10 x 4
+    pred[:, 1, 0, 0] = 5.0      # error at a visible pixel: weight 0
+    assert ce_losses.reconstruction_loss(pred, target, W).item() == pytest.approx((3 * 1 + 10 * 4) / 75)
+    # no overlap: all hidden pixels weigh 1; the image border is not context
+    edge = torch.zeros(1, 1, 5, 5, dtype=torch.bool)
+    edge[..., :, :2] = True
+    assert torch.equal(ce_losses.hole_weights(edge, 0)[0, 0], edge[0, 0].float())
+    assert ce_losses.hole_weights(edge, 1)[0, 0, :, 0].tolist() == [1.0] * 5     # column 0 touches no context
+    assert ce_losses.hole_weights(edge, 1)[0, 0, :, 1].tolist() == [10.0] * 5
+
+
+def test_official_whole_image_weighting_matches_train_random_lua():
+    """train_random.lua:418-431 (useOverlapPred=1), transcribed: wtl2Matrix = 10*wtl2 everywhere, wtl2 on the mask;
+    G's reconstruction gradient = wtl2Matrix * dMSE/dout, where MSECriterion averages over all elements."""
+    torch.manual_seed(0)
+    out, real = torch.rand(2, 3, 16, 16, requires_grad=True), torch.rand(2, 3, 16, 16)
+    mask = torch.rand(2, 1, 16, 16) < 0.25
+    wtl2 = 0.999
+    df_dg_l2 = 2 * (out.detach() - real) / out.numel()                # nn.MSECriterion:backward
+    wtl2_matrix = torch.full_like(df_dg_l2, 10 * wtl2)
+    wtl2_matrix[mask.expand_as(out)] = wtl2
+    lua_grad = wtl2_matrix * df_dg_l2
+    loss = wtl2 * ce_losses.reconstruction_loss(out, real, ce_losses.context_weights(mask, 10.0))
+    loss.backward()
+    assert torch.allclose(out.grad, lua_grad, rtol=1e-5, atol=1e-9)
+    # useOverlapPred=0: a plain MSE over the whole image
+    plain = ce_losses.reconstruction_loss(out, real, ce_losses.context_weights(mask, 1.0))
+    assert plain.item() == pytest.approx(F.mse_loss(out, real).item(), rel=1e-6)
+
+
+def test_whole_image_networks():
+    G, D = ce_model.build_models(8, 16, full_image=True)
+    x = torch.rand(2, 3, 128, 128) * 2 - 1
+    y = G(x)
+    assert y.shape == (2, 3, 128, 128) and D(y).shape == (2,)
+    G64, D64 = ce_model.build_models(8, 16)
+    assert G64(x).shape == (2, 3, 64, 64)
+    # exactly one extra up-conv (w -> w) + BN in G, one extra strided conv (w -> w) + BN in D: 16 w^2 + 2 w each
+    w = 8
+    assert ce_model.count_params(G) - ce_model.count_params(G64) == 16 * w * w + 2 * w
+    assert ce_model.count_params(D) - ce_model.count_params(D64) == 16 * w * w + 2 * w
+    full = ce_model.build_models(full_image=True)
+    assert (ce_model.count_params(full[0]), ce_model.count_params(full[1])) == (71_190_208, 2_831_232)
+
+
+def test_region_statistics_close_to_the_official_pattern():
+    """Hole fraction of accepted crops: ours vs crops of one big pattern made the official way (reduced size, same
+    scale), both through the 20-30 % window. Means agree within a point."""
+    g = torch.Generator().manual_seed(1)
+    scale = ce_data.REGION_SCALE
+    low = 120
+    big = F.interpolate(torch.rand(1, 1, low, low, generator=g), scale_factor=scale, mode="bicubic",
+                        align_corners=False)[0, 0] < ce_data.REGION_DENSITY
+    ys, xs = torch.randint(0, big.shape[0] - 128, (2, 4000), generator=g)
+    crops = torch.stack([big[y:y + 128, x:x + 128] for y, x in zip(ys.tolist(), xs.tolist())]).float()
+    frac = crops.mean(dim=(1, 2))
+    official = frac[(frac > 0.2) & (frac < 0.3)]
+    ours = ce_data.random_masks("region", 400, (0, "stats")).float().mean(dim=(1, 2, 3))
+    assert len(official) > 200
+    assert abs(official.mean().item() - ours.mean().item()) < 0.01
+    assert math.isclose(big.float().mean().item(), 0.17, abs_tol=0.03)   # the pattern itself is ~17 % holes
+
+
+def test_irregular_hole_harmonic_solver_equals_the_exact_dst_solution_on_the_square():
+    import ce_eval
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 128, 128) * 2 - 1
+    a, b = ce_data.hole_bounds(128, 7, "visible")
+    mask = torch.zeros(2, 1, 128, 128, dtype=torch.bool)
+    mask[..., a:b, a:b] = True
+    cg = ce_eval.harmonic_fill_mask(ce_data.apply_mask(x, mask), mask)
+    exact = ce_eval.harmonic_fill(x, a, b)
+    assert (cg[..., a:b, a:b] - exact).abs().max().item() < 1e-4
+    assert torch.equal(cg[~mask.expand_as(x)], x[~mask.expand_as(x)])
+
+
+def test_irregular_hole_harmonic_solution_is_harmonic_and_bounded():
+    """In every hidden pixel the value is the mean of its in-image neighbours (discrete Laplace equation), and by
+    the maximum principle it stays within the range of the visible values."""
+    import ce_eval
+    torch.manual_seed(1)
+    x = torch.rand(1, 3, 128, 128) * 2 - 1
+    mask = ce_data.random_masks("region", 1, (0, "harmonic"))
+    u = ce_eval.harmonic_fill_mask(ce_data.apply_mask(x, mask), mask).double()
+    deg = ce_eval._neighbour_sum(torch.ones(1, 1, 128, 128, dtype=torch.float64))
+    residual = (deg * u - ce_eval._neighbour_sum(u))[mask.expand_as(u)]
+    assert residual.abs().max().item() < 1e-5
+    vis = x[~mask.expand_as(x)]
+    assert u[mask.expand_as(u)].min() >= vis.min() - 1e-6 and u[mask.expand_as(u)].max() <= vis.max() + 1e-6
+
+
+def test_evaluation_masks_are_fixed_and_independent_of_batching():
+    a = ce_data.eval_masks("region", 0, 300)
+    b = torch.cat([ce_data.eval_masks("region", 0, 100), ce_data.eval_masks("region", 100, 200)])
+    assert torch.equal(a, b)
+    assert torch.equal(ce_data.eval_masks("block", 250, 10), ce_data.eval_masks("block", 0, 260)[250:])
