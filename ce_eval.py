@@ -138,6 +138,66 @@ def baseline_image(name, masked, mask):
     raise ValueError(name)
 
 
+def blobs(mask):
+    """Sizes of the 4-connected hidden regions of one (H, W) bool mask (row runs joined by union-find: plain Python
+    is fast enough here, and it keeps scipy out of the dependencies)."""
+    m = np.asarray(mask, dtype=bool)
+    parent, size, prev = [], [], []
+    for row in m:
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], row.view(np.int8), [0]))))
+        runs = list(zip(edges[::2], edges[1::2]))                    # [start, stop) of each hidden run
+        ids = []
+        for a, b in runs:
+            ids.append(len(parent))
+            parent.append(len(parent))
+            size.append(b - a)
+            for (pa, pb), pid in prev:
+                if pa < b and a < pb:                               # overlapping runs of adjacent rows touch
+                    ra, rb = _root(parent, pid), _root(parent, ids[-1])
+                    if ra != rb:
+                        parent[rb] = ra
+                        size[ra] += size[rb]
+        prev = list(zip(runs, ids))
+    return [size[i] for i in range(len(parent)) if parent[i] == i]
+
+
+def _root(parent, i):
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+def official_region_crops(n, seed=0, pattern=2000, size=128):
+    """The official recipe at reduced size: one pattern from (pattern / REGION_SCALE)^2 uniform noise upsampled
+    bicubically to pattern^2 and thresholded, then random crops kept only inside the hole-fraction window
+    (train_random.lua:273-283, 316-327). Returns (n accepted crops (n, size, size) bool, acceptance rate)."""
+    g = torch.Generator().manual_seed(seed)
+    low = round(pattern / ce_data.REGION_SCALE)
+    field = torch.nn.functional.interpolate(torch.rand(1, 1, low, low, generator=g), size=(pattern, pattern),
+                                            mode="bicubic", align_corners=False)[0, 0]
+    holes, kept, tried = field < ce_data.REGION_DENSITY, [], 0
+    lo, hi = ce_data.REGION_WINDOW
+    while len(kept) < n:
+        y, x = torch.randint(0, pattern - size + 1, (2,), generator=g).tolist()
+        crop, tried = holes[y:y + size, x:x + size], tried + 1
+        if lo < crop.float().mean().item() < hi:
+            kept.append(crop)
+    return torch.stack(kept), n / tried
+
+
+def mask_statistics(masks):
+    """Hole fraction, blobs per mask and blob sizes of (N, H, W) or (N, 1, H, W) bool masks."""
+    masks = masks.reshape(-1, masks.shape[-2], masks.shape[-1]).cpu()
+    per = [blobs(m) for m in masks.numpy()]
+    sizes = np.concatenate([np.asarray(p) for p in per]) if per else np.zeros(0)
+    frac = masks.float().mean(dim=(1, 2)).numpy()
+    return {"n": len(masks), "hole_fraction_mean": float(frac.mean()), "hole_fraction_min": float(frac.min()),
+            "hole_fraction_max": float(frac.max()), "blobs_mean": float(np.mean([len(p) for p in per])),
+            "blobs_median": float(np.median([len(p) for p in per])), "blob_px_median": float(np.median(sizes)),
+            "blob_px_mean": float(sizes.mean())}
+
+
 def eval_task(x, kind, start, overlap, ring, fill):
     """What every method sees and is scored on, for held-out images x (B, 3, 128, 128) starting at index `start`:
     the masked input, the target, the hole (pixels scored by the hole metrics), compose(pred) -> the final picture
@@ -219,10 +279,26 @@ def save_grid(path, columns, per_row=4, gap=4):
     return path
 
 
-def inpaint(G, images, overlap, ring, fill, dtype=None):
-    """images (B, 3, 128, 128) in [-1, 1] -> (masked, filled): the prediction pasted into the hole only."""
-    masked, _ = ce_data.mask_batch(images, overlap, ring, fill)
-    return masked, ce_data.paste(masked, predict(G, masked, dtype=dtype), overlap, ring)
+def inpaint(G, images, overlap, ring, fill, dtype=None, mask="center"):
+    """images (B, 3, 128, 128) in [-1, 1] -> (masked, filled): the prediction pasted into the hole only. Random
+    masks: the fixed held-out masks of images 0..B-1, with the hole's outline drawn on the filled image."""
+    if mask == "center":
+        masked, _ = ce_data.mask_batch(images, overlap, ring, fill)
+        return masked, ce_data.paste(masked, predict(G, masked, dtype=dtype), overlap, ring)
+    holes = ce_data.eval_masks(mask, 0, len(images), images.device)
+    masked = ce_data.apply_mask(images, holes, fill)
+    filled = ce_data.paste_image(masked, predict(G, masked, dtype=dtype).to(images.device), holes)
+    return masked, outline(filled, holes)
+
+
+def outline(images, mask, colour=(1.0, 1.0, -1.0)):
+    """Draw the 1-px border of each hole (hidden pixels next to a visible one) in yellow, for figures."""
+    hole = mask.float()
+    edge = mask & (torch.nn.functional.max_pool2d(1 - hole, 3, stride=1, padding=1) > 0)
+    out = images.clone()
+    for c in range(3):
+        out[:, c].masked_fill_(edge[:, 0], colour[c])
+    return out
 
 
 def _plt():
@@ -421,13 +497,15 @@ def main(argv=None):
     for G, _, state in loaded:
         a = state["args"]
         images, data = held_out(args, a)
-        results = evaluate(G, images, a["overlap"], a["ring"], a["fill"], ("model",) + BASELINES, args.batch_size, dtype)
+        results = evaluate(G, images, a["overlap"], a["ring"], a["fill"], ("model",) + BASELINES, args.batch_size, dtype,
+                           mask=a.get("mask", "center"))
         if args.json:
             print(json.dumps({"ckpt": state["path"], "step": state.get("step"), "data": data, "split": args.split,
                               **{m: {k: round(v, 4) for k, v in r.items()} for m, r in results.items()}}))
         else:
             print_table(results, f"{state['path']} (step {state.get('step')}) on {data}/{args.split}, {len(images)} "
-                                 f"images, overlap {a['overlap']}, ring {a['ring']}, fill {a['fill']}")
+                                 f"images, {a.get('mask', 'center')} mask, overlap {a['overlap']}, ring {a['ring']}, "
+                                 f"fill {a['fill']}")
 
 
 if __name__ == "__main__":

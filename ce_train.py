@@ -34,11 +34,11 @@ import ce_model
 # The three variants (README "Variants"): --variant sets these defaults; any flag given explicitly wins.
 VARIANTS = {
     "paper": dict(overlap=7, ring="visible", fill="mean", beta2=0.999, bottleneck_bn=True, bias=False,
-                  init="dcgan", rec_reduction="all", d_reduction="sum", flip=True),
+                  init="dcgan", rec_reduction="all", d_reduction="sum", flip=True, rec_loss="hole"),
     "official": dict(overlap=4, ring="visible", fill="mean", beta2=0.999, bottleneck_bn=True, bias=False,
-                     init="dcgan", rec_reduction="all", d_reduction="sum", flip=True),
+                     init="dcgan", rec_reduction="all", d_reduction="sum", flip=True, rec_loss="image"),
     "seed": dict(overlap=7, ring="hidden", fill="zero", beta2=0.9, bottleneck_bn=False, bias=True,
-                 init="torch", rec_reduction="split", d_reduction="mean", flip=False),
+                 init="torch", rec_reduction="split", d_reduction="mean", flip=False, rec_loss="hole"),
 }
 # DEVIATION: on a CPU, with no size flags, `python ce_train.py --data shapes` trains a smaller network for fewer
 # steps so that the quick start ends in minutes; the paper's network is --width 64 --bottleneck 4000.
@@ -62,6 +62,18 @@ def build_parser():
         help="shorter side after decoding; 350 gives the official random-crop augmentation (train.lua loadSize)")
     add("--shapes-n", type=int, default=10000, help="training images of the embedded shapes data")
     add("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flip (official: on; seed: off)")
+    # masks, paper 3.3
+    add("--mask", default="center", choices=ce_data.MASKS,
+        help="center: the central 64x64 square (Fig. 2); block: random rectangles covering <= 1/4; region: random "
+             "smooth regions, 20-30 %% of the image (official train_random.lua). block/region train the whole-image "
+             "model")
+    add("--mask-per-batch", action="store_true",
+        help="block/region: one mask shared by the whole batch (official train_random.lua:330); default: one mask "
+             "per image (paper 3.3)")
+    add("--rec-loss", choices=("hole", "image"),
+        help="block/region: hole = the paper's masked Eq. (1) over hidden pixels, --overlap-weight on the hidden rim "
+             "within --overlap px of the context (paper preset); image = official whole-image MSE, "
+             "--overlap-weight on visible pixels when --overlap > 0 (useOverlapPred) (official preset)")
     # optimisation
     add("--batch-size", type=int, default=64, help="per process; paper/official 64")
     add("--epochs", type=int, default=25, help="official train.lua niter=25")
@@ -113,8 +125,8 @@ def take_resumed_flags(args, given, p):
     """--resume: the checkpoint's flags, overridden only by what this command line says (never the network's)."""
     state = ce_model.read_checkpoint(args.resume)
     saved = state["args"]
-    clash = [f"--{k.replace('_', '-')} {given[k]} (checkpoint: {saved[k]})"
-             for k in ce_model.ARCH_KEYS if k in given and given[k] != saved.get(k)]
+    clash = [f"--{k.replace('_', '-')} {given[k]} (checkpoint: {saved.get(k, 'center')})"
+             for k in ce_model.ARCH_KEYS + ("mask",) if k in given and given[k] != saved.get(k, "center")]
     if clash:
         p.error(f"{state['path']} was trained with other network flags: {', '.join(clash)}; drop them to resume")
     for k, v in saved.items():
@@ -213,8 +225,10 @@ def setup_distributed(args):
 
 def build_training(args, hw, world=1):
     """G and D of paper Fig. 2, their Adam optimisers (paper 4: beta1 0.5, lr 0.002 / 0.0002) and the weight map W
-    of Eq. (1), on hw's device in hw's memory format. Several CUDA ranks: BatchNorm over the global batch."""
-    G, D = ce_model.build_models(args.width, args.bottleneck, args.bottleneck_bn, args.bias, args.init)
+    of Eq. (1) for the centre mask (random masks get theirs per batch, make_masker), on hw's device in hw's
+    memory format. Several CUDA ranks: BatchNorm over the global batch."""
+    G, D = ce_model.build_models(args.width, args.bottleneck, args.bottleneck_bn, args.bias, args.init,
+                                 full_image=args.mask != "center")
     if world > 1 and hw.device.type == "cuda":
         G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
     G, D = G.to(hw.device, memory_format=hw.mem_fmt), D.to(hw.device, memory_format=hw.mem_fmt)
@@ -224,9 +238,31 @@ def build_training(args, hw, world=1):
     return G, D, optG, optD, W
 
 
+def make_masker(args, W, rank=0, world=1):
+    """(real batch, step) -> (masked input, target, weight map W of Eq. 1). centre: the square hole, the 64x64
+    target and the constant W. block/region: fresh masks at every step, drawn from (--seed, step) (so a resumed
+    run repeats them; with several ranks, each takes its slice of the global batch's masks), the whole image as
+    target, and W from the mask (ce_losses.hole_weights or context_weights, by --rec-loss)."""
+    if args.mask == "center":
+        return lambda real, step: (*ce_data.mask_batch(real, args.overlap, args.ring, args.fill), W)
+
+    def masker(real, step):
+        B = len(real)
+        mask = ce_data.random_masks(args.mask, B * world, (args.seed, "mask", step), real.shape[-1], real.device,
+                                    args.mask_per_batch, slice(rank * B, (rank + 1) * B))       # (B, 1, S, S)
+        if args.rec_loss == "hole":
+            weight = ce_losses.hole_weights(mask, args.overlap, args.overlap_weight)
+        else:
+            weight = ce_losses.context_weights(mask, args.overlap_weight if args.overlap > 0 else 1.0)
+        return ce_data.apply_mask(real, mask, args.fill), real, weight
+
+    return masker
+
+
 def make_train_step(G, D, optG, optD, W, args, ctx=contextlib.nullcontext(), ddp=None):
     """The iteration of paper 3.2 as a function of one masked batch: a D step on (real centre, detached G(x)),
-    then a G step with the joint loss of Eq. (3) reusing that same G(x). Returns a (5,) tensor: loss_D, loss_rec,
+    then a G step with the joint loss of Eq. (3) reusing that same G(x) (whole images instead of centres for the
+    random-mask model; its W comes with each batch). Returns a (5,) tensor: loss_D, loss_rec,
     loss_adv, D(x), D(G(x)), left on the device (no host sync). With lambda_adv = 0, D is never run.
 
     ctx is the autocast context (ce_cli.Hardware.ctx; none by default). ddp wraps G and D for
@@ -238,9 +274,9 @@ def make_train_step(G, D, optG, optD, W, args, ctx=contextlib.nullcontext(), ddp
     fG, fD, fD_frozen = maybe_compile(wrap(G)), maybe_compile(wrap(D)), maybe_compile(D)
     use_d = args.lam_adv > 0
 
-    def train_step(masked, target):
+    def train_step(masked, target, weight=W):
         with ctx:
-            fake = fG(masked)                                               # (B, 3, 64, 64), the only G forward
+            fake = fG(masked)                    # (B, 3, 64, 64) centre or (B, 3, 128, 128) image: the only G forward
         # ---- D step, Eq. (2): max log D(y) + log(1 - D(G(x))), on the detached fake
         if use_d:
             D.requires_grad_(True)
@@ -258,7 +294,7 @@ def make_train_step(G, D, optG, optD, W, args, ctx=contextlib.nullcontext(), ddp
         else:
             loss_d = loss_adv = logit_real = logit_fake = torch.zeros((), device=masked.device)
         # ---- G step, Eq. (3): lambda_rec * L_rec (Eq. 1) + lambda_adv * L_adv, same batch, same G(x)
-        loss_rec = ce_losses.reconstruction_loss(fake, target, W)
+        loss_rec = ce_losses.reconstruction_loss(fake, target, weight)
         loss_g = ce_losses.joint_loss(loss_rec, loss_adv, args.lam_rec, args.lam_adv)
         optG.zero_grad(set_to_none=True)
         loss_g.backward()
@@ -395,8 +431,9 @@ def evaluate_and_save(run, nets, args, val_u8, fixed, hw, epoch):
     """Held-out metrics (ce_eval), a sample grid, the log record, best.pt, ckpt.pt, curves and the GIF."""
     run.check_finite()
     G = nets["G"]
-    r = ce_eval.evaluate(G, val_u8, args.overlap, args.ring, args.fill, ("model",), dtype=hw.dtype)["model"]
-    masked, filled = ce_eval.inpaint(G, fixed, args.overlap, args.ring, args.fill, hw.dtype)
+    r = ce_eval.evaluate(G, val_u8, args.overlap, args.ring, args.fill, ("model",), dtype=hw.dtype,
+                         mask=args.mask)["model"]
+    masked, filled = ce_eval.inpaint(G, fixed, args.overlap, args.ring, args.fill, hw.dtype, args.mask)
     ce_eval.save_grid(os.path.join(args.out, "samples", f"step_{run.step:07d}.png"), [masked, filled, fixed])
     is_best = r["psnr"] > run.best
     run.best = max(run.best, r["psnr"])
@@ -469,6 +506,7 @@ def main(argv=None):
         resume(args, nets, run, hw.device, master)
     ddp = (lambda m: DDP(m, device_ids=[hw.device.index] if hw.device.type == "cuda" else None)) if world > 1 else None
     train_step = make_train_step(G, D, optG, optD, W, args, hw.ctx, ddp)
+    masker = make_masker(args, W, rank, world)
     if master:
         announce(args, world, len(train_u8), len(val_u8), G, D, total)
 
@@ -479,8 +517,8 @@ def main(argv=None):
         run.t_log = time.time()
         while run.step < total and not halt:
             real = batches.get(run.step)                                        # (B, 3, 128, 128) in [-1, 1]
-            masked, target = ce_data.mask_batch(real, args.overlap, args.ring, args.fill)
-            run.add(train_step(masked, target))                                 # (5,) on the device, no sync
+            masked, target, weight = masker(real, run.step)                     # the hole (paper 3.3), Eq. (1) W
+            run.add(train_step(masked, target, weight))                         # (5,) on the device, no sync
             halt = bool(stop) and world == 1      # several ranks agree on stopping at the next log step
             if run.step % args.log_every == 0 or run.step == total:
                 halt = log_window(run, stop, args, total, batches.epoch_of(run.step - 1), world, master)
