@@ -157,9 +157,9 @@ def region_masks(n, size=128, g=None, device="cpu", candidates=REGION_CANDIDATES
     smooth field (uniform noise upsampled bicubically by `scale`, generated at that scale for the crop alone: a few
     low-resolution cells and a random sub-cell phase, which is what a crop of the big pattern at a random position
     sees), thresholded at `density` (below = hole); the first candidate whose hole fraction lies strictly inside
-    `window` is used (official train_random.lua:316-327 retries crops the same way). When none does (about 2 % of
-    images with 16 candidates, since ~78 % of crops are rejected), the first candidate is thresholded at its own
-    25th percentile instead, which keeps the fraction inside the window.
+    `window` is used (official train_random.lua:316-327 retries crops the same way). When none does (about 0.5 % of
+    images with 16 candidates: ~72 % of crops are rejected), the first candidate is thresholded at its own 25th
+    percentile instead, which keeps the fraction inside the window.
     All random numbers are drawn up front, so the result does not depend on how candidates are evaluated: on a CPU
     in `rounds` batches, stopping once every image has a mask (a host check is free there); elsewhere all at once."""
     cells = int(math.floor((size - 0.5) / scale + 2.5)) + 3               # the low-res cells a crop's taps reach
