@@ -428,7 +428,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--json", action="store_true", help="print one JSON line per checkpoint instead of the table")
-    p.add_argument("--image", nargs="+", metavar="PHOTO", help="inpaint these photos (centre-cropped to 128 px)")
+    p.add_argument("--image", nargs="+", metavar="PHOTO", help="inpaint these photos or folders of photos: the "
+                   "centre square is scaled to 128 px; writes NAME_filled.png (128 px), NAME_full.png (the photo at "
+                   "its own size, only the hole replaced) and NAME_compare.png to --out")
     p.add_argument("--figure", action="store_true", help="comparison figure of --n held-out images (all --ckpt side by side)")
     p.add_argument("--n", type=int, default=6, help="images in --figure")
     p.add_argument("--plot", nargs="+", metavar="RUN", help="training curves of these run folders, overlaid")
@@ -452,20 +454,42 @@ def print_table(results, title):
 
 
 def run_images(G, paths, a, out, dtype):
+    """Inpaint photos (files, or folders of them) with G and the checkpoint's mask flags `a`. Each photo's central
+    square is scaled to 128 px (what the network was trained on); writes OUT/NAME_filled.png (the filled 128-px
+    square), OUT/NAME_full.png (the photo at its own size with only the hole replaced, by the prediction scaled
+    up) and OUT/NAME_compare.png (masked | filled | original, 128 px). A file that cannot be read is skipped and
+    counted in one line at the end; the exit is an error only if no photo could be inpainted."""
+    import sys   # (a local import: this function's messages go to stderr; the module has no other use for it)
+    files, names, bad = ce_datasets.photo_inputs(paths)
     os.makedirs(out, exist_ok=True)
-    for path in paths:
+    hole, done = ce_data.hole_bounds(128, a["overlap"], a["ring"]), 0
+    for path, name in zip(files, names):
         try:
-            arr, _ = ce_datasets.decode_image(path, 128)
-        except FileNotFoundError:
-            raise ce_cli.DataError(f"{path}: no such file") from None
-        except (OSError, ValueError, SyntaxError) as e:
-            raise ce_cli.DataError(f"{path}: not a readable image ({e})") from None
-        x = ce_data.to_float(torch.from_numpy(arr[None])).to(next(G.parameters()).device)
+            photo = ce_datasets.read_rgb(path)
+        except ce_cli.DataError as e:
+            bad.append(str(e))
+            continue
+        arr, square = ce_datasets.photo_square(photo, 128)
+        x = ce_data.to_float(torch.from_numpy(arr[None].copy())).to(next(G.parameters()).device)
         masked, filled = inpaint(G, x, a["overlap"], a["ring"], a["fill"], dtype)
-        stem = os.path.splitext(os.path.basename(path))[0]
-        Image.fromarray(to_uint8(filled)[0]).save(os.path.join(out, f"{stem}_filled.png"))
-        save_grid(os.path.join(out, f"{stem}_compare.png"), [masked, filled, x])
-        print(f"{path} -> {out}/{stem}_filled.png, {out}/{stem}_compare.png (masked | filled | original)")
+        small = to_uint8(filled)[0]
+        full, (hx, hy, hs) = ce_datasets.paste_full(photo, small, square, hole)
+        stem = os.path.join(out, name)
+        ce_cli.atomic_write(f"{stem}_filled.png", lambda f: Image.fromarray(small).save(f, format="PNG"))
+        ce_cli.atomic_write(f"{stem}_full.png", lambda f: full.save(f, format="PNG"))
+        save_grid(f"{stem}_compare.png", [masked, filled, x])
+        (w, h), side = photo.size, square[2]
+        shown = ce_datasets.shown(stem)
+        print(f"{ce_datasets.shown(path)}: {w}x{h}, centre {side}x{side} crop scaled to 128 px -> {shown}_filled.png "
+              f"(128 px), {shown}_full.png ({w}x{h}, only the {hs}x{hs} hole at ({hx}, {hy}) replaced), "
+              f"{shown}_compare.png (masked | filled | original)")
+        done += 1
+    if done == 0:
+        raise ce_cli.DataError(bad[0] if len(bad) == 1 else f"none of the {len(bad)} inputs could be inpainted: "
+                                                            f"{'; '.join(bad[:3])}")
+    if bad:
+        print(f"warning: inpainted {done} photo(s); skipped {len(bad)} input(s) that could not be read, e.g. "
+              f"{'; '.join(bad[:3])}", file=sys.stderr)
 
 
 def held_out(args, a):

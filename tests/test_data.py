@@ -212,7 +212,11 @@ def test_shapes_deterministic_and_cached(tmp_path):
     assert a.shape == (5, 128, 128, 3) and a.dtype == np.uint8
     assert np.array_equal(a, ce_shapes.make_shapes(5, seed=1)) and not np.array_equal(a, ce_shapes.make_shapes(5, seed=2))
     assert np.array_equal(ce_datasets.generate_shapes(300, seed=1, workers=2)[:5], a)  # independent of workers/chunks
+    b = ce_shapes.make_shapes(40, seed=1)
+    assert np.array_equal(ce_shapes.make_block((1, 5, 40, 128)), b[5:])   # independent of the batch it is drawn in
     assert a.std() > 30  # not flat: real content crosses the hole
+    # colours in [0.03, 0.97] * 255 - 5.5 (floor) plus noise 0..12: never clipped, so 2 <= value <= 241 + 12
+    assert b.min() >= 2 and b.max() <= 253
     train = ce_datasets.load_split("shapes", str(tmp_path), "train", shapes_n=8)
     val = ce_datasets.load_split("shapes", str(tmp_path), "val", shapes_n=8)
     assert len(train) == 8 and len(val) == ce_datasets.SHAPES_VAL and not np.array_equal(train[0], val[0])
