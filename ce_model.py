@@ -121,6 +121,145 @@ def count_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Feature learning (paper 3.1 channel-wise fully connected layer; 5.2 and Fig. 9b, the AlexNet context encoder),
+# and the encoder layers ("taps") that a linear probe reads (ce_probe.py).
+
+class ChannelwiseFC(nn.Module):
+    """Paper 3.1: m maps of n x n -> m maps of n x n, output map g fully connected to input map g only (m*n^4
+    weights instead of m^2*n^4), then a stride-1 convolution that propagates information across channels.
+
+    The FC part is one grouped convolution (maintainer's recipe, official repo issue #18): kernel n = the whole map,
+    m*n^2 outputs, m groups; output channel g*n^2 + k is position k of map g, so a reshape gives (B, m, n, n).
+    Bias: one per output unit (m*n^2), as Caffe's convolution has by default: 331,776 + 9,216 = 340,992 parameters
+    for 256 x 6 x 6 (bias=False gives the paper's 331,776). Order: FC -> ReLU -> dropout -> mixing conv -> ReLU,
+    the fc6 -> relu6 -> drop6 order of AlexNet (dropout on the FC's output, paper 5.2: 0.5 on this layer).
+    """
+
+    def __init__(self, channels, size, dropout=0.0, mix_kernel=1, bias=True):
+        super().__init__()
+        self.channels, self.size = channels, size
+        self.fc = nn.Conv2d(channels, channels * size * size, size, groups=channels, bias=bias)
+        self.drop = nn.Dropout(dropout)
+        # DEVIATION (choice; the paper gives no kernel, width or activation): a 1x1 convolution, m -> m channels.
+        # The paper's stated purpose is to mix channels; positions are already mixed within each map by the FC,
+        # and 1x1 keeps the two jobs apart (FC: positions, 1x1: channels, together a factorised full FC) with
+        # m^2 weights (65,536) instead of 9 m^2 (589,824, more than the FC) for 3x3. mix_kernel=3 is the
+        # Lasagne port's choice.
+        self.mix = nn.Conv2d(channels, channels, mix_kernel, 1, mix_kernel // 2, bias=bias)
+        self.relu = nn.ReLU(inplace=True)
+
+    def channelwise(self, x):
+        """The FC part alone (linear): (B, m, n, n) -> (B, m, n, n), map g from map g only."""
+        return self.fc(x).reshape(x.shape[0], self.channels, self.size, self.size)
+
+    def forward(self, x):
+        return self.relu(self.mix(self.drop(self.relu(self.channelwise(x)))))
+
+
+def _scaled(c, width):
+    """A channel count times the width multiplier (at least 1)."""
+    return max(1, round(c * width))
+
+
+class AlexNetEncoder(nn.Sequential):
+    """AlexNet conv1-conv5 + pool5 (paper 5.2: the feature encoder, randomly initialised, trained from scratch):
+    (B, 3, 227, 227) -> (B, 256, 6, 6); channels 96-256-384-384-256 times `width`.
+
+    DEVIATION (choice; no source gives LRN, groups or normalisation): no LRN and no two-tower groups (the
+    one-tower AlexNet); BatchNorm after conv2-conv5 instead of LRN (not after conv1, as in the DCGAN encoders of
+    this file), which lets it train from scratch with Adam; a conv followed by BN has no bias (BN has one).
+    """
+
+    def __init__(self, width=1.0):
+        c1, c2, c3, c4, c5 = (_scaled(c, width) for c in (96, 256, 384, 384, 256))
+        relu = lambda: nn.ReLU(inplace=True)
+        bn = nn.BatchNorm2d
+        super().__init__(                                                  # (B, 3, 227, 227)
+            nn.Conv2d(3, c1, 11, 4, 0), relu(),                            # conv1 (B, 96, 55, 55)
+            nn.MaxPool2d(3, 2),                                            # (B, 96, 27, 27)
+            nn.Conv2d(c1, c2, 5, 1, 2, bias=False), bn(c2), relu(),        # conv2 (B, 256, 27, 27)
+            nn.MaxPool2d(3, 2),                                            # (B, 256, 13, 13)
+            nn.Conv2d(c2, c3, 3, 1, 1, bias=False), bn(c3), relu(),        # conv3 (B, 384, 13, 13)
+            nn.Conv2d(c3, c4, 3, 1, 1, bias=False), bn(c4), relu(),        # conv4 (B, 384, 13, 13)
+            nn.Conv2d(c4, c5, 3, 1, 1, bias=False), bn(c5), relu(),        # conv5 (B, 256, 13, 13)
+            nn.MaxPool2d(3, 2),                                            # pool5 (B, 256, 6, 6)
+        )
+        self.out_channels = c5
+
+
+def _up5(cin, cout, last=False):
+    """5x5 stride-2 up-convolution, n -> 2n - 1 (6 -> 11 -> 21 -> 41 -> 81 -> 161, paper Fig. 9b).
+    DEVIATION (choice): BN + ReLU after each (as the DCGAN decoder of Fig. 2); the last has a bias and tanh."""
+    if last:
+        return [nn.ConvTranspose2d(cin, cout, 5, 2, 2), nn.Tanh()]
+    return [nn.ConvTranspose2d(cin, cout, 5, 2, 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class AlexNetGenerator(nn.Module):
+    """Feature-learning context encoder of paper 5.2 / Fig. 9b: (B, 3, 227, 227) image with a hole ->
+    AlexNet encoder (B, 256, 6, 6) -> channel-wise FC -> five up-convolutions (B, 3, 161, 161) -> resize ->
+    (B, 3, 227, 227), the whole image (the loss and the paste take the hole from it)."""
+
+    def __init__(self, width=1.0, dropout=0.5):
+        super().__init__()
+        self.encoder = AlexNetEncoder(width)
+        c = self.encoder.out_channels
+        d1, d2, d3, d4 = (_scaled(k, width) for k in (128, 64, 64, 32))
+        self.fc = ChannelwiseFC(c, 6, dropout)
+        self.decoder = nn.Sequential(
+            *_up5(c, d1), *_up5(d1, d2), *_up5(d2, d3), *_up5(d3, d4),   # 11, 21, 41, 81
+            *_up5(d4, 3, last=True),                                      # (B, 3, 161, 161) in [-1, 1]
+            # DEVIATION (choice; the paper only says "resize"): bilinear, which unlike bicubic cannot overshoot
+            # tanh's [-1, 1]. The L2 loss is taken at 227, on the image the user sees.
+            nn.Upsample(size=(227, 227), mode="bilinear", align_corners=False),
+        )
+
+    def forward(self, x):
+        return self.decoder(self.fc(self.encoder(x)))
+
+
+# The checkpoint `args` keys that rebuild a generator: "arch" ("dcgan" when absent: checkpoints written before
+# the AlexNet model), ARCH_KEYS for dcgan, ALEXNET_KEYS for alexnet (alexnet_width: the channel multiplier,
+# 1.0 = paper; cfc_dropout: dropout of the channel-wise FC, no effect on the weights).
+ALEXNET_KEYS = ("alexnet_width", "cfc_dropout")
+INPUT_SIZE = {"dcgan": 128, "alexnet": 227}
+
+
+def build_alexnet(width=1.0, dropout=0.5, init="dcgan"):
+    """The AlexNet context encoder G (no pretrained weights anywhere). init="dcgan": N(0, 0.02) convs, BN weight
+    N(1, 0.02), zero biases, as the DCGAN model here (DEVIATION, choice: the paper gives no init); "torch": PyTorch
+    defaults. Torch's global RNG decides the weights: torch.manual_seed(s) first gives the same G every time."""
+    G = AlexNetGenerator(width, dropout)
+    if init == "dcgan":
+        dcgan_init(G)
+    return G
+
+
+def build_generator(a, init=None):
+    """G rebuilt from a checkpoint's args dict `a`, either arch. init=None: the run's own init (a["init"]), so
+    torch.manual_seed(a["seed"]) + this is the network a ce_train.py run started from (the same calls in the same
+    order: dcgan builds D too, as ce_train does, because D's construction draws from the RNG before dcgan_init)."""
+    init = init or a.get("init", "dcgan")
+    arch = a.get("arch", "dcgan")
+    if arch == "alexnet":
+        return build_alexnet(a.get("alexnet_width", 1.0), a.get("cfc_dropout", 0.5), init)
+    if arch != "dcgan":
+        raise CheckpointError(f"unknown arch {arch!r} in the checkpoint's args (expected dcgan or alexnet)")
+    return build_models(**{k: a[k] for k in ARCH_KEYS}, init=init)[0]
+
+
+def encoder_taps(G):
+    """The layers a linear probe reads, as [(name, index into G.encoder)]: the output of module `index` (after
+    its activation). AlexNet: conv1-conv5 after their ReLU, and pool5. DCGAN (Fig. 2): each of the 5 conv blocks
+    after its LeakyReLU, and the bottleneck after its LeakyReLU."""
+    if isinstance(G, AlexNetGenerator):
+        idx = [i for i, m in enumerate(G.encoder) if isinstance(m, nn.ReLU)]
+        return [(f"conv{k + 1}", i) for k, i in enumerate(idx)] + [("pool5", len(G.encoder) - 1)]
+    idx = [i for i, m in enumerate(G.encoder) if isinstance(m, nn.LeakyReLU)]
+    return [(f"conv{k + 1}", i) for k, i in enumerate(idx[:-1])] + [("bottleneck", idx[-1])]
+
+
 def save_checkpoint(path, state):
     """Write `state` atomically: a temp file in the same folder, flushed to disk, then renamed over `path`.
 

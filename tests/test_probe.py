@@ -1,0 +1,167 @@
+"""Linear probe (ce_probe.py): the classifier, label reading for every layout, the random-init baseline, the CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ce_cli
+import ce_model
+import ce_probe
+import ce_train
+
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy shared CPU two threads spin-wait for each other
+    (measured: 10 s instead of 0.5 s for the toy classifier)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _img(path, colour=(128, 128, 128), size=64, seed=0):
+    """A noisy flat-colour image: one colour per class makes the classes linearly separable from conv features."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    noise = np.random.default_rng(seed).integers(-25, 26, (size, size, 3))
+    Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)).save(path)
+
+
+def _tiny_fixture(root, n_train=6, n_val=3):
+    """Tiny ImageNet layout: 3 wnids, val annotations, one unannotated val file, one of an unknown wnid."""
+    base = root / "tiny-imagenet-200"
+    wnids = ["n003", "n001", "n002"]
+    for c, w in enumerate(wnids):
+        for i in range(n_train):
+            _img(base / "train" / w / "images" / f"{w}_{i}.JPEG", COLOURS[c], seed=100 * c + i)
+    lines, k = [], 0
+    for c, w in enumerate(wnids):
+        for i in range(n_val):
+            _img(base / "val" / "images" / f"val_{k}.JPEG", COLOURS[c], seed=1000 + k)
+            lines.append(f"val_{k}.JPEG\t{w}\t0\t0\t10\t10")
+            k += 1
+    _img(base / "val" / "images" / "val_extra.JPEG")                      # no annotation: skipped
+    _img(base / "val" / "images" / f"val_{k}.JPEG")                         # unknown class: skipped
+    lines.append(f"val_{k}.JPEG\tn999\t0\t0\t1\t1")
+    (base / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return wnids
+
+
+def test_separable_toy_set_is_learned():
+    g = torch.Generator().manual_seed(0)
+    n, d, c = 1200, 30, 5
+    x = torch.randn(n, d, generator=g)
+    y = (x @ torch.randn(d, c, generator=g)).argmax(1)        # labels = a linear function of x: separable
+    top1, train_top1 = ce_probe.fit_linear(x[:600], y[:600], x[600:], y[600:], c, epochs=40)
+    assert top1 > 90 and train_top1 > 90
+
+
+def test_shuffled_labels_stay_at_chance():
+    g = torch.Generator().manual_seed(1)
+    n, d, c = 4000, 40, 10
+    x = torch.randn(n, d, generator=g)
+    y = torch.randint(0, c, (n,), generator=g)                # labels independent of x
+    top1, _ = ce_probe.fit_linear(x[:2000], y[:2000], x[2000:], y[2000:], c, epochs=10)
+    assert abs(top1 - 100 / c) < 5                            # 2,000 held-out: chance +- 0.7 (one s.d.)
+
+
+def test_tiny_layout_labels(tmp_path, capsys):
+    wnids = _tiny_fixture(tmp_path, n_train=2, n_val=2)
+    train, val, names = ce_probe.labelled_files("tiny", str(tmp_path))
+    assert names == sorted(wnids)
+    assert len(train) == 6 and all(names[y] in f for f, y in train)      # train/<wnid>/images/<wnid>_i.JPEG
+    ann = dict(line.split("\t")[:2] for line in (tmp_path / "tiny-imagenet-200/val/val_annotations.txt")
+               .read_text().splitlines())
+    assert len(val) == 6 and all(names[y] == ann[f.rsplit("/", 1)[1]] for f, y in val)
+    assert "skipped 2 image(s)" in capsys.readouterr().err
+
+
+def test_class_folder_layouts(tmp_path):
+    for split, n in (("train", 3), ("val", 2)):
+        for cls in ("dog", "cat"):
+            for i in range(n):
+                _img(tmp_path / "in" / split / cls / f"{i}.png", size=8)
+    train, val, names = ce_probe.labelled_files("imagenet", str(tmp_path / "in"))
+    assert names == ["cat", "dog"] and len(train) == 6 and len(val) == 4
+    assert all(f"/{names[y]}/" in f and "/train/" in f for f, y in train)
+    assert all(f"/{names[y]}/" in f and "/val/" in f for f, y in val)
+    for cls in ("a", "b"):
+        for i in range(10):
+            _img(tmp_path / "f" / cls / "sub" / f"{i}.png", size=8)
+    train, val, names = ce_probe.labelled_files("folder", str(tmp_path / "f"), val_fraction=0.2)
+    assert names == ["a", "b"] and len(val) == 4 and len(train) == 16
+    assert not {f for f, _ in train} & {f for f, _ in val} and all(f"/{names[y]}/" in f for f, y in train + val)
+    assert ce_probe.labelled_files("folder", str(tmp_path / "f"), 0.2) == (train, val, names)   # deterministic
+    sub = ce_probe.balanced_subset(train, 6)
+    assert sorted(y for _, y in sub) == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(ce_cli.DataError, match="use --data imagenet"):
+        ce_probe.labelled_files("folder", str(tmp_path / "in"))
+
+
+@pytest.mark.parametrize("variant", ["paper", "seed"])
+def test_random_init_is_the_network_training_started_from(variant):
+    args = ce_train.default_args(width=8, bottleneck=16, seed=7)
+    vars(args).update(ce_train.VARIANTS[variant])           # seed variant: PyTorch init, biases, no BN
+    torch.manual_seed(args.seed)                            # what ce_train.main does, in its order
+    G, *_ = ce_train.build_training(args, ce_cli.Hardware("cpu"))
+    R = ce_probe.random_init_generator(vars(args))
+    assert all(torch.equal(v, R.state_dict()[k]) for k, v in G.state_dict().items())
+
+
+def _save_ckpt(path, seed=0, **flags):
+    """A checkpoint as ce_train.save writes it, holding a run's initial weights."""
+    args = ce_train.default_args(width=8, bottleneck=16, seed=seed, **flags)
+    torch.manual_seed(seed)
+    G, D = ce_model.build_models(args.width, args.bottleneck, args.bottleneck_bn, args.bias, args.init)
+    ce_model.save_checkpoint(path, {"G": G.state_dict(), "D": D.state_dict(), "args": vars(args), "step": 0})
+
+
+def test_probe_end_to_end_dcgan(tmp_path, capsys):
+    _tiny_fixture(tmp_path / "data")
+    _save_ckpt(tmp_path / "ckpt.pt", seed=0)
+    flags = ["--data", "tiny", "--data-root", str(tmp_path / "data"), "--device", "cpu", "--epochs", "20"]
+    ce_probe.main(flags + ["--ckpt", str(tmp_path / "ckpt.pt"), "--random-init", "dcgan", "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["ckpt"] is None for r in rows] == [True, False]       # random init first, then the checkpoint
+    layers = ["conv1", "conv2", "conv3", "conv4", "conv5", "bottleneck"]
+    assert list(rows[0]["top1"]) == layers and rows[0]["n_train"] == 18 and rows[0]["n_val"] == 9
+    assert rows[0]["dims"] == {"conv1": 8 * 34 * 34, "conv2": 8 * 32 * 32, "conv3": 16 * 16 * 16,
+                               "conv4": 32 * 8 * 8, "conv5": 64 * 4 * 4, "bottleneck": 16}
+    # the checkpoint holds the weights its run started from, so it must probe exactly like the random init
+    assert rows[0]["top1"] == rows[1]["top1"]
+    assert rows[0]["top1"]["conv1"] > 80                              # colour classes, chance 33 %
+    ce_probe.main(flags + ["--random-init", "dcgan", "--width", "8", "--bottleneck", "16"])
+    out = capsys.readouterr().out.splitlines()
+    assert "3 classes" in out[0] and [line.split()[0] for line in out[2:8]] == layers
+
+
+def test_probe_alexnet_random_init_and_errors(tmp_path, capsys):
+    _tiny_fixture(tmp_path / "data", n_train=3, n_val=1)
+    flags = ["--data", "tiny", "--data-root", str(tmp_path / "data"), "--device", "cpu", "--epochs", "2"]
+    ce_probe.main(flags + ["--random-init", "alexnet", "--alexnet-width", "0.0625", "--json"])
+    row = json.loads(capsys.readouterr().out)
+    assert row["input_size"] == 227 and list(row["top1"]) == ["conv1", "conv2", "conv3", "conv4", "conv5", "pool5"]
+    assert row["dims"]["conv1"] == 6 * 40 * 40 and row["dims"]["pool5"] == 16 * 6 * 6
+    with pytest.raises(SystemExit) as e:
+        ce_cli.run(ce_probe.main, flags[:2] + ["--data-root", str(tmp_path / "nowhere"), "--random-init", "dcgan"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "nowhere" in err
+    with pytest.raises(SystemExit):
+        ce_probe.main(flags)                                             # nothing to probe: a usage error
+    assert "nothing to probe" in capsys.readouterr().err
+
+
+def test_unreadable_image_is_skipped_and_counted(tmp_path, capsys):
+    items = [(str(tmp_path / "a" / "0.png"), 0), (str(tmp_path / "b" / "1.png"), 1), (str(tmp_path / "bad.png"), 1)]
+    _img(tmp_path / "a" / "0.png", COLOURS[0], size=8)
+    _img(tmp_path / "b" / "1.png", COLOURS[1], size=8)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    x, y = ce_probe.decode_labelled(items, 16, "fixture")
+    assert x.shape == (2, 16, 16, 3) and y.tolist() == [0, 1]
+    assert x[0, 8, 8, 0] > x[1, 8, 8, 0]                                  # red image first, green second
+    err = capsys.readouterr().err
+    assert "skipped 1 unreadable" in err and "bad.png" in err and "2 image(s) smaller than 16px" in err
