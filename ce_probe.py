@@ -421,7 +421,11 @@ def main(argv=None):
         if size not in decoded:                      # each input size decoded once, shared by the models
             decoded[size] = (decode_labelled(train, size, f"{args.data} train"),
                              decode_labelled(val, size, f"{args.data} held-out"))
-        res = probe_model(spec, decoded[size], args, len(names))
+        try:
+            res = probe_model(spec, decoded[size], args, len(names))
+        except torch.cuda.OutOfMemoryError:
+            raise ce_cli.UserError("out of GPU memory for the features (about N x 6 x --max-dims floats per model); "
+                                   "lower --max-train or --max-dims") from None
         n_train, n_val = len(decoded[size][0][1]), len(decoded[size][1][1])
         results.append({"model": spec["label"], "arch": spec["arch"], "ckpt": spec["ckpt"], "step": spec["step"],
                         "seed": spec["a"].get("seed"), "input_size": size, "data": args.data,
