@@ -110,12 +110,14 @@ REGION_WINDOW = (0.20, 0.30)
 REGION_CANDIDATES = 16
 
 
-def block_masks(n, size=128, g=None, device="cpu", blocks=8, side=(16, 32), max_cover=0.25):
+def block_masks(n, size=128, g=None, device="cpu", blocks=8, side=None, max_cover=0.25):
     """Random blocks (paper 3.3: "a number of smaller possibly overlapping masks, covering up to 1/4 of the image";
     no official code exists, so the rule is this project's): `blocks` rectangles per image, each side uniform in
     [side[0], side[1]] px, top-left corner uniform over the positions that keep it inside the image; they are
     added in turn, a rectangle is skipped when it would take the union above `max_cover` of the image. The first
-    always fits, so the coverage lies in [side[0]^2 / size^2, max_cover] (1.6 % .. 25 % at the defaults)."""
+    always fits, so the coverage lies in [side[0]^2 / size^2, max_cover] (1.6 % .. 25 % at the defaults).
+    side: default (size // 8, size // 4), i.e. 16-32 px at 128 px."""
+    side = side or (size // 8, size // 4)
     hw = torch.randint(side[0], side[1] + 1, (2, n, blocks), generator=g)
     yx = (torch.rand(2, n, blocks, generator=g) * (size - hw + 1)).long()
     hw, yx = hw.to(device), yx.to(device)
@@ -201,13 +203,13 @@ def random_masks(kind, n, key, size=128, device="cpu", per_batch=False, rows=Non
 EVAL_CHUNK = 256
 
 
-def eval_masks(kind, start, n, device="cpu"):
+def eval_masks(kind, start, n, device="cpu", size=128):
     """The fixed held-out masks of images start .. start+n-1: chunk c of EVAL_CHUNK images always comes from the key
     ("eval-masks", kind, c), so every method, every run and every batch size sees the same mask on an image."""
     first, last = start // EVAL_CHUNK, (start + n - 1) // EVAL_CHUNK
     parts = []
     for c in range(first, last + 1):
-        m = random_masks(kind, EVAL_CHUNK, ("eval-masks", kind, c), device=device)
+        m = random_masks(kind, EVAL_CHUNK, ("eval-masks", kind, c), size, device)
         parts.append(m[max(start - c * EVAL_CHUNK, 0):min(start + n - c * EVAL_CHUNK, EVAL_CHUNK)])
     return torch.cat(parts)
 

@@ -208,7 +208,7 @@ def eval_task(x, kind, start, overlap, ring, fill):
         return SimpleNamespace(masked=masked, target=target, hole=ce_data.hole_mask(overlap, ring),
                                compose=lambda p: ce_data.paste(masked, p, overlap, ring)[..., lo:hi, lo:hi],
                                baseline=lambda name: baseline_region(name, masked, overlap, ring))
-    mask = ce_data.eval_masks(kind, start, len(x), x.device)
+    mask = ce_data.eval_masks(kind, start, len(x), x.device, x.shape[-1])
     masked = ce_data.apply_mask(x, mask, fill)
     return SimpleNamespace(masked=masked, target=x, hole=mask, compose=lambda p: ce_data.paste_image(masked, p, mask),
                            baseline=lambda name: baseline_image(name, masked, mask))
@@ -230,8 +230,8 @@ def predict(G, masked, batch_size=256, dtype=None):
 
 
 def evaluate(G, images_u8, overlap=7, ring="visible", fill="mean", methods=("model",), batch_size=256, dtype=None,
-             mask="center"):
-    """Mean metrics of each method over uint8 (N, S, S, 3) images (S >= 128, centre-cropped to 128), with the
+             mask="center", size=128):
+    """Mean metrics of each method over uint8 (N, S, S, 3) images (S >= size, centre-cropped to size), with the
     central hole (mask="center") or the fixed held-out block/region masks (ce_data.eval_masks).
 
     Returns {method: {"psnr", "l1", "l2", "psnr_region", "l1_region", "l2_region", "n_images"}}: hole metrics over
@@ -241,7 +241,7 @@ def evaluate(G, images_u8, overlap=7, ring="visible", fill="mean", methods=("mod
     sums = {m: {} for m in methods}
     n = len(images_u8)
     for i in range(0, n, batch_size):
-        x = ce_data.eval_batch(images_u8[i:i + batch_size]).to(dev)
+        x = ce_data.eval_batch(images_u8[i:i + batch_size], size).to(dev)
         t = eval_task(x, mask, i, overlap, ring, fill)
         for m in methods:
             pred = predict(G, t.masked, batch_size, dtype) if m == "model" else t.baseline(m)
@@ -285,7 +285,7 @@ def inpaint(G, images, overlap, ring, fill, dtype=None, mask="center"):
     if mask == "center":
         masked, _ = ce_data.mask_batch(images, overlap, ring, fill)
         return masked, ce_data.paste(masked, predict(G, masked, dtype=dtype), overlap, ring)
-    holes = ce_data.eval_masks(mask, 0, len(images), images.device)
+    holes = ce_data.eval_masks(mask, 0, len(images), images.device, images.shape[-1])
     masked = ce_data.apply_mask(images, holes, fill)
     filled = ce_data.paste_image(masked, predict(G, masked, dtype=dtype).to(images.device), holes)
     return masked, outline(filled, holes)
@@ -522,7 +522,7 @@ def main(argv=None):
         a = state["args"]
         images, data = held_out(args, a)
         results = evaluate(G, images, a["overlap"], a["ring"], a["fill"], ("model",) + BASELINES, args.batch_size, dtype,
-                           mask=a.get("mask", "center"))
+                           mask=a.get("mask", "center"), size=ce_model.INPUT_SIZE[a.get("arch", "dcgan")])
         if args.json:
             print(json.dumps({"ckpt": state["path"], "step": state.get("step"), "data": data, "split": args.split,
                               **{m: {k: round(v, 4) for k, v in r.items()} for m, r in results.items()}}))

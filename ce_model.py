@@ -87,6 +87,8 @@ class Discriminator(nn.Module):
         )
 
     def forward(self, x):
+        if x.shape[-1] not in (64, 128):   # the AlexNet model's 227 px images (only with --lam-adv > 0)
+            x = nn.functional.interpolate(x, size=(128, 128), mode="bilinear", align_corners=False, antialias=True)
         return self.net(x).flatten()
 
 
@@ -236,17 +238,28 @@ def build_alexnet(width=1.0, dropout=0.5, init="dcgan"):
     return G
 
 
-def build_generator(a, init=None):
-    """G rebuilt from a checkpoint's args dict `a`, either arch. init=None: the run's own init (a["init"]), so
-    torch.manual_seed(a["seed"]) + this is the network a ce_train.py run started from (the same calls in the same
-    order: dcgan builds D too, as ce_train does, because D's construction draws from the RNG before dcgan_init)."""
+def build_pair(a, init=None):
+    """(G, D) from a run's flags (a checkpoint's args dict): either arch, the centre or the whole-image model.
+    init=None: the run's own init (a["init"]); "none" skips initialisation (weights about to be loaded).
+    torch.manual_seed(a["seed"]) + this is the pair a ce_train.py run started from (the same calls, same order).
+    AlexNet G is L2-only in the paper; its D (used only with --lam-adv > 0) is the whole-image DCGAN discriminator,
+    which resizes the 227 px images to 128 (DEVIATION, choice: the paper trained no D for it)."""
     init = init or a.get("init", "dcgan")
     arch = a.get("arch", "dcgan")
     if arch == "alexnet":
-        return build_alexnet(a.get("alexnet_width", 1.0), a.get("cfc_dropout", 0.5), init)
+        G = build_alexnet(a.get("alexnet_width", 1.0), a.get("cfc_dropout", 0.5), init)
+        D = Discriminator(a.get("width", 64), a.get("bias", False), full_image=True)
+        if init == "dcgan":
+            dcgan_init(D)
+        return G, D
     if arch != "dcgan":
         raise CheckpointError(f"unknown arch {arch!r} in the checkpoint's args (expected dcgan or alexnet)")
-    return build_models(**{k: a[k] for k in ARCH_KEYS}, init=init)[0]
+    return build_models(**{k: a[k] for k in ARCH_KEYS}, init=init, full_image=a.get("mask", "center") != "center")
+
+
+def build_generator(a, init=None):
+    """G alone, as build_pair builds it (the random-init baseline of ce_probe.py)."""
+    return build_pair(a, init)[0]
 
 
 def encoder_taps(G):
@@ -302,7 +315,7 @@ def load_checkpoint(path, device="cpu"):
     """Rebuild (G, D, state) from a checkpoint alone, using the architecture flags saved in it."""
     state = read_checkpoint(path)
     a = state["args"]
-    G, D = build_models(**{k: a[k] for k in ARCH_KEYS}, init="none", full_image=a.get("mask", "center") != "center")
+    G, D = build_pair(a, init="none")
     try:
         G.load_state_dict(state["G"])
         D.load_state_dict(state["D"])

@@ -94,6 +94,11 @@ def build_parser():
         help="Eq. (1) normalisation: mean(W d^2) over all pixels (official) or 10 mean_ring + mean_inner (seed)")
     add("--d-reduction", choices=("sum", "mean"), help="D loss: BCE_real + BCE_fake (official) or their mean (seed)")
     # networks
+    add("--arch", default="dcgan", choices=("dcgan", "alexnet"),
+        help="dcgan: the inpainting networks of Fig. 2; alexnet: the feature-learning context encoder of paper 5.2 "
+             "(AlexNet conv1-pool5, channel-wise FC, Fig. 9b decoder; 227 px, L2 only, random regions by default)")
+    add("--alexnet-width", type=float, default=1.0, help="alexnet: channel multiplier (1.0 = AlexNet's 96-256-384-384-256)")
+    add("--cfc-dropout", type=float, default=0.5, help="alexnet: dropout on the channel-wise FC layer (paper 5.2)")
     add("--width", type=int, default=64, help="channels of the first conv (paper Fig. 2: 64)")
     add("--bottleneck", type=int, default=4000, help="bottleneck channels (paper Fig. 2: 4000)")
     add("--bottleneck-bn", action=argparse.BooleanOptionalAction, help="BN on the bottleneck (official on, seed off)")
@@ -145,6 +150,21 @@ def apply_variant(args):
             setattr(args, k, v)
 
 
+def apply_arch(args, given, p):
+    """--arch alexnet (paper 5.2): random-region masks, L2 only and 227 px images unless given otherwise."""
+    if args.arch != "alexnet":
+        return
+    defaults = {"mask": "region", "lam_adv": 0.0, "load_size": ce_model.INPUT_SIZE["alexnet"]}
+    for k, v in defaults.items():
+        if k not in given:
+            setattr(args, k, v)
+    if args.mask == "center":
+        p.error("--arch alexnet trains the whole-image model: use --mask region (paper 5.2) or block")
+    if args.lam_adv > 0:
+        print("warning: --arch alexnet with --lam-adv > 0: the paper could not make the adversarial loss converge "
+              "with AlexNet (5.2); D sees the 227 px images resized to 128", file=sys.stderr)
+
+
 def validate(args, p):
     """Nonsense is rejected here, with the flag's name, before any work is done."""
     checks = [
@@ -157,7 +177,9 @@ def validate(args, p):
         (0 <= args.overlap < 32, "--overlap must be in [0, 31]: the ring must leave a hole inside the 64px region"),
         (args.overlap_weight > 0, "--overlap-weight must be > 0"),
         (args.width > 0 and args.bottleneck > 0, "--width/--bottleneck must be > 0"),
-        (args.load_size >= 128, "--load-size must be >= 128 (the network sees 128x128 crops)"),
+        (args.load_size >= ce_model.INPUT_SIZE[args.arch],
+         f"--load-size must be >= {ce_model.INPUT_SIZE[args.arch]} (the {args.arch} network sees square crops of that size)"),
+        (args.alexnet_width > 0 and 0 <= args.cfc_dropout < 1, "--alexnet-width must be > 0, --cfc-dropout in [0, 1)"),
         (args.shapes_n > 0, "--shapes-n must be > 0"),
         (args.log_every > 0 and args.eval_every > 0 and args.eval_images > 0,
          "--log-every/--eval-every/--eval-images must be > 0")]
@@ -186,6 +208,7 @@ def parse_args(argv=None):
         take_resumed_flags(args, given, p)
     else:
         apply_variant(args)
+        apply_arch(args, given, p)
     args.device = ce_cli.resolve_device(args.device, p)
     hw = ce_cli.Hardware(args.device, args.dtype, args.channels_last)
     args.dtype, args.channels_last = hw.dtype_name, hw.channels_last
@@ -224,11 +247,10 @@ def setup_distributed(args):
 
 
 def build_training(args, hw, world=1):
-    """G and D of paper Fig. 2, their Adam optimisers (paper 4: beta1 0.5, lr 0.002 / 0.0002) and the weight map W
+    """G and D of paper Fig. 2 (or the AlexNet model of 5.2), their Adam optimisers (paper 4: beta1 0.5, lr 0.002 / 0.0002) and the weight map W
     of Eq. (1) for the centre mask (random masks get theirs per batch, make_masker), on hw's device in hw's
     memory format. Several CUDA ranks: BatchNorm over the global batch."""
-    G, D = ce_model.build_models(args.width, args.bottleneck, args.bottleneck_bn, args.bias, args.init,
-                                 full_image=args.mask != "center")
+    G, D = ce_model.build_pair(vars(args), args.init)
     if world > 1 and hw.device.type == "cuda":
         G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
     G, D = G.to(hw.device, memory_format=hw.mem_fmt), D.to(hw.device, memory_format=hw.mem_fmt)
@@ -432,7 +454,7 @@ def evaluate_and_save(run, nets, args, val_u8, fixed, hw, epoch):
     run.check_finite()
     G = nets["G"]
     r = ce_eval.evaluate(G, val_u8, args.overlap, args.ring, args.fill, ("model",), dtype=hw.dtype,
-                         mask=args.mask)["model"]
+                         mask=args.mask, size=ce_model.INPUT_SIZE[args.arch])["model"]
     masked, filled = ce_eval.inpaint(G, fixed, args.overlap, args.ring, args.fill, hw.dtype, args.mask)
     ce_eval.save_grid(os.path.join(args.out, "samples", f"step_{run.step:07d}.png"), [masked, filled, fixed])
     is_best = r["psnr"] > run.best
@@ -490,10 +512,11 @@ def main(argv=None):
     # ---- data: decoded once into uint8 (ce_datasets), batches cut, augmented and masked on the device (ce_data)
     train_u8 = ce_datasets.load_split(args.data, args.data_root, "train", args.load_size, args.shapes_n)
     val_u8 = ce_datasets.load_split(args.data, args.data_root, "val", args.load_size, args.shapes_n)[:args.eval_images]
-    batches = ce_data.Batches(train_u8, args.batch_size, hw.device, args.seed, args.flip, 128, hw.channels_last,
+    size = ce_model.INPUT_SIZE[args.arch]                     # 128 px crops (Fig. 2), 227 for AlexNet (5.2)
+    batches = ce_data.Batches(train_u8, args.batch_size, hw.device, args.seed, args.flip, size, hw.channels_last,
                               torch.float32, rank, world)
     total = args.steps or args.epochs * batches.steps_per_epoch
-    fixed = ce_data.eval_batch(val_u8[:16]).to(hw.device)   # the same 16 held-out images in every sample grid
+    fixed = ce_data.eval_batch(val_u8[:16], size).to(hw.device)  # the same 16 held-out images in every sample grid
 
     # ---- networks and optimisers (paper 4); a resumed run takes up all of its state
     G, D, optG, optD, W = build_training(args, hw, world)
