@@ -66,7 +66,8 @@ def _dst_basis(h, device):
 def harmonic_fill(images, a, b):
     """Classical diffusion inpainting: the solution of Laplace's equation in the square [a, b)^2 whose boundary
     values are the surrounding context pixels. Solved exactly with the discrete sine transform (the 5-point
-    Laplacian of a square is diagonal in that basis). images (B, C, S, S) -> the filled (B, C, h, h) square."""
+    Laplacian of a square is diagonal in that basis). images (B, C, S, S) -> the filled (B, C, h, h) square.
+    Hand-written: torchvision has no Laplace solver; the sine transform gives the exact solution in one step."""
     x = images.double()
     h = b - a
     rhs = torch.zeros(x.shape[0], x.shape[1], h, h, dtype=torch.float64, device=x.device)
