@@ -56,21 +56,23 @@ class ReferenceDataset(torch.utils.data.Dataset):
 
 def parse_args(argv=None):
     p = ce_cli.Parser(__doc__)
-    p.add_argument("--data", default="shapes", choices=("shapes", "tiny", "imagenet", "folder"))
-    p.add_argument("--data-root", default="data")
+    p.add_argument("--data", default="shapes", choices=("shapes", "tiny", "imagenet", "folder"),
+                   help="training images to benchmark on (shapes: the embedded data, generated on first use)")
+    p.add_argument("--data-root", default="data", help="dataset folder, as for ce_train.py")
     p.add_argument("--shapes-n", type=int, default=4096, help="images of the embedded data to benchmark on")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per training step (paper: 64)")
     p.add_argument("--steps", type=int, default=30, help="steps per timed window")
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--bottleneck", type=int, default=4000)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (cudnn autotuning, compilation)")
+    p.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
+    p.add_argument("--width", type=int, default=64, help="channels of G's first layer (paper: 64)")
+    p.add_argument("--bottleneck", type=int, default=4000, help="channels of G's bottleneck (paper: 4000)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--workers", type=int, default=min(10, os.cpu_count() or 1),
-                   help="DataLoader processes of the reference loop (the seed report used 10)")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile")
-    p.add_argument("--skip-reference", action="store_true")
-    p.add_argument("--json", action="store_true", help="one JSON line per configuration")
+                   help="DataLoader processes of the reference loop (the seed report used 10) (default: min(10, "
+                        "CPU cores), here %(default)s)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (ours-compile)")
+    p.add_argument("--skip-reference", action="store_true", help="do not time the reference loop")
+    p.add_argument("--json", action="store_true", help="one JSON line per configuration instead of the table")
     a = p.parse_args(argv)
     if min(a.batch_size, a.steps, a.repeats, a.width, a.bottleneck, a.shapes_n) <= 0 or a.warmup < 0 or a.workers < 0:
         p.error("sizes and counts must be positive")

@@ -4,22 +4,28 @@ the model against classical baselines on held-out images; figures; inpainting yo
     python ce_eval.py --ckpt runs/shapes/best.pt                 # table: model vs baselines
     python ce_eval.py --ckpt runs/shapes/best.pt --json          # one JSON line
     python ce_eval.py --ckpt runs/shapes/best.pt --image me.jpg --out filled/
-    python ce_eval.py --ckpt runs/shapes/best.pt --figure --out figs/
+    python ce_eval.py --ckpt runs/shapes/best.pt --figure --out figs/     # figs/figure.png
+    python ce_eval.py --ckpt runs/a/best.pt runs/b/best.pt --figure --out figs/   # columns A, B; flags in a note
+    python ce_eval.py --plot runs/a runs/b --out figs/                    # figs/curves.png, overlaid
 
 Metrics (all on [0, 1] intensities, per image then averaged over images):
   hole:   the pixels hidden from the model (inner square for --ring visible, whole 64x64 for --ring hidden)
   region: the whole 64x64 centre of the final image (prediction pasted into the hole, visible ring kept real)
   PSNR = 10 log10(1 / MSE);  L1 % = 100 * mean |pred - true|;  L2 % = 100 * mean (pred - true)^2.
 """
+import argparse
 import io
 import json
 import math
 import os
+import sys
+import textwrap
+import time
 from types import SimpleNamespace
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 import ce_cli
 import ce_data
@@ -61,7 +67,8 @@ def _dst_basis(h, device):
 def harmonic_fill(images, a, b):
     """Classical diffusion inpainting: the solution of Laplace's equation in the square [a, b)^2 whose boundary
     values are the surrounding context pixels. Solved exactly with the discrete sine transform (the 5-point
-    Laplacian of a square is diagonal in that basis). images (B, C, S, S) -> the filled (B, C, h, h) square."""
+    Laplacian of a square is diagonal in that basis). images (B, C, S, S) -> the filled (B, C, h, h) square.
+    Hand-written: torchvision has no Laplace solver; the sine transform gives the exact solution in one step."""
     x = images.double()
     h = b - a
     rhs = torch.zeros(x.shape[0], x.shape[1], h, h, dtype=torch.float64, device=x.device)
@@ -229,6 +236,25 @@ def predict(G, masked, batch_size=256, dtype=None):
     return torch.cat(outs)
 
 
+PROGRESS_ABOVE = 1000     # evaluations of more images than this print progress on stderr
+PROGRESS_EVERY_S = 10.0   # at most one progress line per this many seconds (and one at the end)
+
+
+class Progress:
+    """Rate-limited 'images done / total, img/s' lines on stderr for a long evaluation; silent for a short one."""
+
+    def __init__(self, total, what="evaluating"):
+        self.total, self.what, self.on = total, what, total > PROGRESS_ABOVE
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, done):
+        now = time.perf_counter()
+        if self.on and (now - self.last >= PROGRESS_EVERY_S or done >= self.total):
+            self.last = now
+            rate = done / max(now - self.t0, 1e-9)
+            print(f"  {self.what}: {done:,}/{self.total:,} images, {rate:,.0f} img/s", file=sys.stderr, flush=True)
+
+
 def evaluate(G, images_u8, overlap=7, ring="visible", fill="mean", methods=("model",), batch_size=256, dtype=None,
              mask="center", size=128):
     """Mean metrics of each method over uint8 (N, S, S, 3) images (S >= size, centre-cropped to size), with the
@@ -236,10 +262,12 @@ def evaluate(G, images_u8, overlap=7, ring="visible", fill="mean", methods=("mod
 
     Returns {method: {"psnr", "l1", "l2", "psnr_region", "l1_region", "l2_region", "n_images"}}: hole metrics over
     the hidden pixels; region metrics over the 64x64 centre (centre masks) or the whole image (random masks).
+    More than PROGRESS_ABOVE images: a progress line on stderr every PROGRESS_EVERY_S seconds.
     """
     dev = next(G.parameters()).device if G is not None else torch.device("cpu")
     sums = {m: {} for m in methods}
     n = len(images_u8)
+    progress = Progress(n)
     for i in range(0, n, batch_size):
         x = ce_data.eval_batch(images_u8[i:i + batch_size], size).to(dev)
         t = eval_task(x, mask, i, overlap, ring, fill)
@@ -248,34 +276,77 @@ def evaluate(G, images_u8, overlap=7, ring="visible", fill="mean", methods=("mod
             for suffix, p, hole in (("", pred, t.hole), ("_region", t.compose(pred), torch.ones_like(t.hole[:1]))):
                 for k, v in image_metrics(p, t.target, hole).items():
                     sums[m][k + suffix] = sums[m].get(k + suffix, 0.0) + float(v.double().sum())
+        progress.update(min(i + batch_size, n))
     return {m: {**{k: v / n for k, v in s.items()}, "n_images": n} for m, s in sums.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pictures
 
+GRID_TITLES = ("masked", "filled", "original")  # save_grid's column titles when it is given 3 columns
+TITLE_H = 20                 # px: the strip above a sample grid that names its columns
+GRID_INFO = "ce_title_h"     # PNG text keys: that strip's height (make_gif skips the strip) and its titles
+GRID_INFO_TITLES = "ce_titles"
+GIF_STRIP_H = 22             # px: the dark strip above each GIF frame with the step number
+
+
 def to_uint8(x):
     """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3): de-normalised, so saved samples are not too dark."""
     return (unit(x) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(path, columns, per_row=4, gap=4):
+def font(size):
+    """Pillow's built-in font at `size` px; Pillow < 10.1 has only a fixed ~11 px bitmap font, used as is."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def draw_centred(draw, xy, text, fnt, fill):
+    """Text centred on the point xy; every title on the same baseline (its height measured on "Ag").
+    textbbox rather than anchor=: anchors need a FreeType font."""
+    try:
+        left, _, right, _ = draw.textbbox((0, 0), text, font=fnt)
+        _, top, _, bottom = draw.textbbox((0, 0), "Ag", font=fnt)
+    except (AttributeError, ValueError):  # Pillow < 9.2 measures only FreeType fonts: the bitmap one is 6 x 11 px
+        left, top, right, bottom = 0, 0, 6 * len(text), 11
+    draw.text((xy[0] - (left + right) / 2, xy[1] - (top + bottom) / 2), text, font=fnt, fill=fill)
+
+
+def grid_body(columns, per_row=4, gap=4):
+    """uint8 (H, W, 3): each image's columns side by side, `per_row` images per row, white gaps between them."""
+    from torchvision.utils import make_grid  # imported here: importing torchvision takes seconds; only grids need it
+    tuples = torch.cat([unit(c).cpu() for c in columns], dim=3)   # (N, 3, H, k*W): one image's tuple
+    grid = make_grid(tuples, nrow=per_row, padding=gap, pad_value=1.0)
+    if len(tuples) > 1:  # make_grid also pads the outer border (and returns a lone image unpadded): crop it
+        grid = grid[:, gap:grid.shape[1] - gap, gap:grid.shape[2] - gap]
+    # the rounding of torchvision's save_image: x * 255 + 0.5, truncated; written here to add a title strip
+    return grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def save_grid(path, columns, per_row=4, gap=4, titles=None):
     """Save a PNG of image tuples: columns = [masked, filled, original, ...], each (N, 3, H, W) in [-1, 1].
 
-    Each image's tuple is laid out side by side; `per_row` tuples per row, white gaps between tuples.
+    Each image's tuple is laid out side by side; `per_row` tuples per row, white gaps between tuples. A strip on
+    top names the columns over every tuple: `titles` (default: masked | filled | original for 3 columns; () for
+    no strip).
     """
-    cols = [to_uint8(c) for c in columns]
-    n, h, w = cols[0].shape[:3]
-    tuple_w = w * len(cols)
-    rows = math.ceil(n / per_row)
-    per_row = min(per_row, n)
-    canvas = np.full((rows * (h + gap) - gap, per_row * (tuple_w + gap) - gap, 3), 255, np.uint8)
-    for i in range(n):
-        r, c = divmod(i, per_row)
-        y, x = r * (h + gap), c * (tuple_w + gap)
-        canvas[y:y + h, x:x + tuple_w] = np.concatenate([col[i] for col in cols], axis=1)
+    body = grid_body(columns, per_row, gap)
+    titles = (GRID_TITLES if len(columns) == 3 else ()) if titles is None else tuple(titles)
+    top = TITLE_H if titles else 0
+    im = Image.new("RGB", (body.shape[1], top + body.shape[0]), "white")
+    im.paste(Image.fromarray(body), (0, top))
+    info = PngImagePlugin.PngInfo()
+    if titles:
+        draw, fnt, w = ImageDraw.Draw(im), font(13), columns[0].shape[-1]
+        for x0 in range(0, im.width, len(columns) * w + gap):
+            for j, title in enumerate(titles):
+                draw_centred(draw, (x0 + (j + 0.5) * w, top / 2), title, fnt, (0, 0, 0))
+        info.add_text(GRID_INFO, str(top))
+        info.add_text(GRID_INFO_TITLES, " | ".join(titles))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(canvas).save(path)
+    ce_cli.atomic_write(path, lambda f: im.save(f, format="PNG", pnginfo=info))
     return path
 
 
@@ -308,6 +379,30 @@ def _plt():
     return plt
 
 
+FOOT_PT = 7  # font size of the notes under a figure
+
+
+def note_lines(notes, width_in):
+    """`notes` (one per model) wrapped to a figure `width_in` inches wide, and the height in inches they need."""
+    chars = int(width_in * 72 / (FOOT_PT * 0.62))  # characters per line: an average glyph is ~0.6 of the font size
+    lines = [ln for note in notes for ln in textwrap.wrap(note, chars, subsequent_indent="    ")]
+    return lines, (len(lines) * FOOT_PT * 1.35 / 72 + 0.15 if lines else 0.0)
+
+
+def finish_figure(fig, path, lines=(), dpi=80):
+    """Write the note `lines` in the strip left free at the bottom of the laid-out figure, and save it as a PNG
+    (folders created, written atomically)."""
+    if lines:
+        fig.text(0.01, 0.06 / fig.get_size_inches()[1], "\n".join(lines), ha="left", va="bottom", fontsize=FOOT_PT,
+                 linespacing=1.35, family="monospace")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    _plt().close(fig)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    ce_cli.atomic_write(path, buf.getvalue())
+    return path
+
+
 def read_log(run):
     """A run's log.jsonl as (training records, evaluation records)."""
     recs = ce_cli.read_log(os.path.join(run, "log.jsonl"))
@@ -317,70 +412,114 @@ def read_log(run):
 IGNORED_IN_LABELS = {"out", "resume", "device", "quick", "log_every", "eval_every", "compile", "data_root"}
 
 
-def run_labels(runs):
-    """Label each run by the flags in which the runs differ (args.json), e.g. 'lam_adv=0.01'."""
-    args = []
-    for r in runs:
-        try:
-            with open(os.path.join(r, "args.json")) as f:
-                args.append(json.load(f))
-        except (OSError, ValueError):
-            args.append({})
+def run_args(path):
+    """The flags (args.json) of a run folder, or of the run folder holding checkpoint `path`; {} if unreadable."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    try:
+        with open(os.path.join(folder, "args.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def ratio_label(a):
+    """'x1000' for lambda_rec / lambda_adv = 1000 (the seed report's sweep labels); None without both weights."""
+    rec, adv = a.get("lam_rec"), a.get("lam_adv")
+    if not isinstance(rec, (int, float)) or not isinstance(adv, (int, float)):
+        return None
+    return "rec only" if adv == 0 else f"x{float(f'{rec / adv:.4g}'):g}"
+
+
+def run_labels(paths, labels=None):
+    """Short labels of several runs (or checkpoints) for titles and legends, and one note per run naming it and
+    the flags in which the runs differ (args.json). Returns (labels, notes).
+
+    Labels: `labels` if given; else the ratio "x1000" when only lambda_rec/lambda_adv differ (a lambda sweep);
+    else "A", "B", ...  A single run is labelled by its folder name, with no note.
+    Notes: "A = runs/a: lam_adv=0.01 width=32".
+    """
+    args = [run_args(p) for p in paths]
+    if len(paths) == 1 and labels is None:
+        return [os.path.basename(os.path.normpath(paths[0]))], []
     keys = sorted(k for k in set().union(*args) if k not in IGNORED_IN_LABELS
                   and len({json.dumps(a.get(k)) for a in args}) > 1)
-    return [" ".join(f"{k}={a.get(k)}" for k in keys) or os.path.basename(os.path.normpath(r))
-            for r, a in zip(runs, args)]
+    if labels is None:
+        labels = [ratio_label(a) for a in args] if keys and set(keys) <= {"lam_rec", "lam_adv"} else []
+        if None in labels or len(set(labels)) < len(paths):  # not a clean sweep: letters
+            labels = [chr(ord("A") + i) if i < 26 else str(i + 1) for i in range(len(paths))]
+    notes = []
+    for lab, p, a in zip(labels, paths, args):
+        flags = " ".join(f"{k}={a.get(k)}" for k in keys)
+        notes.append(f"{lab} = {os.path.normpath(p)}" + (f": {flags}" if flags else ""))
+    return list(labels), notes
 
 
-def plot_curves(runs, path):
-    """Training curves of one or several runs, overlaid: losses, D outputs and held-out PSNR against step."""
+MARKERS_UP_TO = 40  # series with at most this many points are drawn with a marker on each point
+
+
+def plot_curves(runs, path, labels=None):
+    """Training curves of one or several runs, overlaid: losses, D outputs and held-out PSNR against step.
+
+    Legend: short labels (see run_labels); several runs: a note per run under the plot names its differing flags.
+    """
     plt = _plt()
     panels = [("loss_D", "loss_D"), ("loss_rec", "loss_rec (Eq. 1)"), ("loss_adv", "loss_adv (G, Eq. 2)"),
               ("D_x", "D(x)"), ("D_G_x", "D(G(x))"), ("psnr", "held-out PSNR, hole (dB)")]
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
-    for run, label in zip(runs, run_labels(runs)):
+    labels, notes = run_labels(runs, labels)
+    lines, foot = note_lines(notes, 12)
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5 + foot))
+    for run, label in zip(runs, labels):
         train, evals = read_log(run)
         for ax, (key, title) in zip(axes.flat, panels):
             recs = evals if key == "psnr" else train
             ys = [r["eval"]["psnr"] if key == "psnr" else r[key] for r in recs]
-            ax.plot([r["step"] for r in recs], ys, marker="o" if key == "psnr" else None, ms=3, label=label)
-            ax.set_title(title, fontsize=10)
-            ax.set_xlabel("step", fontsize=8)
-            ax.grid(alpha=0.3)
-    axes[1, 2].legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=72)
-    plt.close(fig)
-    ce_cli.atomic_write(path, buf.getvalue())
-    return path
+            ax.plot([r["step"] for r in recs], ys, marker="o" if len(recs) <= MARKERS_UP_TO else None, ms=3,
+                    label=label)
+    for ax, (key, title) in zip(axes.flat, panels):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.ticklabel_format(useOffset=False, style="plain")  # real values on the ticks, no "+1e4" offset
+        ax.grid(alpha=0.3)
+    axes[1, 2].legend(fontsize=8)
+    fig.tight_layout(rect=(0, foot / (6.5 + foot), 1, 1))
+    return finish_figure(fig, path, lines, dpi=72)
+
+
+def gif_frame(path, rows, scale):
+    """The first `rows` rows of one sample grid (its title strip skipped), scaled, with a dark strip on top that
+    names the step (and the columns): drawn after scaling, so the text stays legible."""
+    with Image.open(path) as src:
+        top, titles = int(src.info.get(GRID_INFO, 0)), src.info.get(GRID_INFO_TITLES, "")
+        im = src.convert("RGB")
+    im = im.crop((0, top, im.width, min(im.height, top + rows * 132 - 4)))
+    im = im.resize((int(im.width * scale), int(im.height * scale)), Image.BILINEAR)
+    frame = Image.new("RGB", (im.width, GIF_STRIP_H + im.height), (32, 32, 32))
+    frame.paste(im, (0, GIF_STRIP_H))
+    step = int(os.path.basename(path)[5:12])
+    text = f"step {step:,}" + (f"   ({titles})" if titles else "")
+    ImageDraw.Draw(frame).text((4, 2), text, font=font(15), fill=(255, 255, 255))
+    return frame
 
 
 def make_gif(run, max_frames=20, rows=2, scale=0.5):
     """OUT/evolution.gif: the first `rows` rows of each sample grid over training, at most `max_frames` frames."""
-    from PIL import ImageDraw
     names = sorted(f for f in os.listdir(os.path.join(run, "samples")) if f.startswith("step_") and f.endswith(".png"))
     if not names:
         return None
     k = min(max_frames, len(names))  # evenly spaced frames, first and last included
     pick = sorted({round(i * (len(names) - 1) / max(k - 1, 1)) for i in range(k)})
-    frames = []
-    for i in pick:
-        im = Image.open(os.path.join(run, "samples", names[i])).convert("RGB")
-        im = im.crop((0, 0, im.width, min(im.height, rows * 132 - 4)))
-        im = im.resize((int(im.width * scale), int(im.height * scale)), Image.BILINEAR)
-        ImageDraw.Draw(im).text((3, 2), f"step {int(names[i][5:12])}", fill=(255, 255, 0))
-        frames.append(im.quantize(colors=128))
+    frames = [gif_frame(os.path.join(run, "samples", names[i]), rows, scale).quantize(colors=128) for i in pick]
     path = os.path.join(run, "evolution.gif")
     ce_cli.atomic_write(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
                                                        duration=400, loop=0))
     return path
 
 
-def comparison_figure(models, images, path, dtype=None):
+def comparison_figure(models, images, path, dtype=None, notes=()):
     """masked | each model | each baseline | original for N held-out images, the hole's PSNR under each.
 
-    models: [(label, G, args)], all with the same mask (overlap, ring, fill) as the first.
+    models: [(short label, G, args)], all with the same mask (overlap, ring, fill) as the first; notes: lines
+    under the figure saying what each label is (run_labels gives both).
     """
     plt = _plt()
     a = models[0][2]
@@ -396,8 +535,16 @@ def comparison_figure(models, images, path, dtype=None):
         cols.append((m.replace("_", " "), ce_data.paste(masked, pred, ov, ring), pred))
     cols.append(("original", images, None))
     n, k = len(images), len(cols)
-    fig, axes = plt.subplots(n, k, figsize=(1.6 * k, 1.75 * n), squeeze=False)
-    for j, (title, full, pred) in enumerate(cols):
+    # Laid out in inches (tight_layout misplaces fixed-aspect images): 1.5 in pictures, their title above the first
+    # row, the PSNR under each row, the notes at the bottom.
+    side, gap, title, label, margin = 1.5, 0.08, 0.25, 0.2, 0.05
+    width = k * side + (k - 1) * gap + 2 * margin
+    lines, foot = note_lines(notes, width)
+    height = title + n * (side + label) + (n - 1) * gap + margin + foot
+    fig, axes = plt.subplots(n, k, figsize=(width, height), squeeze=False)
+    fig.subplots_adjust(left=margin / width, right=1 - margin / width, top=1 - title / height,
+                        bottom=(label + margin + foot) / height, wspace=gap / side, hspace=(label + gap) / side)
+    for j, (name, full, pred) in enumerate(cols):
         pics = to_uint8(full)
         psnr = image_metrics(pred, target, hole)["psnr"] if pred is not None else None
         for i in range(n):
@@ -405,44 +552,63 @@ def comparison_figure(models, images, path, dtype=None):
             ax.imshow(pics[i])
             ax.set_xticks([]), ax.set_yticks([])
             if i == 0:
-                ax.set_title(title, fontsize=7)
+                ax.set_title(name, fontsize=9)
             if psnr is not None:
-                ax.set_xlabel(f"{psnr[i]:.1f} dB", fontsize=7)
-    fig.tight_layout(pad=0.3)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+                ax.set_xlabel(f"{psnr[i]:.1f} dB", fontsize=7, labelpad=2)
+    return finish_figure(fig, path, lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
+class HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """ce_cli.Parser's --help layout (docstring as written, defaults shown), but no "(default: None)" or
+    "(default: False)" after flags that are off unless given: their help says what happens without them."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     p = ce_cli.Parser(__doc__)
-    p.add_argument("--ckpt", nargs="+", help="checkpoint(s) written by ce_train.py (OUT/best.pt, OUT/ckpt.pt or OUT)")
+    p.formatter_class = HelpFormat
+    p.add_argument("--ckpt", nargs="+", help="checkpoint(s) written by ce_train.py: OUT/best.pt, OUT/ckpt.pt or the "
+                                             "run folder OUT; with --figure, several side by side")
     p.add_argument("--data", choices=("shapes", "tiny", "imagenet", "folder"), help="dataset (default: the checkpoint's)")
     p.add_argument("--data-root", help="dataset folder (default: the checkpoint's)")
     p.add_argument("--split", default="val", choices=("val", "test"), help="held-out split to evaluate")
     p.add_argument("--max-images", type=int, default=0, help="evaluate at most this many images (0: all)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (lower it if memory runs out)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--json", action="store_true", help="print one JSON line per checkpoint instead of the table")
     p.add_argument("--image", nargs="+", metavar="PHOTO", help="inpaint these photos or folders of photos: the "
                    "centre square is scaled to 128 px; writes NAME_filled.png (128 px), NAME_full.png (the photo at "
                    "its own size, only the hole replaced) and NAME_compare.png to --out")
-    p.add_argument("--figure", action="store_true", help="comparison figure of --n held-out images (all --ckpt side by side)")
-    p.add_argument("--n", type=int, default=6, help="images in --figure")
+    p.add_argument("--figure", action="store_true", help="write OUT/figure.png: --n held-out images, masked | "
+                   "model(s) | baselines | original; several --ckpt are labelled A, B, ... (or x1000, ... for a "
+                   "lambda sweep) with their differing flags in a note under the figure")
+    p.add_argument("--n", type=int, default=6, help="held-out images (rows) in --figure")
     p.add_argument("--plot", nargs="+", metavar="RUN", help="training curves of these run folders, overlaid")
-    p.add_argument("--out", help="output: folder for --image/--figure (default: inpainted), file for --plot "
-                                 "(default: curves.png)")
+    p.add_argument("--out", help="output: folder for --image and --figure (default: inpainted); for --plot a .png "
+                                 "file, or a folder that gets curves.png (default: ./curves.png); folders are created")
     a = p.parse_args(argv)
     if a.batch_size <= 0 or a.max_images < 0 or a.n <= 0:
         p.error("--batch-size and --n must be positive and --max-images >= 0")
     if not a.ckpt and not a.plot:
         p.error("give --ckpt CKPT (evaluate, --image, --figure) or --plot RUN [RUN ...]")
+    if a.plot and a.out and os.path.splitext(a.out)[1].lower() not in ("", ".png") and not os.path.isdir(a.out):
+        p.error(f"--out {a.out}: with --plot, give a .png file or a folder")
     a.device = ce_cli.resolve_device(a.device, p)
     return a
+
+
+def plot_path(out):
+    """--plot's output file: --out if it is a .png file, else OUT/curves.png (folders are created on writing)."""
+    if not out:
+        return "curves.png"
+    return out if out.lower().endswith(".png") and not os.path.isdir(out) else os.path.join(out, "curves.png")
 
 
 def print_table(results, title):
@@ -502,7 +668,7 @@ def held_out(args, a):
 def main(argv=None):
     args = parse_args(argv)
     if args.plot:
-        print(f"wrote {plot_curves(args.plot, args.out or 'curves.png')}")
+        print(f"wrote {plot_curves(args.plot, plot_path(args.out))}")
         return
     hw = ce_cli.Hardware(args.device)
     dtype = hw.dtype
@@ -513,10 +679,11 @@ def main(argv=None):
     if args.figure:
         images, data = held_out(args, a)
         x = ce_data.eval_batch(images[:args.n])
-        labels = run_labels([os.path.dirname(s["path"]) for _, _, s in loaded]) if len(loaded) > 1 else ["model"]
+        labels, notes = run_labels([s["path"] for _, _, s in loaded]) if len(loaded) > 1 else (["model"], [])
         path = comparison_figure([(lab, G, s["args"]) for lab, (G, _, s) in zip(labels, loaded)], x,
-                                 os.path.join(args.out or "inpainted", "figure.png"), dtype)
-        print(f"wrote {path}: masked | model(s) | baselines | original, {len(x)} {data}/{args.split} images")
+                                 os.path.join(args.out or "inpainted", "figure.png"), dtype, notes)
+        print(f"wrote {path}: masked | {' | '.join(labels)} | baselines | original, {len(x)} {data}/{args.split} "
+              f"images" + "".join(f"\n  {note}" for note in notes))
         return
     for G, _, state in loaded:
         a = state["args"]

@@ -3,9 +3,12 @@ each evaluated on the held-out split with ce_eval's metrics; a table on the term
 overlaid curves in OUT/curves.png and a side-by-side comparison in OUT/figure.png.
 
     python ce_sweep.py --ratios 1 100 200 1000 --out runs/sweep -- --data tiny --steps 5000
+    python ce_sweep.py --ratios 1 1000 --out runs/sweep-cpu -- --width 32 --bottleneck 512 --steps 1000
 
-Ratio r means lambda_rec = r / (1 + r), lambda_adv = 1 / (1 + r) (x1000 ~ the paper's 0.999 / 0.001). Flags after
-`--` go to ce_train.py unchanged. A run folder that already exists is resumed, so a stopped sweep continues.
+Ratio r means lambda_rec = r / (1 + r), lambda_adv = 1 / (1 + r) (x1000 ~ the paper's 0.999 / 0.001). Flags for
+ce_train.py go after `--` and reach it unchanged (`python ce_train.py --help` lists them). A run folder that already
+exists (OUT/ratio<r>) is resumed, so a stopped sweep continues. Figures label each run by its ratio (x1, x1000, ...)
+and name its lambdas in a note under the figure.
 """
 import csv
 import io
@@ -25,12 +28,16 @@ COLUMNS = ("ratio", "lam_rec", "lam_adv", "data", "steps", "psnr", "l1", "l2", "
 
 
 def parse_args(argv=None):
-    p = ce_cli.Parser(__doc__)
-    p.add_argument("--ratios", type=float, nargs="+", default=[1, 100, 200, 1000],
-                   help="lambda_rec / lambda_adv ratios (seed report: 1, 100, 200, 500, 1000)")
-    p.add_argument("--out", default=os.path.join("runs", "sweep"), help="folder for the runs, sweep.csv and figures")
-    p.add_argument("--n", type=int, default=6, help="held-out images in the comparison figure")
-    p.add_argument("train", nargs="*", help="flags for ce_train.py, after --")
+    p = ce_cli.Parser(__doc__, usage="%(prog)s [--ratios R [R ...]] [--out OUT] [--n N] [-- CE_TRAIN_FLAGS ...]")
+    p.formatter_class = ce_eval.HelpFormat
+    p.add_argument("--ratios", type=float, nargs="+", default=[1, 100, 200, 1000], metavar="R",
+                   help="lambda_rec / lambda_adv ratios, one run each (seed report: 1, 100, 200, 500, 1000)")
+    p.add_argument("--out", default=os.path.join("runs", "sweep"),
+                   help="folder for the runs (OUT/ratio<r>), sweep.csv, curves.png and figure.png")
+    p.add_argument("--n", type=int, default=6, help="held-out images (rows) in the comparison figure")
+    p.add_argument("train", nargs="*", metavar="CE_TRAIN_FLAGS",
+                   help="flags for ce_train.py, given after `--` (e.g. -- --data tiny --steps 5000); "
+                        "the sweep sets --lam-rec, --lam-adv and --out/--resume itself")
     a = p.parse_args(argv)
     if any(r <= 0 for r in a.ratios):
         p.error("--ratios must be > 0")
@@ -84,9 +91,11 @@ def main(argv=None):
         runs.append(run)
         models.append((f"x{r:g}", G, a))
     write_table(rows, args.out)
-    ce_eval.plot_curves(runs, os.path.join(args.out, "curves.png"))
+    labels = [label for label, _, _ in models]
+    ce_eval.plot_curves(runs, os.path.join(args.out, "curves.png"), labels)
     x = ce_data.eval_batch(images[:args.n])
-    ce_eval.comparison_figure(models, x, os.path.join(args.out, "figure.png"), hw.dtype)
+    notes = ce_eval.run_labels(runs, labels)[1]   # "x1000 = runs/sweep/ratio1000: lam_adv=0.000999 lam_rec=0.999"
+    ce_eval.comparison_figure(models, x, os.path.join(args.out, "figure.png"), hw.dtype, notes)
     print(f"wrote {args.out}/sweep.csv, {args.out}/curves.png, {args.out}/figure.png")
 
 

@@ -41,8 +41,9 @@ def test_run_labels_name_the_differing_flags(tmp_path):
         os.makedirs(tmp_path / name)
         with open(tmp_path / name / "args.json", "w") as f:
             json.dump({"lam_adv": lam, "width": 64, "out": str(tmp_path / name)}, f)
-    assert ce_eval.run_labels([str(tmp_path / "a"), str(tmp_path / "b")]) == ["lam_adv=0.001", "lam_adv=0.01"]
-    assert ce_eval.run_labels([str(tmp_path / "a")]) == ["a"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert ce_eval.run_labels([a, b]) == (["A", "B"], [f"A = {a}: lam_adv=0.001", f"B = {b}: lam_adv=0.01"])
+    assert ce_eval.run_labels([a]) == (["a"], [])
 
 
 def test_gif_frame_count_and_size_are_bounded(tmp_path):
@@ -50,9 +51,9 @@ def test_gif_frame_count_and_size_are_bounded(tmp_path):
     for s in range(1, 31):
         Image.new("RGB", (1548, 524), (8 * s, 0, 0)).save(tmp_path / "samples" / f"step_{s * 100:07d}.png")
     gif = Image.open(ce_eval.make_gif(str(tmp_path), max_frames=12))
-    assert gif.n_frames == 12 and gif.size == (774, 130)
+    assert gif.n_frames == 12 and gif.size == (774, ce_eval.GIF_STRIP_H + 130)   # + the strip naming the step
     gif.seek(11)
-    assert gif.convert("RGB").getpixel((600, 100))[0] == 240   # the last frame is the last sample
+    assert gif.convert("RGB").getpixel((600, ce_eval.GIF_STRIP_H + 100))[0] == 240   # the last frame: last sample
 
 
 def test_comparison_figure_psnr_labels(tmp_path):
@@ -77,7 +78,7 @@ def test_plot_cli_overlays_runs(tmp_path, tiny_flags, capsys):
     capsys.readouterr()
     ce_eval.main(["--plot", *runs, "--out", str(tmp_path / "both.png")])
     assert "both.png" in capsys.readouterr().out and Image.open(tmp_path / "both.png").size[0] > 400
-    assert ce_eval.run_labels(runs) == ["lam_adv=0.001", "lam_adv=0.01"]
+    assert ce_eval.run_labels(runs)[0] == ["x999", "x99.9"]   # only lam_adv differs: labelled by lam_rec / lam_adv
     with pytest.raises(SystemExit) as e:     # neither --ckpt nor --plot: one-line usage error
         ce_eval.main([])
     assert e.value.code == 2 and "--plot RUN" in capsys.readouterr().err
