@@ -110,16 +110,19 @@ REGION_WINDOW = (0.20, 0.30)
 REGION_CANDIDATES = 16
 
 
-def block_masks(n, size=128, g=None, device="cpu", blocks=8, side=None, max_cover=0.25):
+def block_masks(n, size=128, g=None, device="cpu", rows=None, blocks=8, side=None, max_cover=0.25):
     """Random blocks (paper 3.3: "a number of smaller possibly overlapping masks, covering up to 1/4 of the image";
     no official code exists, so the rule is this project's): `blocks` rectangles per image, each side uniform in
     [side[0], side[1]] px, top-left corner uniform over the positions that keep it inside the image; they are
     added in turn, a rectangle is skipped when it would take the union above `max_cover` of the image. The first
     always fits, so the coverage lies in [side[0]^2 / size^2, max_cover] (1.6 % .. 25 % at the defaults).
-    side: default (size // 8, size // 4), i.e. 16-32 px at 128 px."""
+    side: default (size // 8, size // 4), i.e. 16-32 px at 128 px. rows: build only these of the n images."""
     side = side or (size // 8, size // 4)
     hw = torch.randint(side[0], side[1] + 1, (2, n, blocks), generator=g)
     yx = (torch.rand(2, n, blocks, generator=g) * (size - hw + 1)).long()
+    if rows is not None:                     # all n images' numbers are drawn; only these images are built
+        hw, yx = hw[:, rows], yx[:, rows]
+        n = hw.shape[1]
     hw, yx = hw.to(device), yx.to(device)
     ar = torch.arange(size, device=device)
     inside = (ar >= yx[..., None]) & (ar < (yx + hw)[..., None])            # (2, n, blocks, size): rows, columns
@@ -153,7 +156,7 @@ def _fields(noise, start, size, scale):
     return _upsample_rows(size, cells, scale, start[0]) @ noise @ _upsample_rows(size, cells, scale, start[1]).mT
 
 
-def region_masks(n, size=128, g=None, device="cpu", candidates=REGION_CANDIDATES, scale=REGION_SCALE,
+def region_masks(n, size=128, g=None, device="cpu", rows=None, candidates=REGION_CANDIDATES, scale=REGION_SCALE,
                  density=REGION_DENSITY, window=REGION_WINDOW, rounds=4):
     """Random regions, the official recipe without its 10000x10000 pattern. Each image has `candidates` crops of a
     smooth field (uniform noise upsampled bicubically by `scale`, generated at that scale for the crop alone: a few
@@ -163,10 +166,15 @@ def region_masks(n, size=128, g=None, device="cpu", candidates=REGION_CANDIDATES
     images with 16 candidates: ~72 % of crops are rejected), the first candidate is thresholded at its own 25th
     percentile instead, which keeps the fraction inside the window.
     All random numbers are drawn up front, so the result does not depend on how candidates are evaluated: on a CPU
-    in `rounds` batches, stopping once every image has a mask (a host check is free there); elsewhere all at once."""
+    in `rounds` batches, stopping once every image has a mask (a host check is free there); elsewhere all at once.
+    rows: build only these of the n images (their masks are the same as when all n are built)."""
     cells = int(math.floor((size - 0.5) / scale + 2.5)) + 3               # the low-res cells a crop's taps reach
-    noise = torch.rand(n, candidates, cells, cells, generator=g).to(device)
-    start = (2 + torch.rand(2, n, candidates, generator=g)).to(device)     # sub-cell phase; >= 2 keeps taps >= 0
+    noise = torch.rand(n, candidates, cells, cells, generator=g)
+    start = 2 + torch.rand(2, n, candidates, generator=g)                   # sub-cell phase; >= 2 keeps taps >= 0
+    if rows is not None:
+        noise, start = noise[rows], start[:, rows]
+        n = len(noise)
+    noise, start = noise.to(device), start.to(device)
     chosen = torch.zeros(n, size, size, device=device)
     found = torch.zeros(n, dtype=torch.bool, device=device)
     per = candidates // rounds
@@ -195,9 +203,9 @@ def random_masks(kind, n, key, size=128, device="cpu", per_batch=False, rows=Non
     per_batch: one mask shared by the whole batch (official train_random.lua:330). rows: keep only these images
     (a DDP rank's slice of the global batch, so each rank sees what a one-process run of the global batch sees)."""
     make = {"block": block_masks, "region": region_masks}[kind]
-    masks = make(1 if per_batch else n, size, _seeded(*key), device)
-    masks = masks.expand(n, -1, -1, -1) if per_batch else masks
-    return masks if rows is None else masks[rows]
+    if per_batch:
+        return make(1, size, _seeded(*key), device).expand(len(range(n)[rows or slice(None)]), -1, -1, -1)
+    return make(n, size, _seeded(*key), device, rows)
 
 
 EVAL_CHUNK = 256
@@ -209,8 +217,8 @@ def eval_masks(kind, start, n, device="cpu", size=128):
     first, last = start // EVAL_CHUNK, (start + n - 1) // EVAL_CHUNK
     parts = []
     for c in range(first, last + 1):
-        m = random_masks(kind, EVAL_CHUNK, ("eval-masks", kind, c), size, device)
-        parts.append(m[max(start - c * EVAL_CHUNK, 0):min(start + n - c * EVAL_CHUNK, EVAL_CHUNK)])
+        rows = slice(max(start - c * EVAL_CHUNK, 0), min(start + n - c * EVAL_CHUNK, EVAL_CHUNK))
+        parts.append(random_masks(kind, EVAL_CHUNK, ("eval-masks", kind, c), size, device, rows=rows))
     return torch.cat(parts)
 
 

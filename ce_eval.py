@@ -104,7 +104,7 @@ def _neighbour_sum(u):
     return p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:]
 
 
-def harmonic_fill_mask(images, mask, tol=1e-9, max_iter=5000):
+def harmonic_fill_mask(images, mask, tol=1e-6, max_iter=5000):
     """Diffusion inpainting of an arbitrary hole: in every hidden pixel, the 5-point Laplace equation
     deg(p) u_p = sum of its neighbours (deg = neighbours inside the image), with the visible pixels as boundary
     values. A symmetric positive definite system on the hole, solved per image and channel by conjugate gradients

@@ -174,6 +174,8 @@ def _decode_one(job):
     try:
         arr, up = ce_datasets.decode_image(path, size)
         return arr, up, None
+    except ce_cli.DataError as e:        # read_rgb's one-line reason (unreadable, special file, bomb)
+        return None, False, str(e)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         return None, False, f"{path} ({type(e).__name__}: {e})"
 

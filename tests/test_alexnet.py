@@ -96,7 +96,7 @@ def test_tiny_alexnet_run_trains_resumes_exactly_inpaints_and_is_probed(tmp_path
     import ce_probe
     import ce_train
     flags = tiny_flags + ["--arch", "alexnet", "--alexnet-width", "0.125", "--batch-size", "4", "--log-every", "2",
-                          "--eval-every", "2", "--eval-images", "4", "--shapes-n", "16"]
+                          "--eval-every", "4", "--eval-images", "4", "--shapes-n", "16"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     ce_train.main(flags + ["--steps", "4", "--out", a])
     ce_train.main(flags + ["--steps", "2", "--out", b])
