@@ -42,7 +42,7 @@ VARIANTS = {
 }
 # DEVIATION: on a CPU, with no size flags, `python ce_train.py --data shapes` trains a smaller network for fewer
 # steps so that the quick start ends in minutes; the paper's network is --width 64 --bottleneck 4000.
-CPU_QUICK = dict(width=32, bottleneck=512, batch_size=32, steps=1000, eval_every=250)
+CPU_QUICK = dict(width=32, bottleneck=512, batch_size=32, steps=600, eval_every=300)
 RUNTIME = ("device", "dtype", "channels_last", "compile", "resume")  # decided afresh on each machine
 
 
@@ -408,7 +408,7 @@ def announce(args, world, n_train, n_val, G, D, total):
           f"{args.dtype} | out {args.out}")
     print("config: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())))
     if args.quick:
-        print("CPU quick start: a smaller network (--width 32 --bottleneck 512) for 1000 steps; pass --width 64 "
+        print("CPU quick start: a smaller network (--width 32 --bottleneck 512) for 600 steps; pass --width 64 "
               "--bottleneck 4000 --steps N for the paper's network")
     ce_cli.atomic_write(os.path.join(args.out, "args.json"), json.dumps(vars(args), indent=1))
 
