@@ -4,6 +4,7 @@ typical implementations are, measured side by side in one run, with the same net
     python ce_bench.py --batch-size 512 --steps 50              # GPU: the paper's network on the embedded data
     python ce_bench.py --data tiny --batch-size 64               # Tiny ImageNet layout
     python ce_bench.py --device cpu --width 16 --bottleneck 64 --batch-size 16 --steps 5
+    python ce_bench.py --batch-size 512 --mask region --skip-reference   # what random masks cost on the GPU
 
 Configurations:
   ours        ce_train's step; uint8 data resident on the device, batches sliced, flipped, normalised and masked
@@ -11,6 +12,8 @@ Configurations:
   ours-fp32   the same without autocast           (CUDA only: each speed switch off, one at a time)
   ours-nchw   the same without channels_last      (CUDA only)
   ours-compile  the same with torch.compile       (with --compile)
+  ours-region   the whole-image model with random region masks made on the device at every step (--mask region;
+              likewise block); region-masks-only: making the masks alone, to compare with the step
   reference   fp32, NCHW; a per-sample Dataset that decodes an image file with Pillow, resizes, flips, normalises
               and masks on the CPU, batched by a DataLoader with --workers processes (the seed report's design)
 Timing: --warmup steps first (cudnn autotuning, compilation), then --repeats windows of --steps steps each, the
@@ -71,6 +74,9 @@ def parse_args(argv=None):
                    help="DataLoader processes of the reference loop (the seed report used 10) (default: min(10, "
                         "CPU cores), here %(default)s)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (ours-compile)")
+    p.add_argument("--mask", default="center", choices=("center", "block", "region"),
+                   help="block/region: also time the whole-image model with these masks (ours-MASK) and the masks "
+                        "alone (MASK-masks-only), in the same run")
     p.add_argument("--skip-reference", action="store_true", help="do not time the reference loop")
     p.add_argument("--json", action="store_true", help="one JSON line per configuration instead of the table")
     a = p.parse_args(argv)
@@ -85,12 +91,41 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def build(a, device, channels_last, dtype="fp32"):
-    """ce_train's networks, optimisers and loss weights (its builder, paper defaults) at this benchmark's sizes."""
+def build(a, device, channels_last, dtype="fp32", mask="center"):
+    """ce_train's networks, optimisers and loss weights (its builder, paper defaults) at this benchmark's sizes;
+    mask block/region: the whole-image model."""
     torch.manual_seed(0)
     hw = ce_cli.Hardware(device, dtype, channels_last)
-    t = ce_train.default_args(device=str(device), width=a.width, bottleneck=a.bottleneck)
+    t = ce_train.default_args(device=str(device), width=a.width, bottleneck=a.bottleneck, mask=mask)
     return (*ce_train.build_training(t, hw), t)
+
+
+def batch_maker(batches, mask):
+    """next_batch() for the timed loop: ce_train's masker on consecutive steps (centre: (masked, target))."""
+    t, k = ce_train.default_args(mask=mask), iter(range(10**9))
+    if mask == "center":
+        return lambda: ce_data.mask_batch(batches.get(next(k)), t.overlap, t.ring, t.fill)
+    masker = ce_train.make_masker(t, None)
+
+    def next_batch():
+        step = next(k)
+        return masker(batches.get(step), step)
+    return next_batch
+
+
+def measure_masks(a, device, kind):
+    """The masks alone: median ms to make one batch of `kind` masks on the device (what they add to a step)."""
+    windows = []
+    for r in range(a.repeats + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        for s in range(a.steps):
+            ce_data.random_masks(kind, a.batch_size, (0, "bench", r, s), 128, device)
+        sync(device)
+        windows.append((time.perf_counter() - t0) / a.steps)
+    sec = statistics.median(windows[1:])                          # the first window warms up
+    return {"config": f"{kind}-masks-only", "img_per_s": a.batch_size / sec, "ms_per_step": 1000 * sec,
+            "tflops": 0.0, "gflop_per_img": 0.0, "peak_gib": None}
 
 
 def step_flops(step, batch):
@@ -101,9 +136,9 @@ def step_flops(step, batch):
     return fc.get_total_flops()
 
 
-def measure(name, a, device, next_batch, dtype="fp32", channels_last=False, compile_=False):
+def measure(name, a, device, next_batch, dtype="fp32", channels_last=False, compile_=False, mask="center"):
     """Median seconds per step over a.repeats windows, FLOPs of one step, peak device memory."""
-    G, D, optG, optD, W, t = build(a, device, channels_last, dtype)
+    G, D, optG, optD, W, t = build(a, device, channels_last, dtype, mask)
     ctx = ce_cli.Hardware(device, dtype, channels_last).ctx
     flops = step_flops(ce_train.make_train_step(G, D, optG, optD, W, t, ctx), next_batch())   # never compiled
     t.compile = compile_
@@ -171,11 +206,11 @@ def report(results, a, device):
     print(f"{name} | torch {torch.__version__} | {a.data} | batch {a.batch_size} | G width {a.width}, bottleneck "
           f"{a.bottleneck} | {results[0]['gflop_per_img']:.2f} GFLOP per image per step | median of {a.repeats} x "
           f"{a.steps} steps")
-    print(f"{'config':<14}{'img/s':>10}{'ms/step':>10}{'TFLOP/s':>9}{'peak GiB':>10}{'vs reference':>14}")
+    print(f"{'config':<18}{'img/s':>10}{'ms/step':>10}{'TFLOP/s':>9}{'peak GiB':>10}{'vs reference':>14}")
     for r in results:
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
         vs = f"{r['vs_reference']:.2f}x" if r["vs_reference"] else "-"
-        print(f"{r['config']:<14}{r['img_per_s']:>10,.0f}{r['ms_per_step']:>10.2f}{r['tflops']:>9.2f}{peak:>10}{vs:>14}")
+        print(f"{r['config']:<18}{r['img_per_s']:>10,.0f}{r['ms_per_step']:>10.2f}{r['tflops']:>9.2f}{peak:>10}{vs:>14}")
 
 
 def main(argv=None):
@@ -185,15 +220,16 @@ def main(argv=None):
     t = ce_train.default_args()
     cuda = device.type == "cuda"
     # (name, autocast dtype, channels_last, torch.compile): ours with everything on, then each switch off alone
-    configs = [("ours", "auto", cuda, False)]
-    configs += [("ours-fp32", "fp32", True, False), ("ours-nchw", "bf16", False, False)] * cuda
-    configs += [("ours-compile", "auto", cuda, True)] * a.compile
+    configs = [("ours", "auto", cuda, False, "center")]
+    configs += [("ours-fp32", "fp32", True, False, "center"), ("ours-nchw", "bf16", False, False, "center")] * cuda
+    configs += [("ours-compile", "auto", cuda, True, "center")] * a.compile
+    configs += [(f"ours-{a.mask}", "auto", cuda, False, a.mask)] * (a.mask != "center")   # whole-image model
     results = []
-    for name, dtype, channels_last, compile_ in configs:
+    for name, dtype, channels_last, compile_, mask in configs:
         batches = ce_data.Batches(train_u8, a.batch_size, device, 0, True, 128, channels_last)
-        k = iter(range(10**9))
-        next_batch = lambda: ce_data.mask_batch(batches.get(next(k)), t.overlap, t.ring, t.fill)  # noqa: E731
-        results.append(measure(name, a, device, next_batch, dtype, channels_last, compile_))
+        results.append(measure(name, a, device, batch_maker(batches, mask), dtype, channels_last, compile_, mask))
+    if a.mask != "center":
+        results.append(measure_masks(a, device, a.mask))
     if not a.skip_reference:
         results.append(measure_reference(a, device, train_u8, t))
     report(results, a, device)

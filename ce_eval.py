@@ -165,7 +165,7 @@ def blobs(mask):
                         parent[rb] = ra
                         size[ra] += size[rb]
         prev = list(zip(runs, ids))
-    return [size[i] for i in range(len(parent)) if parent[i] == i]
+    return [int(size[i]) for i in range(len(parent)) if parent[i] == i]
 
 
 def _root(parent, i):
@@ -208,16 +208,19 @@ def mask_statistics(masks):
 def eval_task(x, kind, start, overlap, ring, fill):
     """What every method sees and is scored on, for held-out images x (B, 3, 128, 128) starting at index `start`:
     the masked input, the target, the hole (pixels scored by the hole metrics), compose(pred) -> the final picture
-    scored by the region metrics (prediction pasted into the hole only), and baseline(name) -> a baseline's pred."""
+    scored by the region metrics (prediction pasted into the hole only), picture(pred) -> the whole image to show
+    (random masks: hole outlines drawn), and baseline(name) -> a baseline's prediction."""
     if kind == "center":
         masked, target = ce_data.mask_batch(x, overlap, ring, fill)
         lo, hi = ce_data.region_bounds(x.shape[-1])
         return SimpleNamespace(masked=masked, target=target, hole=ce_data.hole_mask(overlap, ring),
                                compose=lambda p: ce_data.paste(masked, p, overlap, ring)[..., lo:hi, lo:hi],
+                               picture=lambda p: ce_data.paste(masked, p, overlap, ring),
                                baseline=lambda name: baseline_region(name, masked, overlap, ring))
     mask = ce_data.eval_masks(kind, start, len(x), x.device, x.shape[-1])
     masked = ce_data.apply_mask(x, mask, fill)
     return SimpleNamespace(masked=masked, target=x, hole=mask, compose=lambda p: ce_data.paste_image(masked, p, mask),
+                           picture=lambda p: outline(ce_data.paste_image(masked, p, mask), mask),
                            baseline=lambda name: baseline_image(name, masked, mask))
 
 
@@ -353,13 +356,8 @@ def save_grid(path, columns, per_row=4, gap=4, titles=None):
 def inpaint(G, images, overlap, ring, fill, dtype=None, mask="center"):
     """images (B, 3, 128, 128) in [-1, 1] -> (masked, filled): the prediction pasted into the hole only. Random
     masks: the fixed held-out masks of images 0..B-1, with the hole's outline drawn on the filled image."""
-    if mask == "center":
-        masked, _ = ce_data.mask_batch(images, overlap, ring, fill)
-        return masked, ce_data.paste(masked, predict(G, masked, dtype=dtype), overlap, ring)
-    holes = ce_data.eval_masks(mask, 0, len(images), images.device, images.shape[-1])
-    masked = ce_data.apply_mask(images, holes, fill)
-    filled = ce_data.paste_image(masked, predict(G, masked, dtype=dtype).to(images.device), holes)
-    return masked, outline(filled, holes)
+    t = eval_task(images, mask, 0, overlap, ring, fill)
+    return t.masked, t.picture(predict(G, t.masked, dtype=dtype).to(images.device))
 
 
 def outline(images, mask, colour=(1.0, 1.0, -1.0)):
@@ -523,16 +521,15 @@ def comparison_figure(models, images, path, dtype=None, notes=()):
     """
     plt = _plt()
     a = models[0][2]
-    ov, ring, fill = a["overlap"], a["ring"], a["fill"]
-    masked, target = ce_data.mask_batch(images, ov, ring, fill)
-    hole = ce_data.hole_mask(ov, ring)
-    cols = [("masked input", masked, None)]
+    t = eval_task(images, a.get("mask", "center"), 0, a["overlap"], a["ring"], a["fill"])
+    target, hole = t.target, t.hole
+    cols = [("masked input", t.masked, None)]
     for label, G, _ in models:
-        pred = predict(G, masked.to(next(G.parameters()).device), dtype=dtype).cpu()
-        cols.append((label, ce_data.paste(masked, pred, ov, ring), pred))
+        pred = predict(G, t.masked.to(next(G.parameters()).device), dtype=dtype).cpu()
+        cols.append((label, t.picture(pred), pred))
     for m in BASELINES[1:]:
-        pred = baseline_region(m, masked, ov, ring)
-        cols.append((m.replace("_", " "), ce_data.paste(masked, pred, ov, ring), pred))
+        pred = t.baseline(m)
+        cols.append((m.replace("_", " "), t.picture(pred), pred))
     cols.append(("original", images, None))
     n, k = len(images), len(cols)
     # Laid out in inches (tight_layout misplaces fixed-aspect images): 1.5 in pictures, their title above the first
@@ -586,6 +583,10 @@ def parse_args(argv=None):
     p.add_argument("--image", nargs="+", metavar="PHOTO", help="inpaint these photos or folders of photos: the "
                    "centre square is scaled to 128 px; writes NAME_filled.png (128 px), NAME_full.png (the photo at "
                    "its own size, only the hole replaced) and NAME_compare.png to --out")
+    p.add_argument("--mask", metavar="MASK.png", help="with --image: your own hole (white = hole), cropped and scaled "
+                   "exactly as the photo; needs a model trained with --mask region or block")
+    p.add_argument("--mask-stats", choices=("block", "region"), help="print hole fraction, blobs per mask and blob "
+                   "size of --n training masks of this kind (region: against the official recipe) and exit")
     p.add_argument("--figure", action="store_true", help="write OUT/figure.png: --n held-out images, masked | "
                    "model(s) | baselines | original; several --ckpt are labelled A, B, ... (or x1000, ... for a "
                    "lambda sweep) with their differing flags in a note under the figure")
@@ -596,8 +597,10 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.batch_size <= 0 or a.max_images < 0 or a.n <= 0:
         p.error("--batch-size and --n must be positive and --max-images >= 0")
-    if not a.ckpt and not a.plot:
+    if not a.ckpt and not a.plot and not a.mask_stats:
         p.error("give --ckpt CKPT (evaluate, --image, --figure) or --plot RUN [RUN ...]")
+    if a.mask and not a.image:
+        p.error("--mask MASK.png goes with --image PHOTO")
     if a.plot and a.out and os.path.splitext(a.out)[1].lower() not in ("", ".png") and not os.path.isdir(a.out):
         p.error(f"--out {a.out}: with --plot, give a .png file or a folder")
     a.device = ce_cli.resolve_device(a.device, p)
@@ -619,35 +622,83 @@ def print_table(results, title):
               f"{r['psnr_region']:>9.2f}{r['l1_region']:>8.2f}{r['l2_region']:>8.2f}")
 
 
-def run_images(G, paths, a, out, dtype):
+def read_user_mask(path, photo, square, size):
+    """A user's mask image (white = hole) -> (1, 1, size, size) bool, cropped and scaled exactly as the photo: a
+    mask of another size is first scaled to the photo's size. One-line errors for an unreadable, empty or all-hole
+    mask."""
+    m = ce_datasets.read_rgb(path).convert("L")
+    if m.size != photo.size:
+        m = m.resize(photo.size, Image.NEAREST)
+    left, top, side = square
+    m = m.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
+    hole = torch.from_numpy(np.asarray(m) > 127)[None, None]
+    if not hole.any():
+        raise ce_cli.DataError(f"{path}: no hole in the photo's central square (white = hole, black = keep); "
+                               "draw the region to fill in white")
+    if hole.all():
+        raise ce_cli.DataError(f"{path}: the whole central square is a hole; leave some context (black) to fill from")
+    return hole
+
+
+def paste_full_mask(photo, filled, square, hole):
+    """The photo at its own size with only the hidden pixels replaced: the size x size prediction and mask scaled
+    back to the square (bicubic, nearest); every other pixel of the photo is kept bit for bit."""
+    left, top, side = square
+    big = np.asarray(Image.fromarray(filled).resize((side, side), Image.BICUBIC))
+    keep = np.asarray(Image.fromarray(hole[0, 0].cpu().numpy()).resize((side, side), Image.NEAREST))
+    out = np.array(photo)
+    region = out[top:top + side, left:left + side]
+    region[keep] = big[keep]
+    return Image.fromarray(out), int(keep.sum())
+
+
+def inpaint_photo(G, photo, a, dtype, mask_path=None):
+    """One photo through G: (masked, filled, input) batches of one and the full-size result with a description.
+    Centre models fill the central square; random-mask models the user's mask, or held-out mask 0 without one."""
+    size, kind = ce_model.INPUT_SIZE[a.get("arch", "dcgan")], a.get("mask", "center")
+    arr, square = ce_datasets.photo_square(photo, size)
+    x = ce_data.to_float(torch.from_numpy(arr[None].copy())).to(next(G.parameters()).device)
+    if kind == "center":
+        masked, filled = inpaint(G, x, a["overlap"], a["ring"], a["fill"], dtype)
+        full, (hx, hy, hs) = ce_datasets.paste_full(photo, to_uint8(filled)[0], square,
+                                                    ce_data.hole_bounds(size, a["overlap"], a["ring"]))
+        return masked, filled, x, full, f"only the {hs}x{hs} hole at ({hx}, {hy}) replaced"
+    hole = (read_user_mask(mask_path, photo, square, size) if mask_path
+            else ce_data.eval_masks(kind, 0, 1, size=size)).to(x.device)
+    masked = ce_data.apply_mask(x, hole, a["fill"])
+    filled = ce_data.paste_image(masked, predict(G, masked, dtype=dtype).to(x.device), hole)
+    full, n = paste_full_mask(photo, to_uint8(filled)[0], square, hole)
+    what = "your mask" if mask_path else f"held-out {kind} mask 0 (give --mask MASK.png for your own)"
+    return masked, outline(filled, hole), x, full, f"only the {n} px of {what} replaced"
+
+
+def run_images(G, paths, a, out, dtype, mask_path=None):
     """Inpaint photos (files, or folders of them) with G and the checkpoint's mask flags `a`. Each photo's central
-    square is scaled to 128 px (what the network was trained on); writes OUT/NAME_filled.png (the filled 128-px
+    square is scaled to the network's size (128 px; 227 for AlexNet); writes OUT/NAME_filled.png (the filled
     square), OUT/NAME_full.png (the photo at its own size with only the hole replaced, by the prediction scaled
-    up) and OUT/NAME_compare.png (masked | filled | original, 128 px). A file that cannot be read is skipped and
-    counted in one line at the end; the exit is an error only if no photo could be inpainted."""
-    import sys   # (a local import: this function's messages go to stderr; the module has no other use for it)
+    up) and OUT/NAME_compare.png (masked | filled | original). A file that cannot be read is skipped and counted
+    in one line at the end; the exit is an error only if no photo could be inpainted."""
+    if mask_path and a.get("mask", "center") == "center":
+        raise ce_cli.DataError(f"--mask {mask_path}: this checkpoint was trained with the central square "
+                               "(--mask center) and cannot fill other holes; use a model trained with --mask region "
+                               "or --mask block")
     files, names, bad = ce_datasets.photo_inputs(paths)
     os.makedirs(out, exist_ok=True)
-    hole, done = ce_data.hole_bounds(128, a["overlap"], a["ring"]), 0
+    done, size = 0, ce_model.INPUT_SIZE[a.get("arch", "dcgan")]
     for path, name in zip(files, names):
         try:
             photo = ce_datasets.read_rgb(path)
         except ce_cli.DataError as e:
             bad.append(str(e))
             continue
-        arr, square = ce_datasets.photo_square(photo, 128)
-        x = ce_data.to_float(torch.from_numpy(arr[None].copy())).to(next(G.parameters()).device)
-        masked, filled = inpaint(G, x, a["overlap"], a["ring"], a["fill"], dtype)
-        small = to_uint8(filled)[0]
-        full, (hx, hy, hs) = ce_datasets.paste_full(photo, small, square, hole)
-        stem = os.path.join(out, name)
+        masked, filled, x, full, what = inpaint_photo(G, photo, a, dtype, mask_path)
+        small, stem, shown = to_uint8(filled)[0], os.path.join(out, name), ce_datasets.shown(os.path.join(out, name))
         ce_cli.atomic_write(f"{stem}_filled.png", lambda f: Image.fromarray(small).save(f, format="PNG"))
         ce_cli.atomic_write(f"{stem}_full.png", lambda f: full.save(f, format="PNG"))
         save_grid(f"{stem}_compare.png", [masked, filled, x])
-        (w, h), side = photo.size, square[2]
-        shown = ce_datasets.shown(stem)
-        print(f"{ce_datasets.shown(path)}: {w}x{h}, centre {side}x{side} crop scaled to 128 px -> {shown}_filled.png "
-              f"(128 px), {shown}_full.png ({w}x{h}, only the {hs}x{hs} hole at ({hx}, {hy}) replaced), "
+        (w, h), side = photo.size, min(photo.size)
+        print(f"{ce_datasets.shown(path)}: {w}x{h}, centre {side}x{side} crop scaled to {size} px -> "
+              f"{shown}_filled.png ({size} px), {shown}_full.png ({w}x{h}, {what}), "
               f"{shown}_compare.png (masked | filled | original)")
         done += 1
     if done == 0:
@@ -665,20 +716,37 @@ def held_out(args, a):
     return (images[:args.max_images] if args.max_images else images), data
 
 
+def print_mask_stats(kind, n):
+    """--mask-stats: ours (ce_data.random_masks) against the official recipe's crops (region only)."""
+    rows = [("ours", mask_statistics(ce_data.random_masks(kind, n, (0, "mask-stats"))), None)]
+    if kind == "region":
+        crops, rate = official_region_crops(n, seed=0, pattern=4000)
+        rows.append(("official recipe", mask_statistics(crops), rate))
+    print(f"{kind} masks, {n} each, 128 px: hole fraction mean [min, max] | blobs per mask mean (median) | "
+          "blob px median (mean)")
+    for name, r, rate in rows:
+        print(f"  {name:<16}{100 * r['hole_fraction_mean']:5.1f} % [{100 * r['hole_fraction_min']:.1f}, "
+              f"{100 * r['hole_fraction_max']:.1f}] | {r['blobs_mean']:.2f} ({r['blobs_median']:.0f}) | "
+              f"{r['blob_px_median']:.0f} ({r['blob_px_mean']:.0f})"
+              + (f" | {100 * rate:.0f} % of crops accepted" if rate else ""))
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.plot:
         print(f"wrote {plot_curves(args.plot, plot_path(args.out))}")
         return
+    if args.mask_stats:
+        return print_mask_stats(args.mask_stats, 1000 if args.n == 6 else args.n)
     hw = ce_cli.Hardware(args.device)
     dtype = hw.dtype
     loaded = [ce_model.load_checkpoint(c, hw.device) for c in args.ckpt]
     a = loaded[0][2]["args"]  # the checkpoint's own flags decide the mask and the network
     if args.image:
-        return run_images(loaded[0][0], args.image, a, args.out or "inpainted", dtype)
+        return run_images(loaded[0][0], args.image, a, args.out or "inpainted", dtype, args.mask)
     if args.figure:
         images, data = held_out(args, a)
-        x = ce_data.eval_batch(images[:args.n])
+        x = ce_data.eval_batch(images[:args.n], ce_model.INPUT_SIZE[a.get("arch", "dcgan")])
         labels, notes = run_labels([s["path"] for _, _, s in loaded]) if len(loaded) > 1 else (["model"], [])
         path = comparison_figure([(lab, G, s["args"]) for lab, (G, _, s) in zip(labels, loaded)], x,
                                  os.path.join(args.out or "inpainted", "figure.png"), dtype, notes)

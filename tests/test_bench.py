@@ -66,3 +66,14 @@ def test_speed_switches_do_not_change_the_numbers():
     plain = two_steps(False, None)
     assert torch.allclose(two_steps(True, None), plain, rtol=1e-4, atol=1e-5)
     assert torch.allclose(two_steps(False, torch.bfloat16), plain, rtol=5e-2, atol=1e-2)
+
+
+def test_bench_times_random_masks_beside_the_centre_model(tmp_path, capsys):
+    ce_bench.main(["--device", "cpu", "--width", "8", "--bottleneck", "16", "--batch-size", "4", "--steps", "2",
+                   "--warmup", "1", "--repeats", "1", "--shapes-n", "32", "--data-root", str(tmp_path), "--json",
+                   "--skip-reference", "--mask", "region"])
+    rows = {r["config"]: r for r in map(json.loads, capsys.readouterr().out.strip().splitlines())}
+    assert set(rows) == {"ours", "ours-region", "region-masks-only"}
+    # the whole-image model does more work per image than the centre model (one more up-conv, D on 128 px)
+    assert rows["ours-region"]["gflop_per_img"] > rows["ours"]["gflop_per_img"]
+    assert rows["region-masks-only"]["ms_per_step"] > 0

@@ -211,3 +211,41 @@ def test_tiny_random_mask_run_resumes_exactly_and_evaluates(kind, tmp_path, tiny
     assert res["harmonic"]["psnr"] > res["fill"]["psnr"]
     # the region metrics are over the whole composite image: much of it is real, so higher than the hole's
     assert res["fill"]["psnr_region"] > res["fill"]["psnr"]
+
+
+def test_user_mask_on_a_photo_and_its_errors(tmp_path, tiny_flags, capsys):
+    """--image PHOTO --mask MASK.png: the mask is cropped/scaled as the photo; only its pixels change in the
+    full-size result; unreadable, empty and all-hole masks and a centre-only checkpoint are one-line errors."""
+    import numpy as np
+    from PIL import Image
+    import ce_cli
+    import ce_eval
+    import ce_train
+    region, center = str(tmp_path / "region"), str(tmp_path / "center")
+    ce_train.main(tiny_flags + ["--mask", "region", "--steps", "1", "--batch-size", "4", "--out", region])
+    ce_train.main(tiny_flags + ["--steps", "1", "--batch-size", "4", "--out", center])
+    photo = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(tmp_path / "p.png")
+    m = np.zeros((200, 300), np.uint8)
+    m[80:120, 140:170] = 255                                                 # a 40 x 30 hole inside the square
+    Image.fromarray(m).save(tmp_path / "m.png")
+    out = tmp_path / "out"
+    ce_eval.main(["--ckpt", region, "--device", "cpu", "--image", str(tmp_path / "p.png"), "--mask",
+                  str(tmp_path / "m.png"), "--out", str(out)])
+    assert "your mask" in capsys.readouterr().out
+    full = np.asarray(Image.open(out / "p_full.png"))
+    changed = (full != photo).any(axis=2)
+    assert full.shape == photo.shape and changed.any()
+    assert not changed[m == 0].any()                                         # only the hole's pixels change
+    for mask, words in (("missing.png", "no such file"), ("black.png", "no hole"), ("white.png", "whole central")):
+        if mask != "missing.png":
+            Image.fromarray(np.full((200, 300), 0 if mask == "black.png" else 255, np.uint8)).save(tmp_path / mask)
+        with pytest.raises(SystemExit) as e:
+            ce_cli.run(ce_eval.main, ["--ckpt", region, "--device", "cpu", "--image", str(tmp_path / "p.png"),
+                                      "--mask", str(tmp_path / mask), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as e:
+        ce_cli.run(ce_eval.main, ["--ckpt", center, "--device", "cpu", "--image", str(tmp_path / "p.png"),
+                                  "--mask", str(tmp_path / "m.png"), "--out", str(out)])
+    assert e.value.code == 2 and "central square" in capsys.readouterr().err
