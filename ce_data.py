@@ -112,7 +112,7 @@ REGION_CANDIDATES = 16
 
 def block_masks(n, size=128, g=None, device="cpu", rows=None, blocks=8, side=None, max_cover=0.25):
     """Random blocks (paper 3.3: "a number of smaller possibly overlapping masks, covering up to 1/4 of the image";
-    no official code exists, so the rule is this project's): `blocks` rectangles per image, each side uniform in
+    DEVIATION (choice): no count or size is given and no official code exists, so the rule is this project's): `blocks` rectangles per image, each side uniform in
     [side[0], side[1]] px, top-left corner uniform over the positions that keep it inside the image; they are
     added in turn, a rectangle is skipped when it would take the union above `max_cover` of the image. The first
     always fits, so the coverage lies in [side[0]^2 / size^2, max_cover] (1.6 % .. 25 % at the defaults).
@@ -158,7 +158,9 @@ def _fields(noise, start, size, scale):
 
 def region_masks(n, size=128, g=None, device="cpu", rows=None, candidates=REGION_CANDIDATES, scale=REGION_SCALE,
                  density=REGION_DENSITY, window=REGION_WINDOW, rounds=4):
-    """Random regions, the official recipe without its 10000x10000 pattern. Each image has `candidates` crops of a
+    """Random regions, the official recipe without its 10000x10000 pattern.
+    DEVIATION: the paper pastes deformed PASCAL VOC segmentation shapes (not public); this follows the official code's
+    smooth thresholded noise. Each image has `candidates` crops of a
     smooth field (uniform noise upsampled bicubically by `scale`, generated at that scale for the crop alone: a few
     low-resolution cells and a random sub-cell phase, which is what a crop of the big pattern at a random position
     sees), thresholded at `density` (below = hole); the first candidate whose hole fraction lies strictly inside
