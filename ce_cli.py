@@ -1,12 +1,15 @@
 """Plumbing shared by every ce_*.py script, none of it from the paper: the argument parser, the error-to-exit
-wrapper, the one place where device, autocast dtype and memory format are decided, atomic writes, the run log,
-and signal handling. ce_model.py, ce_losses.py and ce_shapes.py do not import it (each can be copied alone).
+wrapper (also keeping a closed stdout from stopping a run), the one place where device, autocast dtype and memory
+format are decided, atomic writes, the run log, the lock by which a run owns its folder, and signal handling.
+ce_model.py, ce_losses.py and ce_shapes.py do not import it (each can be copied alone).
 
     python -c "import ce_cli; print(ce_cli.Hardware('cpu').dtype_name)"
 """
 import argparse
 import contextlib
+import errno
 import json
+import math
 import os
 import re
 import signal
@@ -15,6 +18,12 @@ import sys
 import torch
 
 import ce_model
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
 
 # Temp files this project writes are named PATH.ce-tmp<pid>: a pattern nobody else uses, and the only files it
 # ever deletes on its own (left-overs of a run killed while writing; the real files are intact).
@@ -37,6 +46,14 @@ class _HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefault
     """--help shows the script's docstring as written (its examples) and every flag's default."""
 
 
+def finite_float(text):
+    """argparse type for float flags: 'inf' and 'nan' parse as floats but are never a meaningful setting."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with the module docstring as --help text and one-line errors (no usage dump)."""
 
@@ -47,8 +64,40 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class _PipeSafeStdout:
+    """sys.stdout that goes quiet when it can no longer be written: its reader has gone (`ce_train.py | head -1`:
+    Python ignores SIGPIPE, so the write raises BrokenPipeError) or its terminal has (EIO after SIGHUP). The
+    progress lines are dropped from then on (stdout points at the null device); the work goes on and log.jsonl
+    keeps the record."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _swallow(self, call, *args):
+        try:
+            return call(*args)
+        except OSError:
+            with contextlib.suppress(OSError, ValueError):
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, self._stream.fileno())
+                os.close(null)
+            return None
+
+    def write(self, text):
+        self._swallow(self._stream.write, text)
+        return len(text)
+
+    def flush(self):
+        self._swallow(self._stream.flush)
+
+    def __getattr__(self, name):   # reconfigure, fileno, isatty, ... of the real stream
+        return getattr(self._stream, name)
+
+
 def run(main, argv=None):
-    """Run a script's main(argv); user-facing errors become one line on stderr and exit code 2, never a traceback."""
+    """Run a script's main(argv); user-facing errors become one line on stderr and exit code 2, never a traceback.
+    A closed stdout never stops the script (_PipeSafeStdout)."""
+    stdout, sys.stdout = sys.stdout, _PipeSafeStdout(sys.stdout)
     try:
         return main(argv)
     except (UserError, ce_model.CheckpointError) as e:
@@ -58,11 +107,13 @@ def run(main, argv=None):
         print("error: out of GPU memory; lower --batch-size (or --width/--bottleneck)", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # a folder that cannot be written, a full disk: say which file, no traceback
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        print(f"error: {e.filename}: {e.strerror or e}" if e.filename else f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and exits on its own)
         print("\ninterrupted; nothing was written over earlier results", file=sys.stderr)
         sys.exit(130)
+    finally:
+        sys.stdout = stdout
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -110,6 +161,7 @@ class Hardware:
 def atomic_write(path, data):
     """Write `data` (bytes, str, or a function that writes to a binary file object) to `path` through a temp file
     in the same folder, flushed to disk, then renamed: a kill at any moment leaves the old file or the new one.
+    An OSError (a full disk, a read-only folder) names `path`.
     (ce_model.save_checkpoint has its own copy of these lines so that ce_model.py can be copied alone.)"""
     path = os.fspath(path)
     tmp = f"{path}{TMP_SUFFIX}{os.getpid()}"
@@ -122,6 +174,9 @@ def atomic_write(path, data):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, f"could not be written ({e.strerror or e}); the previous version, if any, is intact",
+                      path) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -136,9 +191,23 @@ def remove_temp_files(folder):
 
 
 def append_log(path, record):
-    """Add one JSON record as a line of a run's log.jsonl."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Add one JSON record as a line of a run's log.jsonl. A last line without its newline (cut short by a kill or a
+    full disk) is dropped first, so that a record is never glued onto it. An OSError names the log file."""
+    line = (json.dumps(record) + "\n").encode()
+    try:
+        with open(path, "a+b") as f:       # "a": every write goes to the end, whatever the position
+            end = f.seek(0, os.SEEK_END)
+            f.seek(max(0, end - 65536))    # a record is a few hundred bytes: the tail holds the last newline
+            tail = f.read()
+            if tail and not tail.endswith(b"\n"):
+                cut = tail.rfind(b"\n")
+                if cut >= 0 or len(tail) == end:
+                    f.truncate(end - len(tail) + cut + 1)
+                else:                      # a broken tail longer than 64 KiB: end it; read_log skips it
+                    line = b"\n" + line
+            f.write(line)
+    except OSError as e:
+        raise OSError(e.errno, f"could not append to the run log ({e.strerror or e})", path) from None
 
 
 def read_log(path):
@@ -163,10 +232,67 @@ def rewind_log(path, step):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Signals
+# A run owns its folder
 
 @contextlib.contextmanager
-def signals_caught(signals=(signal.SIGINT, signal.SIGTERM)):
+def folder_lock(folder):
+    """Hold FOLDER/.lock for the block: a second process that asks for the same folder gets a UserError naming the
+    pid that holds it. The lock is an OS file lock (flock), which the kernel drops when its process dies, however
+    it dies: a .lock file left by a killed run is simply taken over. The folder is created if needed (and removed
+    again if it is still empty at the end)."""
+    created = not os.path.isdir(folder)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, ".lock")
+    while True:
+        f = open(path, "a+")
+        if _try_lock(f):
+            if os.path.exists(path) and os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                break
+            f.close()   # a run that just ended removed this file: lock the one at `path` now
+            continue
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise UserError(f"{folder} is in use by another run (pid {holder or 'unknown'}); wait for it to end or "
+                        "choose another --out")
+    try:
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)   # still locked here: nobody else can hold this file
+        f.close()
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)   # only if empty: a run that failed before writing anything leaves nothing
+
+
+def _try_lock(f):
+    try:
+        if fcntl is not None:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:  # Windows: lock one byte far past the pid, so that the pid stays readable
+            f.seek(1 << 20)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, errno.EDEADLK):
+            return False
+        raise OSError(e.errno, f"cannot lock the run folder ({e.strerror})", f.name) from None
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Signals
+
+# SIGHUP: the terminal was closed (an ssh session lost); Windows has no SIGHUP.
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+@contextlib.contextmanager
+def signals_caught(signals=STOP_SIGNALS):
     """Within the block, the signals are recorded in the yielded list instead of killing the process (the training
     loop finishes its step, saves and exits); the previous handlers come back afterwards."""
     caught = []

@@ -4,6 +4,8 @@
     python ce_train.py --data tiny --lam-adv 0.005       # Tiny ImageNet (downloaded on first use)
     python ce_train.py --variant official                # the official Lua code's choices (see README)
     python ce_train.py --resume runs/shapes              # continue a run exactly
+    python ce_train.py --resume runs/shapes/best.pt --out runs/mine --data folder --data-root DIR --steps 3000
+                                                         # fine-tune on your images (--steps counts in total)
 
 Each step: one D update on (real centre, detached G(x)), then one G update with the joint loss on the same
 batch, reusing that G(x). Logs to OUT/log.jsonl; evaluates, samples and checkpoints every --eval-every steps.
@@ -40,8 +42,9 @@ VARIANTS = {
     "seed": dict(overlap=7, ring="hidden", fill="zero", beta2=0.9, bottleneck_bn=False, bias=True,
                  init="torch", rec_reduction="split", d_reduction="mean", flip=False, rec_loss="hole"),
 }
-# DEVIATION: on a CPU, with no size flags, `python ce_train.py --data shapes` trains a smaller network for fewer
-# steps so that the quick start ends in minutes; the paper's network is --width 64 --bottleneck 4000.
+# DEVIATION: on a CPU, `python ce_train.py --data shapes` trains a smaller network for fewer steps so that the quick
+# start ends in minutes; each of these applies unless its flag is given (the paper's network: --width 64
+# --bottleneck 4000 --batch-size 64).
 CPU_QUICK = dict(width=32, bottleneck=512, batch_size=32, steps=600, eval_every=300)
 RUNTIME = ("device", "dtype", "channels_last", "compile", "resume")  # decided afresh on each machine
 
@@ -52,12 +55,14 @@ RUNTIME = ("device", "dtype", "channels_last", "compile", "resume")  # decided a
 def build_parser():
     p = ce_cli.Parser(__doc__)
     add = p.add_argument
+    real = ce_cli.finite_float   # 'inf' and 'nan' parse as floats but mean nothing as a setting
     add("--variant", default="paper", choices=tuple(VARIANTS),
         help="preset of the flags below: paper text, official Lua code, or seed report (README 'Variants')")
     # data
     add("--data", default="shapes", choices=("shapes", "tiny", "imagenet", "folder"),
         help="shapes: embedded offline data; tiny: Tiny ImageNet (downloads); imagenet/folder: your images")
-    add("--data-root", default="data", help="dataset folder; caches go in DATA_ROOT/.ce_cache")
+    add("--data-root", default="data", help="dataset folder; caches go in DATA_ROOT/.ce_cache (saved as an "
+                                            "absolute path: a resumed run finds it from any directory)")
     add("--load-size", type=int, default=128,
         help="shorter side after decoding; 350 gives the official random-crop augmentation (train.lua loadSize)")
     add("--shapes-n", type=int, default=10000, help="training images of the embedded shapes data")
@@ -77,16 +82,17 @@ def build_parser():
     # optimisation
     add("--batch-size", type=int, default=64, help="per process; paper/official 64")
     add("--epochs", type=int, default=25, help="official train.lua niter=25")
-    add("--steps", type=int, default=0, help="total training steps; overrides --epochs when > 0")
-    add("--lr-g", type=float, default=0.002, help="generator Adam lr (official: 10x base lr 0.0002, train.lua:215)")
-    add("--lr-d", type=float, default=0.0002, help="discriminator Adam lr (official base lr)")
-    add("--beta1", type=float, default=0.5, help="Adam beta1 (official, seed)")
-    add("--beta2", type=float, help="Adam beta2 (official 0.999, seed code 0.9)")
+    add("--steps", type=int, default=0, help="training steps in total, counted from the start of the run (also "
+                                             "when resuming or fine-tuning); overrides --epochs when > 0")
+    add("--lr-g", type=real, default=0.002, help="generator Adam lr (official: 10x base lr 0.0002, train.lua:215)")
+    add("--lr-d", type=real, default=0.0002, help="discriminator Adam lr (official base lr)")
+    add("--beta1", type=real, default=0.5, help="Adam beta1 (official, seed)")
+    add("--beta2", type=real, help="Adam beta2 (official 0.999, seed code 0.9)")
     # losses, Eq. (1)-(3)
-    add("--lam-rec", type=float, default=0.999, help="lambda_rec of Eq. (3) (paper 4: 0.999)")
-    add("--lam-adv", type=float, default=0.001, help="lambda_adv of Eq. (3) (paper 4: 0.001); 0 = L2 only, no D")
+    add("--lam-rec", type=real, default=0.999, help="lambda_rec of Eq. (3) (paper 4: 0.999)")
+    add("--lam-adv", type=real, default=0.001, help="lambda_adv of Eq. (3) (paper 4: 0.001); 0 = L2 only, no D")
     add("--overlap", type=int, help="overlap ring width in px (paper text 7, official overlapPred 4, seed 7)")
-    add("--overlap-weight", type=float, default=10.0, help="L2 weight on the ring (paper 3.2, official: 10)")
+    add("--overlap-weight", type=real, default=10.0, help="L2 weight on the ring (paper 3.2, official: 10)")
     add("--ring", choices=("visible", "hidden"), help="visible: ring is real context (paper, official); "
                                                      "hidden: whole 64x64 filled (seed)")
     add("--fill", choices=("mean", "zero"), help="hole fill: official per-channel mean, or 0 (seed)")
@@ -111,8 +117,10 @@ def build_parser():
     add("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC tensors (default: on for CUDA)")
     add("--compile", action="store_true", help="torch.compile G and D (measure: not always faster)")
     add("--out", help="run folder (default: runs/<data>, or runs/<data>-N if that is taken)")
-    add("--resume", help="continue from a checkpoint (OUT/ckpt.pt) or a run folder; its flags are reused")
-    add("--log-every", type=int, default=50, help="steps between log lines (the only host syncs)")
+    add("--resume", help="continue from a checkpoint (OUT/ckpt.pt) or a run folder; its flags are reused. With "
+                         "--out NEW and --data/--data-root: fine-tune its weights on other data (README)")
+    add("--log-every", type=int, default=50, help="steps between log lines (the only host syncs); steps 1 and 10 "
+                                                  "are logged too")
     add("--eval-every", type=int, default=1000, help="steps between evaluation + samples + checkpoint")
     add("--eval-images", type=int, default=512, help="held-out images used at each evaluation")
     return p
@@ -128,7 +136,9 @@ def given_flags(argv):
 
 def take_resumed_flags(args, given, p):
     """--resume: the checkpoint's flags, overridden only by what this command line says (never the network's)."""
-    state = ce_model.read_checkpoint(args.resume)
+    state = ce_model.read_checkpoint(args.resume, resume=True)
+    if "note" in state:
+        print(state["note"], file=sys.stderr)
     saved = state["args"]
     clash = [f"--{k.replace('_', '-')} {given[k]} (checkpoint: {saved.get(k, 'center')})"
              for k in ce_model.ARCH_KEYS + ("mask",) if k in given and given[k] != saved.get(k, "center")]
@@ -171,6 +181,9 @@ def validate(args, p):
         (args.batch_size >= 2, "--batch-size must be >= 2 (BatchNorm needs two images per batch and rank)"),
         (args.epochs > 0, "--epochs must be > 0"), (args.steps >= 0, "--steps must be >= 0"),
         (args.lr_g > 0 and args.lr_d > 0, "learning rates must be > 0"),
+        # Adam's step is computed in float32: a rate beyond its range is Inf, and the first update NaN
+        (max(args.lr_g, args.lr_d) < torch.finfo(torch.float32).max,
+         f"--lr-g/--lr-d must be below {torch.finfo(torch.float32).max:.3g} (float32: Adam would step by Inf)"),
         (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1, "--beta1/--beta2 must be in [0, 1)"),
         (args.lam_rec >= 0 and args.lam_adv >= 0, "--lam-rec/--lam-adv must be >= 0"),
         (args.lam_rec + args.lam_adv > 0, "--lam-rec and --lam-adv cannot both be 0"),
@@ -201,6 +214,16 @@ def choose_out(args, p):
     return out
 
 
+def cpu_defaults(args, given):
+    """The CPU quick start (CPU_QUICK), flag by flag: each size not given on the command line. Only for a new
+    `--data shapes` run on a CPU; --epochs given means no step count on top. Returns the flags set."""
+    if args.resume or torch.device(args.device).type != "cpu" or args.data != "shapes":
+        return {}
+    applied = {k: v for k, v in CPU_QUICK.items() if k not in given and not (k == "steps" and "epochs" in given)}
+    vars(args).update(applied)
+    return applied
+
+
 def parse_args(argv=None):
     p = build_parser()
     args, given = p.parse_args(argv), given_flags(argv)
@@ -212,12 +235,8 @@ def parse_args(argv=None):
     args.device = ce_cli.resolve_device(args.device, p)
     hw = ce_cli.Hardware(args.device, args.dtype, args.channels_last)
     args.dtype, args.channels_last = hw.dtype_name, hw.channels_last
-    args.quick = (not args.resume and hw.device.type == "cpu" and args.data == "shapes"
-                  and not set(given) & {"width", "bottleneck", "batch_size", "steps", "epochs"})
-    if args.quick:
-        for k, v in CPU_QUICK.items():
-            if k not in given:
-                setattr(args, k, v)
+    args.quick = set(cpu_defaults(args, given)) >= {"width", "bottleneck", "batch_size", "steps"}
+    args.data_root = os.path.abspath(args.data_root)   # the same data from any working directory (resume, eval)
     validate(args, p)
     args.out = choose_out(args, p)
     return args
@@ -356,19 +375,27 @@ class RunState:
         return {"step": self.step, "best_psnr": self.best,
                 "log_window": {"acc": self.acc.cpu(), "n_acc": self.n_acc, "d_wins": self.d_wins}}
 
-    def load_state_dict(self, state, path):
-        window = state.get("log_window", {"acc": torch.zeros(len(STATS)), "n_acc": 0, "d_wins": 0})
-        self.step, self.best = state["step"], state.get("best_psnr", -math.inf)
+    def load_state_dict(self, state):
+        window = state["log_window"] or {"acc": torch.zeros(len(STATS)), "n_acc": 0, "d_wins": 0}  # None: empty
+        self.step, self.best = state["step"], state["best_psnr"]
         self.acc.copy_(window["acc"])
-        self.n_acc, self.d_wins, self.last_good = window["n_acc"], window["d_wins"], path
+        self.n_acc, self.d_wins, self.last_good = window["n_acc"], window["d_wins"], state["path"]
 
-    def check_finite(self):
-        """Stop, naming the step, if a loss went NaN/Inf: nothing non-finite is ever written over a checkpoint."""
+    def check_finite(self, nets=None, evaluation=None):
+        """Stop, naming the step, if a loss, a weight or optimiser state of `nets`, or the `evaluation` went NaN/Inf:
+        nothing non-finite is ever written over a checkpoint (ce_model.save_checkpoint refuses it as well)."""
         bad = int(self.bad_step)  # CPU-GPU sync point (log, eval and final steps only)
-        if bad >= 0:
-            sys.exit(f"error: a loss became NaN/Inf at step {bad}; training stopped without saving. Last good "
-                     f"checkpoint: {self.last_good or 'none yet'} (left intact). Try a lower --lr-g/--lr-d or "
-                     f"--lam-adv, or resume from it with another --seed.")
+        what = f"a loss became NaN/Inf at step {bad}" if bad >= 0 else None
+        if what is None and nets is not None:
+            where = ce_model.first_nonfinite({k: m.state_dict() for k, m in nets.items()})
+            what = where and f"the weights became NaN/Inf at step {self.step} ({where})"
+        if what is None and evaluation is not None and not all(map(math.isfinite, evaluation.values())):
+            what = f"the held-out evaluation at step {self.step} is NaN/Inf"
+        if what:
+            good = (f"Last good checkpoint: {self.last_good} (left intact); resume from it with another --seed"
+                    if self.last_good else "Last good checkpoint: none (this run has written none)")
+            sys.exit(f"error: {what}; training stopped without saving. {good}. Try a lower --lr-g/--lr-d or "
+                     "--lam-adv.")
 
 
 def rng_state():
@@ -385,32 +412,75 @@ def save(path, nets, args, run, epoch):
         "rng": rng_state(), "versions": {"torch": str(torch.__version__), "python": platform.python_version()}})
 
 
-def resume(args, nets, run, device, master):
-    """Take up a run where its checkpoint left it: weights, optimisers, run state, RNG; the log rewound to it."""
-    state = ce_model.read_checkpoint(args.resume)
-    for k, m in nets.items():
-        m.load_state_dict(state[k])
-    run.load_state_dict(state, os.path.join(args.out, "ckpt.pt"))
+def resume(args, nets, run, device, master, total):
+    """Take up a run where its checkpoint left it: weights, optimisers, run state, RNG; the log rewound to it.
+    --steps counts in total. Other data or another run folder (fine-tuning, a branch): best PSNR and the last good
+    checkpoint start afresh there, so that NEW/best.pt is written and named."""
+    state = ce_model.read_checkpoint(args.resume, resume=True)
+    ce_model.load_weights(nets, state)
+    run.load_state_dict(state)
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and device.type == "cuda":
         for i, st in enumerate(state["rng"]["cuda"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(st, i)
+    if total < run.step:
+        raise ce_cli.UserError(f"{state['path']} is at step {run.step} and --steps counts in total, so {total} "
+                               f"would train nothing: pass --steps {run.step + total} to train {total} more")
+    other_data = data_of(state["args"]) != data_of(vars(args))
+    if other_data or os.path.realpath(os.path.dirname(state["path"])) != os.path.realpath(args.out):
+        run.best, run.last_good = -math.inf, None
+        if other_data:    # the open log window averaged the old data: start a new one
+            run.acc.zero_()
+            run.n_acc = run.d_wins = 0
     if master:
         ce_cli.rewind_log(os.path.join(args.out, "log.jsonl"), run.step)
-        print(f"resumed {state['path']} at step {run.step}")
+        print(f"resumed {state['path']} at step {run.step}" + (" on other data" if other_data else "") +
+              (f"; best PSNR and the last good checkpoint start afresh in {args.out}" if not run.last_good else "") +
+              (f"; training to step {total} in total ({total - run.step} more)" if total > run.step else
+               f"; nothing to train: it is at the --steps {total} asked for (a total)"))
+
+
+def data_of(a):
+    """What decides a run's training images: the dataset, its folder (shapes: its size instead), the load size."""
+    return a["data"], a["shapes_n"] if a["data"] == "shapes" else os.path.abspath(a["data_root"]), a["load_size"]
 
 
 def announce(args, world, n_train, n_val, G, D, total):
-    """The run's first lines (what, how big, where), and OUT/args.json."""
+    """The run's first lines (what, how big, where, how long on a CPU), and OUT/args.json."""
     print(f"Context Encoder | {args.data} ({n_train} train / {n_val} held-out images) | "
           f"G {ce_model.count_params(G) / 1e6:.2f}M D {ce_model.count_params(D) / 1e6:.2f}M params | "
           f"{total} steps x {args.batch_size}{f' x {world} ranks' if world > 1 else ''} | {args.device} "
           f"{args.dtype} | out {args.out}")
+    print(f"data: {args.data_root}" + (" (the embedded shapes are cached there)" if args.data == "shapes" else ""))
     print("config: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())))
-    if args.quick:
-        print("CPU quick start: a smaller network (--width 32 --bottleneck 512) for 600 steps; pass --width 64 "
-              "--bottleneck 4000 --steps N for the paper's network")
+    on_cpu = torch.device(args.device).type == "cpu"
+    quick = [f"--{k.replace('_', '-')} {v}" for k, v in CPU_QUICK.items() if getattr(args, k) == v]
+    if on_cpu and args.data == "shapes" and not args.resume and quick:
+        print(f"CPU defaults (the flags not given): {' '.join(quick)}; the paper's network and batch: --width 64 "
+              "--bottleneck 4000 --batch-size 64")
+    if on_cpu and (args.width > CPU_QUICK["width"] or args.bottleneck > CPU_QUICK["bottleneck"]):
+        sec = cpu_step_seconds(G, D, args.batch_size)
+        print(f"note: this network on a CPU: about {sec:.1f} s per step (estimated: a timed forward pass, x3 for "
+              f"the backward), {fmt_time(sec * total)} for {total} steps; the CPU quick-start network is "
+              f"--width {CPU_QUICK['width']} --bottleneck {CPU_QUICK['bottleneck']} --batch-size "
+              f"{CPU_QUICK['batch_size']}")
     ce_cli.atomic_write(os.path.join(args.out, "args.json"), json.dumps(vars(args), indent=1))
+
+
+def cpu_step_seconds(G, D, batch_size):
+    """Seconds per training step on this CPU, estimated from one timed forward pass at the run's batch size: G
+    once, D three times (real, fake, fake again for the G step), x3 for the backward passes. (Timing a smaller
+    batch and scaling would mislead: the bottleneck layers' 2 x 33 M weights cost the same for any batch.) Nothing
+    changes: eval mode (BatchNorm statistics untouched), no gradients, no random numbers."""
+    x = torch.zeros(batch_size, 3, 128, 128, device=next(G.parameters()).device)
+    G.eval(), D.eval()
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        fake = G(x)
+        D(x[:, :, 32:96, 32:96]), D(fake), D(fake)
+        dt = time.perf_counter() - t0
+    G.train(), D.train()
+    return 3 * dt
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -418,6 +488,12 @@ def announce(args, world, n_train, n_val, G, D, total):
 
 def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def is_log_step(step, args, total):
+    """Every --log-every steps and the last; also steps 1 and 10 when the interval is longer, so that a run shows
+    life (and an ETA) within seconds. A function of the step alone: a resumed run writes the same lines."""
+    return step % args.log_every == 0 or step == total or (args.log_every > 10 and step in (1, 10))
 
 
 def log_window(run, stop, args, total, epoch, world, master):
@@ -434,11 +510,14 @@ def log_window(run, stop, args, total, epoch, world, master):
     ips = run.n_acc * args.batch_size * world / dt
     use_d = args.lam_adv > 0
     run.d_wins = run.d_wins + 1 if use_d and rec["D_G_x"] < 0.01 else 0
-    warn = (f" | warning: D has won outright for {run.d_wins} log windows (D(G(x)) ~ 0); "
-            "a lower --lam-adv or --lr-d usually helps") if run.d_wins >= 3 else ""
+    # Common with the paper's small lambda_adv (0.001), where the L2 term does most of G's training: worth a look
+    # at the samples, not a stop.
+    warn = (f" | warning: D has won outright for {run.d_wins} log windows (D(G(x)) ~ 0; usual with a small "
+            "--lam-adv such as the paper's 0.001); if samples stop improving, a lower --lam-adv or --lr-d usually "
+            "helps") if run.d_wins >= 3 else ""
     gan = (f"loss_D {rec['loss_D']:.3f} | rec {rec['loss_rec']:.4f} | adv {rec['loss_adv']:.3f} | "
            f"D(x) {rec['D_x']:.2f} | D(G(x)) {rec['D_G_x']:.2f}") if use_d else f"rec {rec['loss_rec']:.4f}"
-    if master:
+    if master:   # the ETA: the window's pace (step 1's includes the warm-up)
         print(f"step {run.step}/{total} | epoch {epoch} | {gan} | {ips:,.0f} img/s | "
               f"ETA {fmt_time((total - run.step) * dt / run.n_acc)}{warn}")
         ce_cli.append_log(os.path.join(args.out, "log.jsonl"), {
@@ -450,12 +529,15 @@ def log_window(run, stop, args, total, epoch, world, master):
 
 
 def evaluate_and_save(run, nets, args, val_u8, fixed, hw, epoch):
-    """Held-out metrics (ce_eval), a sample grid, the log record, best.pt, ckpt.pt, curves and the GIF."""
-    run.check_finite()
+    """Held-out metrics (ce_eval), a sample grid, the log record, best.pt, ckpt.pt, curves and the GIF; none of it
+    when a loss, a weight or the evaluation is NaN/Inf (the run stops, naming the last good checkpoint)."""
+    run.check_finite(nets)
     G = nets["G"]
     r = ce_eval.evaluate(G, val_u8, args.overlap, args.ring, args.fill, ("model",), dtype=hw.dtype,
                          mask=args.mask, size=ce_model.INPUT_SIZE[args.arch])["model"]
+    run.check_finite(evaluation=r)
     masked, filled = ce_eval.inpaint(G, fixed, args.overlap, args.ring, args.fill, hw.dtype, args.mask)
+    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
     ce_eval.save_grid(os.path.join(args.out, "samples", f"step_{run.step:07d}.png"), [masked, filled, fixed])
     is_best = r["psnr"] > run.best
     run.best = max(run.best, r["psnr"])
@@ -485,18 +567,36 @@ def finish(run, nets, args, stop, halt, world, total, epoch, master):
             print(f"DDP: {world} ranks, max |weight - rank 0 weight| = {diff.item():.3g}")
         dist.destroy_process_group()
     if halt:   # a signal (on any rank): save where we are and say how to go on
-        run.check_finite()
+        run.check_finite(nets)
         if master:
             save(os.path.join(args.out, "ckpt.pt"), nets, args, run, epoch)
         sig = stop[0] if stop else signal.SIGTERM
-        name = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(sig, "signal")
+        name = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(sig, signal.Signals(sig).name)
         if master:
             print(f"\n{name}: saved {args.out}/ckpt.pt at step {run.step}/{total}. "
                   f"Resume with: python ce_train.py --resume {args.out}")
         sys.exit(128 + sig)
     if master:
-        print(f"done: {run.step} steps, best held-out PSNR {run.best:.2f} dB. "
-              f"Evaluate with: python ce_eval.py --ckpt {args.out}/best.pt")
+        best = next((p for p in ("best.pt", "ckpt.pt") if os.path.exists(os.path.join(args.out, p))), None)
+        result = f"best held-out PSNR {run.best:.2f} dB" if math.isfinite(run.best) else "no evaluation in this run"
+        print(f"done: {run.step} steps, {result}" + (
+            f". Evaluate with: python ce_eval.py --ckpt {args.out}/{best}" if best else "; no checkpoint written"))
+
+
+@contextlib.contextmanager
+def run_folder(args, master):
+    """Rank 0 holds OUT for the whole run (ce_cli.folder_lock: a second run there is refused, naming this one's
+    pid), clears the temp files a killed run left there, and, for a new run, starts a fresh log.jsonl: the folder
+    holds no ckpt.pt (choose_out), so an old log there is a killed run's that can never be resumed. Sample grids
+    are named by step and rewritten as the new run reaches each step."""
+    if not master:
+        yield
+        return
+    with ce_cli.folder_lock(args.out):
+        ce_cli.remove_temp_files(args.out)
+        if not args.resume and os.path.exists(os.path.join(args.out, "log.jsonl")):
+            ce_cli.atomic_write(os.path.join(args.out, "log.jsonl"), "")
+        yield
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -508,46 +608,45 @@ def main(argv=None):
     master = rank == 0                            # only rank 0 prints, logs, samples and checkpoints
     hw = ce_cli.Hardware(args.device, args.dtype, args.channels_last)
     torch.manual_seed(args.seed)                  # same initial weights on every rank
+    with run_folder(args, master):                # OUT is this run's until it ends: a second run is refused
+        # ---- data: decoded once into uint8 (ce_datasets), batches cut, augmented and masked on the device (ce_data)
+        train_u8 = ce_datasets.load_split(args.data, args.data_root, "train", args.load_size, args.shapes_n)
+        val_u8 = ce_datasets.load_split(args.data, args.data_root, "val", args.load_size,
+                                        args.shapes_n)[:args.eval_images]
+        size = ce_model.INPUT_SIZE[args.arch]                 # 128 px crops (Fig. 2), 227 for AlexNet (5.2)
+        batches = ce_data.Batches(train_u8, args.batch_size, hw.device, args.seed, args.flip, size,
+                                  hw.channels_last, torch.float32, rank, world)
+        total = args.steps or args.epochs * batches.steps_per_epoch
+        fixed = ce_data.eval_batch(val_u8[:16], size).to(hw.device)   # the same 16 held-out images in every grid
 
-    # ---- data: decoded once into uint8 (ce_datasets), batches cut, augmented and masked on the device (ce_data)
-    train_u8 = ce_datasets.load_split(args.data, args.data_root, "train", args.load_size, args.shapes_n)
-    val_u8 = ce_datasets.load_split(args.data, args.data_root, "val", args.load_size, args.shapes_n)[:args.eval_images]
-    size = ce_model.INPUT_SIZE[args.arch]                     # 128 px crops (Fig. 2), 227 for AlexNet (5.2)
-    batches = ce_data.Batches(train_u8, args.batch_size, hw.device, args.seed, args.flip, size, hw.channels_last,
-                              torch.float32, rank, world)
-    total = args.steps or args.epochs * batches.steps_per_epoch
-    fixed = ce_data.eval_batch(val_u8[:16], size).to(hw.device)  # the same 16 held-out images in every sample grid
+        # ---- networks and optimisers (paper 4); a resumed run takes up all of its state
+        G, D, optG, optD, W = build_training(args, hw, world)
+        nets = dict(G=G, D=D, optG=optG, optD=optD)
+        run = RunState(hw.device)
+        if args.resume:
+            resume(args, nets, run, hw.device, master, total)
+        ddp = (lambda m: DDP(m, device_ids=[hw.device.index] if hw.device.type == "cuda" else None)) \
+            if world > 1 else None
+        train_step = make_train_step(G, D, optG, optD, W, args, hw.ctx, ddp)
+        masker = make_masker(args, W, rank, world)
+        if master:
+            announce(args, world, len(train_u8), len(val_u8), G, D, total)
 
-    # ---- networks and optimisers (paper 4); a resumed run takes up all of its state
-    G, D, optG, optD, W = build_training(args, hw, world)
-    nets = dict(G=G, D=D, optG=optG, optD=optD)
-    run = RunState(hw.device)
-    if master:
-        os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-        ce_cli.remove_temp_files(args.out)
-    if args.resume:
-        resume(args, nets, run, hw.device, master)
-    ddp = (lambda m: DDP(m, device_ids=[hw.device.index] if hw.device.type == "cuda" else None)) if world > 1 else None
-    train_step = make_train_step(G, D, optG, optD, W, args, hw.ctx, ddp)
-    masker = make_masker(args, W, rank, world)
-    if master:
-        announce(args, world, len(train_u8), len(val_u8), G, D, total)
-
-    # ---- train: batch -> D step (Eq. 2) -> G step (Eq. 3) -> log -> evaluate, sample, checkpoint
-    G.train(), D.train()
-    halt = False
-    with ce_cli.signals_caught() as stop:        # SIGINT/SIGTERM: finish the step, save, say how to resume
-        run.t_log = time.time()
-        while run.step < total and not halt:
-            real = batches.get(run.step)                                        # (B, 3, 128, 128) in [-1, 1]
-            masked, target, weight = masker(real, run.step)                     # the hole (paper 3.3), Eq. (1) W
-            run.add(train_step(masked, target, weight))                         # (5,) on the device, no sync
-            halt = bool(stop) and world == 1      # several ranks agree on stopping at the next log step
-            if run.step % args.log_every == 0 or run.step == total:
-                halt = log_window(run, stop, args, total, batches.epoch_of(run.step - 1), world, master)
-            if master and (run.step % args.eval_every == 0 or run.step == total):
-                evaluate_and_save(run, nets, args, val_u8, fixed, hw, batches.epoch_of(run.step))
-        finish(run, nets, args, stop, halt, world, total, batches.epoch_of(run.step), master)
+        # ---- train: batch -> D step (Eq. 2) -> G step (Eq. 3) -> log -> evaluate, sample, checkpoint
+        G.train(), D.train()
+        halt = False
+        with ce_cli.signals_caught() as stop:    # SIGINT/SIGTERM/SIGHUP: finish the step, save, say how to resume
+            run.t_log = time.time()
+            while run.step < total and not halt:
+                real = batches.get(run.step)                                    # (B, 3, 128, 128) in [-1, 1]
+                masked, target, weight = masker(real, run.step)                 # the hole (3.3), W of Eq. (1)
+                run.add(train_step(masked, target, weight))                     # (5,) on the device, no sync
+                halt = bool(stop) and world == 1  # several ranks agree on stopping at the next log step
+                if is_log_step(run.step, args, total):
+                    halt = log_window(run, stop, args, total, batches.epoch_of(run.step - 1), world, master)
+                if master and (run.step % args.eval_every == 0 or run.step == total):
+                    evaluate_and_save(run, nets, args, val_u8, fixed, hw, batches.epoch_of(run.step))
+            finish(run, nets, args, stop, halt, world, total, batches.epoch_of(run.step), master)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Interruptions and diverging runs: kill -9 mid-write, SIGINT/SIGTERM save and say how to resume, NaN stops."""
+"""Interruptions and diverging runs: kill -9 mid-write, SIGINT/SIGTERM/SIGHUP save and say how to resume, NaN
+stops, and a NaN/Inf weight or evaluation is never written nor called good."""
 import os
 import signal
 import subprocess
@@ -8,19 +9,31 @@ import time
 import pytest
 import torch
 
+import ce_cli
+import ce_datasets
 import ce_losses
 import ce_model
 import ce_train
 from conftest import ROOT, TINY
 
 
-def start(tmp_path, out, extra):
-    cmd = [sys.executable, os.path.join(ROOT, "ce_train.py"), *TINY, "--data-root", str(tmp_path / "data"),
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """A tiny data cache made once per test session (a folder under pytest's base temp, shared with the other
+    test modules), so that the runs below start training at once."""
+    root = str(tmp_path_factory.getbasetemp() / "tiny-shapes-data")
+    for split in ("train", "val"):
+        ce_datasets.load_split("shapes", root, split, 128, 64)
+    return root
+
+
+def start(data_root, out, extra):
+    cmd = [sys.executable, os.path.join(ROOT, "ce_train.py"), *TINY, "--data-root", data_root,
            "--batch-size", "4", "--out", str(out), *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=out.parent)
 
 
-def wait_for(path, proc, timeout=60):
+def wait_for(path, proc, timeout=180):
     t0 = time.time()
     while not os.path.exists(path):
         assert proc.poll() is None, proc.communicate()
@@ -28,10 +41,10 @@ def wait_for(path, proc, timeout=60):
         time.sleep(0.05)
 
 
-def test_kill_9_while_checkpointing_leaves_a_loadable_checkpoint(tmp_path):
+def test_kill_9_while_checkpointing_leaves_a_loadable_checkpoint(tmp_path, data_root):
     out = tmp_path / "run"
     # a checkpoint every step, so the kills land during writes as well as between them
-    proc = start(tmp_path, out, ["--steps", "100000", "--eval-every", "1", "--log-every", "1000"])
+    proc = start(data_root, out, ["--steps", "100000", "--eval-every", "1", "--log-every", "1000"])
     try:
         wait_for(out / "ckpt.pt", proc)
         steps = []
@@ -49,10 +62,10 @@ def test_kill_9_while_checkpointing_leaves_a_loadable_checkpoint(tmp_path):
     assert all(torch.isfinite(p).all() for p in G.parameters())
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_saves_and_says_how_to_resume(tmp_path, sig, code):
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_signal_saves_and_says_how_to_resume(tmp_path, data_root, sig, code):
     out = tmp_path / "run"
-    proc = start(tmp_path, out, ["--steps", "100000", "--eval-every", "5", "--log-every", "5"])
+    proc = start(data_root, out, ["--steps", "100000", "--eval-every", "5", "--log-every", "5"])
     try:
         wait_for(out / "ckpt.pt", proc)
         proc.send_signal(sig)
@@ -99,3 +112,44 @@ def test_discriminator_winning_is_reported(tmp_path, tiny_flags, monkeypatch, ca
     assert len(lines) == 4
     assert ["D has won outright" in ln for ln in lines] == [False, False, True, True]
     assert "--lam-adv" in lines[-1] and "--lr-d" in lines[-1]
+
+
+def test_diverging_learning_rate_writes_no_checkpoint_and_names_none(tmp_path, data_root):
+    """--lr-g 1e30: finite losses at step 1, then weights of size 1e30 whose evaluation overflows to NaN. Nothing is
+    written, and the message does not call any file good."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        ce_train.main(TINY + ["--data-root", data_root, "--lr-g", "1e30", "--steps", "4", "--batch-size", "4",
+                              "--eval-every", "1", "--log-every", "1", "--out", str(out)])
+    msg = str(e.value.code)
+    assert "NaN/Inf" in msg and "Last good checkpoint: none" in msg
+    assert not (out / "ckpt.pt").exists() and not (out / "best.pt").exists()
+
+
+def test_nan_weights_after_a_finite_step_keep_the_last_good_checkpoint(tmp_path, data_root, monkeypatch):
+    """The G update of step 3 makes a weight NaN while the step's losses (computed before it) are finite: the
+    evaluation at step 3 is refused and ckpt.pt of step 2 is named and kept."""
+    real_step, calls = torch.optim.Adam.step, []
+
+    def poisoned_step(self, *args, **kw):
+        result = real_step(self, *args, **kw)
+        calls.append(1)
+        if len(calls) == 6:        # D then G each step: the 6th call is G's update of step 3
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(torch.optim.Adam, "step", poisoned_step)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        ce_train.main(TINY + ["--data-root", data_root, "--steps", "4", "--batch-size", "4", "--eval-every", "1",
+                              "--log-every", "100",
+                                    "--out", str(out)])
+    msg = str(e.value.code)
+    assert "weights became NaN/Inf at step 3" in msg and f"Last good checkpoint: {out}/ckpt.pt" in msg
+    state = ce_model.read_checkpoint(out / "ckpt.pt", resume=True)
+    assert state["step"] == 2 and ce_model.first_nonfinite({k: state[k] for k in ("G", "D", "optG", "optD")}) is None
+    assert max(r["step"] for r in ce_cli.read_log(out / "log.jsonl")) == 2   # no record of the refused evaluation
+    with pytest.raises(ce_model.CheckpointError, match="holds NaN/Inf"):    # and save_checkpoint refuses on its own
+        ce_model.save_checkpoint(out / "x.pt", {"G": {"w": torch.tensor([1.0, float("nan")])}})
+    assert not (out / "x.pt").exists()

@@ -1,6 +1,8 @@
 """End to end on a tiny model: train, log, samples, checkpoints, exact resume, evaluation, clear CLI errors."""
+import argparse
 import json
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -9,10 +11,12 @@ import torch
 from PIL import Image
 
 import ce_cli
+import ce_datasets
 import ce_eval
 import ce_losses
 import ce_model
 import ce_train
+from conftest import TINY
 
 
 def read_log(out):
@@ -138,6 +142,9 @@ def test_defaults_are_paper_values_and_cpu_quick_start(tmp_path):
     (["--lam-adv", "-0.1"], "--lam-rec/--lam-adv must be >= 0"),
     (["--load-size", "64"], "--load-size must be >= 128"),
     (["--resume", "nowhere/ckpt.pt"], "no such checkpoint"),
+    (["--lr-g", "inf"], "'inf' is not a finite number"),
+    (["--lam-adv", "nan"], "'nan' is not a finite number"),
+    (["--lr-d", "1e39"], "--lr-g/--lr-d must be below 3.4e+38"),
 ])
 def test_nonsense_flags_rejected(flags, words, capsys):
     with pytest.raises(SystemExit) as e:
@@ -186,3 +193,90 @@ def test_eval_rejects_a_missing_device(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ce_eval.main(["--ckpt", str(tmp_path), "--device", "cuda:7"])
     assert e.value.code == 2 and "no such CUDA device" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def shared_flags(tmp_path_factory):
+    """Tiny-model flags with a data cache made once per test session (shared with the other test modules)."""
+    root = str(tmp_path_factory.getbasetemp() / "tiny-shapes-data")
+    for split in ("train", "val"):
+        ce_datasets.load_split("shapes", root, split, 128, 64)
+    return TINY + ["--data-root", root]
+
+
+def make_photo_folder(root, n_train=8, n_val=4):
+    """A --data folder data root with train/ and val/ splits of small random photos."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        (root / split).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (140, 150, 3), dtype=np.uint8)).save(root / split / f"{i}.png")
+
+
+def test_fine_tuning_on_other_data_starts_best_afresh_and_steps_count_in_total(tmp_path, shared_flags, capsys):
+    base = tmp_path / "base"
+    ce_train.main(shared_flags + ["--steps", "2", "--batch-size", "4", "--eval-every", "2", "--out", str(base)])
+    make_photo_folder(tmp_path / "photos")
+    new = tmp_path / "new"
+    capsys.readouterr()
+    ce_train.main(["--resume", str(base / "best.pt"), "--out", str(new), "--data", "folder", "--data-root",
+                   str(tmp_path / "photos"), "--steps", "4", "--eval-every", "2", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "on other data" in out and f"start afresh in {new}" in out
+    assert (new / "best.pt").exists() and f"Evaluate with: python ce_eval.py --ckpt {new}/best.pt" in out
+    assert ce_model.read_checkpoint(new)["args"]["data"] == "folder" and ce_model.read_checkpoint(new)["step"] == 4
+    assert ce_model.read_checkpoint(base)["step"] == 2                     # the source run is untouched
+    with pytest.raises(SystemExit) as e:                   # --steps is a total: 3 < 4 would train nothing
+        ce_cli.run(ce_train.main, ["--resume", str(new), "--steps", "3", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "counts in total" in err and "pass --steps 7 to train 3 more" in err
+
+
+def test_cpu_quick_start_defaults_apply_flag_by_flag(tmp_path):
+    def parsed(*flags):
+        return ce_train.parse_args(["--device", "cpu", "--out", str(tmp_path), *flags])
+    a = parsed("--steps", "100")
+    assert (a.width, a.bottleneck, a.batch_size, a.steps, a.eval_every) == (32, 512, 32, 100, 300)
+    b = parsed("--batch-size", "8")
+    assert (b.width, b.bottleneck, b.batch_size, b.steps) == (32, 512, 8, 600)
+    c = parsed("--width", "64", "--bottleneck", "4000")
+    assert (c.width, c.bottleneck, c.batch_size) == (64, 4000, 32)
+    d = parsed("--epochs", "2")                                            # epochs asked: no step count on top
+    assert (d.width, d.steps, d.epochs) == (32, 0, 2)
+    e = parsed("--data", "tiny")                                           # only the embedded data gets them
+    assert (e.width, e.bottleneck, e.batch_size) == (64, 4000, 64)
+
+
+def test_a_big_network_on_a_cpu_says_how_long_a_step_takes(tmp_path, capsys):
+    args = ce_train.parse_args(["--device", "cpu", "--width", "64", "--bottleneck", "4000", "--out", str(tmp_path)])
+    G, D = ce_model.build_models(8, 16)       # the estimate is timed on whatever it is given: a tiny net here
+    before = {k: v.clone() for k, v in G.state_dict().items()}
+    ce_train.announce(args, 1, 64, 16, G, D, 1000)
+    out = capsys.readouterr().out
+    note = [ln for ln in out.splitlines() if ln.startswith("note: this network on a CPU")]
+    assert len(note) == 1 and " s per step" in note[0] and "--width 32 --bottleneck 512 --batch-size 32" in note[0]
+    assert all(torch.equal(before[k], v) for k, v in G.state_dict().items())    # BN statistics untouched
+    assert ce_train.cpu_step_seconds(G, D, 64) > 0
+
+
+def test_data_root_is_absolute_so_resuming_elsewhere_uses_the_same_data(tmp_path, shared_flags, monkeypatch, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(shared_flags[-1], a / "data")          # the data cache, as if generated in a/
+    b.mkdir()
+    monkeypatch.chdir(a)
+    ce_train.main(TINY + ["--data-root", "data", "--steps", "1", "--batch-size", "4", "--out", "run"])
+    assert ce_model.read_checkpoint(a / "run")["args"]["data_root"] == str(a / "data")
+    assert f"data: {a / 'data'}" in capsys.readouterr().out
+    monkeypatch.chdir(b)
+    ce_train.main(["--resume", str(a / "run"), "--steps", "2", "--device", "cpu"])
+    assert ce_model.read_checkpoint(a / "run")["step"] == 2 and not (b / "data").exists()
+
+
+def test_first_log_lines_at_steps_1_and_10(tmp_path, shared_flags, capsys):
+    out = tmp_path / "run"
+    ce_train.main(shared_flags + ["--steps", "12", "--batch-size", "4", "--out", str(out)])   # --log-every 50
+    assert [r["step"] for r in read_log(out) if "loss_rec" in r] == [1, 10, 12]
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
+    assert lines[0].startswith("step 1/12") and "ETA" in lines[0]
+    assert [ce_train.is_log_step(s, argparse.Namespace(log_every=5), 100) for s in (1, 5, 10, 100)] == \
+        [False, True, True, True]                                          # short intervals: no extra lines
