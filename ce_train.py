@@ -458,26 +458,29 @@ def announce(args, world, n_train, n_val, G, D, total):
     if on_cpu and args.data == "shapes" and not args.resume and quick:
         print(f"CPU defaults (the flags not given): {' '.join(quick)}; the paper's network and batch: --width 64 "
               "--bottleneck 4000 --batch-size 64")
-    if on_cpu and (args.width > CPU_QUICK["width"] or args.bottleneck > CPU_QUICK["bottleneck"]):
-        sec = cpu_step_seconds(G, D, args.batch_size)
+    alexnet = args.arch == "alexnet"
+    if on_cpu and (alexnet or args.width > CPU_QUICK["width"] or args.bottleneck > CPU_QUICK["bottleneck"]):
+        sec = cpu_step_seconds(G, D, args.batch_size, args.load_size)
+        smaller = ("--alexnet-width 0.25 shrinks every layer" if alexnet else "the CPU quick-start network is --width "
+                   f"{CPU_QUICK['width']} --bottleneck {CPU_QUICK['bottleneck']} --batch-size {CPU_QUICK['batch_size']}")
         print(f"note: this network on a CPU: about {sec:.1f} s per step (estimated: a timed forward pass, x3 for "
-              f"the backward), {fmt_time(sec * total)} for {total} steps; the CPU quick-start network is "
-              f"--width {CPU_QUICK['width']} --bottleneck {CPU_QUICK['bottleneck']} --batch-size "
-              f"{CPU_QUICK['batch_size']}")
+              f"the backward), {fmt_time(sec * total)} for {total} steps; {smaller}")
     ce_cli.atomic_write(os.path.join(args.out, "args.json"), json.dumps(vars(args), indent=1))
 
 
-def cpu_step_seconds(G, D, batch_size):
-    """Seconds per training step on this CPU, estimated from one timed forward pass at the run's batch size: G
-    once, D three times (real, fake, fake again for the G step), x3 for the backward passes. (Timing a smaller
-    batch and scaling would mislead: the bottleneck layers' 2 x 33 M weights cost the same for any batch.) Nothing
-    changes: eval mode (BatchNorm statistics untouched), no gradients, no random numbers."""
-    x = torch.zeros(batch_size, 3, 128, 128, device=next(G.parameters()).device)
+def cpu_step_seconds(G, D, batch_size, size=128):
+    """Seconds per training step on this CPU, estimated from one timed forward pass at the run's batch size and image
+    size: G once, D three times (real, fake, fake again for the G step), x3 for the backward passes. (Timing a smaller
+    batch and scaling would mislead: the bottleneck layers' 2 x 33 M weights cost the same for any batch.) D sees what
+    it sees in training: the centre region G paints, or the whole image. Nothing changes: eval mode (BatchNorm
+    statistics untouched), no gradients, no random numbers."""
+    x = torch.zeros(batch_size, 3, size, size, device=next(G.parameters()).device)
     G.eval(), D.eval()
     with torch.no_grad():
         t0 = time.perf_counter()
         fake = G(x)
-        D(x[:, :, 32:96, 32:96]), D(fake), D(fake)
+        o, h = (size - fake.shape[-1]) // 2, fake.shape[-1]
+        D(x[:, :, o:o + h, o:o + h]), D(fake), D(fake)
         dt = time.perf_counter() - t0
     G.train(), D.train()
     return 3 * dt
