@@ -460,7 +460,7 @@ def announce(args, world, n_train, n_val, G, D, total):
               "--bottleneck 4000 --batch-size 64")
     alexnet = args.arch == "alexnet"
     if on_cpu and (alexnet or args.width > CPU_QUICK["width"] or args.bottleneck > CPU_QUICK["bottleneck"]):
-        sec = cpu_step_seconds(G, D, args.batch_size, args.load_size)
+        sec = cpu_step_seconds(G, D if args.lam_adv > 0 else None, args.batch_size, args.load_size)
         smaller = ("--alexnet-width 0.25 shrinks every layer" if alexnet else "the CPU quick-start network is --width "
                    f"{CPU_QUICK['width']} --bottleneck {CPU_QUICK['bottleneck']} --batch-size {CPU_QUICK['batch_size']}")
         print(f"note: this network on a CPU: about {sec:.1f} s per step (estimated: a timed forward pass, x3 for "
@@ -469,20 +469,24 @@ def announce(args, world, n_train, n_val, G, D, total):
 
 
 def cpu_step_seconds(G, D, batch_size, size=128):
-    """Seconds per training step on this CPU, estimated from one timed forward pass at the run's batch size and image
-    size: G once, D three times (real, fake, fake again for the G step), x3 for the backward passes. (Timing a smaller
-    batch and scaling would mislead: the bottleneck layers' 2 x 33 M weights cost the same for any batch.) D sees what
-    it sees in training: the centre region G paints, or the whole image. Nothing changes: eval mode (BatchNorm
-    statistics untouched), no gradients, no random numbers."""
+    """Seconds per training step on this CPU, estimated from one timed forward pass at the run's batch size and
+    image size: G once, D three times (real, fake, fake again for the G step; D=None for an L2-only run), x3 for
+    the backward passes. (Timing a smaller batch and scaling would mislead: the bottleneck layers' 2 x 33 M weights
+    cost the same for any batch.) D sees what it sees in training: the region G paints, or the whole image.
+    Nothing changes: eval mode (BatchNorm statistics untouched), no gradients, no random numbers."""
     x = torch.zeros(batch_size, 3, size, size, device=next(G.parameters()).device)
-    G.eval(), D.eval()
+    nets = [G] if D is None else [G, D]
+    for net in nets:
+        net.eval()
     with torch.no_grad():
         t0 = time.perf_counter()
         fake = G(x)
         o, h = (size - fake.shape[-1]) // 2, fake.shape[-1]
-        D(x[:, :, o:o + h, o:o + h]), D(fake), D(fake)
+        if D is not None:
+            D(x[:, :, o:o + h, o:o + h]), D(fake), D(fake)
         dt = time.perf_counter() - t0
-    G.train(), D.train()
+    for net in nets:
+        net.train()
     return 3 * dt
 
 
