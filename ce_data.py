@@ -75,6 +75,11 @@ def to_float(images_u8, dtype=torch.float32, channels_last=False):
     return x.mul_(2.0 / 255).sub_(1.0)
 
 
+def unit(x):
+    """[-1, 1] -> [0, 1], clamped, float32."""
+    return ((x.float() + 1) / 2).clamp_(0, 1)
+
+
 def center_crop(x, size=128):
     """uint8 (B, S, S, 3) -> (B, size, size, 3), the centre (evaluation uses no random crop)."""
     o = (x.shape[1] - size) // 2

@@ -1,5 +1,7 @@
 """Evaluate a Context Encoder (Pathak et al., CVPR 2016, section 5.1 / Table 1): PSNR, mean L1 %, mean L2 % of
-the model against classical baselines on held-out images; figures; inpainting your own photos.
+the model against classical baselines on held-out images; figures; inpainting your own photos. This file holds
+the parts that need the model or the metrics: the drawing (grids, curves, GIF, figure notes) is in ce_figures.py,
+a photo's image side (inputs, the square the model sees, your mask, pasting back) in ce_photo.py.
 
     python ce_eval.py --ckpt runs/shapes/best.pt                 # table: model vs baselines
     python ce_eval.py --ckpt runs/shapes/best.pt --json          # one JSON line
@@ -14,23 +16,23 @@ Metrics (all on [0, 1] intensities, per image then averaged over images):
   PSNR = 10 log10(1 / MSE);  L1 % = 100 * mean |pred - true|;  L2 % = 100 * mean (pred - true)^2.
 """
 import argparse
-import io
 import json
 import math
 import os
 import sys
-import textwrap
 import time
 from types import SimpleNamespace
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+from PIL import Image
 
 import ce_cli
 import ce_data
 import ce_datasets
+import ce_figures
 import ce_model
+import ce_photo
 
 BASELINES = ("fill", "context_mean", "harmonic")
 
@@ -38,17 +40,12 @@ BASELINES = ("fill", "context_mean", "harmonic")
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics and baselines
 
-def unit(x):
-    """[-1, 1] -> [0, 1], clamped, float32."""
-    return ((x.float() + 1) / 2).clamp_(0, 1)
-
-
 def image_metrics(pred, target, mask):
     """Per-image PSNR (dB), L1 %, L2 % over the pixels where `mask` ((1 or B), 1, H, W) is 1. Inputs in [-1, 1].
 
     Returns a dict of (B,) float tensors. PSNR per image then averaged is the paper's reading of Table 1.
     """
-    d = unit(pred) - unit(target)
+    d = ce_data.unit(pred) - ce_data.unit(target)
     m = mask.to(d.device, d.dtype).expand_as(d)
     n = m.sum(dim=(1, 2, 3))
     mse = (d * d * m).sum(dim=(1, 2, 3)) / n
@@ -220,7 +217,7 @@ def eval_task(x, kind, start, overlap, ring, fill):
     mask = ce_data.eval_masks(kind, start, len(x), x.device, x.shape[-1])
     masked = ce_data.apply_mask(x, mask, fill)
     return SimpleNamespace(masked=masked, target=x, hole=mask, compose=lambda p: ce_data.paste_image(masked, p, mask),
-                           picture=lambda p: outline(ce_data.paste_image(masked, p, mask), mask),
+                           picture=lambda p: ce_figures.outline(ce_data.paste_image(masked, p, mask), mask),
                            baseline=lambda name: baseline_image(name, masked, mask))
 
 
@@ -284,74 +281,7 @@ def evaluate(G, images_u8, overlap=7, ring="visible", fill="mean", methods=("mod
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Pictures
-
-GRID_TITLES = ("masked", "filled", "original")  # save_grid's column titles when it is given 3 columns
-TITLE_H = 20                 # px: the strip above a sample grid that names its columns
-GRID_INFO = "ce_title_h"     # PNG text keys: that strip's height (make_gif skips the strip) and its titles
-GRID_INFO_TITLES = "ce_titles"
-GIF_STRIP_H = 22             # px: the dark strip above each GIF frame with the step number
-
-
-def to_uint8(x):
-    """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3): de-normalised, so saved samples are not too dark."""
-    return (unit(x) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def font(size):
-    """Pillow's built-in font at `size` px; Pillow < 10.1 has only a fixed ~11 px bitmap font, used as is."""
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:
-        return ImageFont.load_default()
-
-
-def draw_centred(draw, xy, text, fnt, fill):
-    """Text centred on the point xy; every title on the same baseline (its height measured on "Ag").
-    textbbox rather than anchor=: anchors need a FreeType font."""
-    try:
-        left, _, right, _ = draw.textbbox((0, 0), text, font=fnt)
-        _, top, _, bottom = draw.textbbox((0, 0), "Ag", font=fnt)
-    except (AttributeError, ValueError):  # Pillow < 9.2 measures only FreeType fonts: the bitmap one is 6 x 11 px
-        left, top, right, bottom = 0, 0, 6 * len(text), 11
-    draw.text((xy[0] - (left + right) / 2, xy[1] - (top + bottom) / 2), text, font=fnt, fill=fill)
-
-
-def grid_body(columns, per_row=4, gap=4):
-    """uint8 (H, W, 3): each image's columns side by side, `per_row` images per row, white gaps between them."""
-    from torchvision.utils import make_grid  # imported here: importing torchvision takes seconds; only grids need it
-    tuples = torch.cat([unit(c).cpu() for c in columns], dim=3)   # (N, 3, H, k*W): one image's tuple
-    grid = make_grid(tuples, nrow=per_row, padding=gap, pad_value=1.0)
-    if len(tuples) > 1:  # make_grid also pads the outer border (and returns a lone image unpadded): crop it
-        grid = grid[:, gap:grid.shape[1] - gap, gap:grid.shape[2] - gap]
-    # the rounding of torchvision's save_image: x * 255 + 0.5, truncated; written here to add a title strip
-    return grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-
-
-def save_grid(path, columns, per_row=4, gap=4, titles=None):
-    """Save a PNG of image tuples: columns = [masked, filled, original, ...], each (N, 3, H, W) in [-1, 1].
-
-    Each image's tuple is laid out side by side; `per_row` tuples per row, white gaps between tuples. A strip on
-    top names the columns over every tuple: `titles` (default: masked | filled | original for 3 columns; () for
-    no strip).
-    """
-    body = grid_body(columns, per_row, gap)
-    titles = (GRID_TITLES if len(columns) == 3 else ()) if titles is None else tuple(titles)
-    top = TITLE_H if titles else 0
-    im = Image.new("RGB", (body.shape[1], top + body.shape[0]), "white")
-    im.paste(Image.fromarray(body), (0, top))
-    info = PngImagePlugin.PngInfo()
-    if titles:
-        draw, fnt, w = ImageDraw.Draw(im), font(13), columns[0].shape[-1]
-        for x0 in range(0, im.width, len(columns) * w + gap):
-            for j, title in enumerate(titles):
-                draw_centred(draw, (x0 + (j + 0.5) * w, top / 2), title, fnt, (0, 0, 0))
-        info.add_text(GRID_INFO, str(top))
-        info.add_text(GRID_INFO_TITLES, " | ".join(titles))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    ce_cli.atomic_write(path, lambda f: im.save(f, format="PNG", pnginfo=info))
-    return path
-
+# Pictures of the model's predictions (the drawing: ce_figures.py)
 
 def inpaint(G, images, overlap, ring, fill, dtype=None, mask="center"):
     """images (B, 3, 128, 128) in [-1, 1] -> (masked, filled): the prediction pasted into the hole only. Random
@@ -360,166 +290,13 @@ def inpaint(G, images, overlap, ring, fill, dtype=None, mask="center"):
     return t.masked, t.picture(predict(G, t.masked, dtype=dtype).to(images.device))
 
 
-def outline(images, mask, colour=(1.0, 1.0, -1.0)):
-    """Draw the 1-px border of each hole (hidden pixels next to a visible one) in yellow, for figures."""
-    hole = mask.float()
-    edge = mask & (torch.nn.functional.max_pool2d(1 - hole, 3, stride=1, padding=1) > 0)
-    out = images.clone()
-    for c in range(3):
-        out[:, c].masked_fill_(edge[:, 0], colour[c])
-    return out
-
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-    return plt
-
-
-FOOT_PT = 7  # font size of the notes under a figure
-
-
-def note_lines(notes, width_in):
-    """`notes` (one per model) wrapped to a figure `width_in` inches wide, and the height in inches they need."""
-    chars = int(width_in * 72 / (FOOT_PT * 0.62))  # characters per line: an average glyph is ~0.6 of the font size
-    lines = [ln for note in notes for ln in textwrap.wrap(note, chars, subsequent_indent="    ")]
-    return lines, (len(lines) * FOOT_PT * 1.35 / 72 + 0.15 if lines else 0.0)
-
-
-def finish_figure(fig, path, lines=(), dpi=80):
-    """Write the note `lines` in the strip left free at the bottom of the laid-out figure, and save it as a PNG
-    (folders created, written atomically)."""
-    if lines:
-        fig.text(0.01, 0.06 / fig.get_size_inches()[1], "\n".join(lines), ha="left", va="bottom", fontsize=FOOT_PT,
-                 linespacing=1.35, family="monospace")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    _plt().close(fig)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    ce_cli.atomic_write(path, buf.getvalue())
-    return path
-
-
-def read_log(run):
-    """A run's log.jsonl as (training records, evaluation records)."""
-    recs = ce_cli.read_log(os.path.join(run, "log.jsonl"))
-    return [r for r in recs if "loss_rec" in r], [r for r in recs if "eval" in r]
-
-
-IGNORED_IN_LABELS = {"out", "resume", "device", "quick", "log_every", "eval_every", "compile", "data_root"}
-
-
-def run_args(path):
-    """The flags (args.json) of a run folder, or of the run folder holding checkpoint `path`; {} if unreadable."""
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    try:
-        with open(os.path.join(folder, "args.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-def ratio_label(a):
-    """'x1000' for lambda_rec / lambda_adv = 1000 (the seed report's sweep labels); None without both weights."""
-    rec, adv = a.get("lam_rec"), a.get("lam_adv")
-    if not isinstance(rec, (int, float)) or not isinstance(adv, (int, float)):
-        return None
-    return "rec only" if adv == 0 else f"x{float(f'{rec / adv:.4g}'):g}"
-
-
-def run_labels(paths, labels=None):
-    """Short labels of several runs (or checkpoints) for titles and legends, and one note per run naming it and
-    the flags in which the runs differ (args.json). Returns (labels, notes).
-
-    Labels: `labels` if given; else the ratio "x1000" when only lambda_rec/lambda_adv differ (a lambda sweep);
-    else "A", "B", ...  A single run is labelled by its folder name, with no note.
-    Notes: "A = runs/a: lam_adv=0.01 width=32".
-    """
-    args = [run_args(p) for p in paths]
-    if len(paths) == 1 and labels is None:
-        return [os.path.basename(os.path.normpath(paths[0]))], []
-    keys = sorted(k for k in set().union(*args) if k not in IGNORED_IN_LABELS
-                  and len({json.dumps(a.get(k)) for a in args}) > 1)
-    if labels is None:
-        labels = [ratio_label(a) for a in args] if keys and set(keys) <= {"lam_rec", "lam_adv"} else []
-        if None in labels or len(set(labels)) < len(paths):  # not a clean sweep: letters
-            labels = [chr(ord("A") + i) if i < 26 else str(i + 1) for i in range(len(paths))]
-    notes = []
-    for lab, p, a in zip(labels, paths, args):
-        flags = " ".join(f"{k}={a.get(k)}" for k in keys)
-        notes.append(f"{lab} = {os.path.normpath(p)}" + (f": {flags}" if flags else ""))
-    return list(labels), notes
-
-
-MARKERS_UP_TO = 40  # series with at most this many points are drawn with a marker on each point
-
-
-def plot_curves(runs, path, labels=None):
-    """Training curves of one or several runs, overlaid: losses, D outputs and held-out PSNR against step.
-
-    Legend: short labels (see run_labels); several runs: a note per run under the plot names its differing flags.
-    """
-    plt = _plt()
-    panels = [("loss_D", "loss_D"), ("loss_rec", "loss_rec (Eq. 1)"), ("loss_adv", "loss_adv (G, Eq. 2)"),
-              ("D_x", "D(x)"), ("D_G_x", "D(G(x))"), ("psnr", "held-out PSNR, hole (dB)")]
-    labels, notes = run_labels(runs, labels)
-    lines, foot = note_lines(notes, 12)
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5 + foot))
-    for run, label in zip(runs, labels):
-        train, evals = read_log(run)
-        for ax, (key, title) in zip(axes.flat, panels):
-            recs = evals if key == "psnr" else train
-            ys = [r["eval"]["psnr"] if key == "psnr" else r[key] for r in recs]
-            ax.plot([r["step"] for r in recs], ys, marker="o" if len(recs) <= MARKERS_UP_TO else None, ms=3,
-                    label=label)
-    for ax, (key, title) in zip(axes.flat, panels):
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step", fontsize=8)
-        ax.ticklabel_format(useOffset=False, style="plain")  # real values on the ticks, no "+1e4" offset
-        ax.grid(alpha=0.3)
-    axes[1, 2].legend(fontsize=8)
-    fig.tight_layout(rect=(0, foot / (6.5 + foot), 1, 1))
-    return finish_figure(fig, path, lines, dpi=72)
-
-
-def gif_frame(path, rows, scale):
-    """The first `rows` rows of one sample grid (its title strip skipped), scaled, with a dark strip on top that
-    names the step (and the columns): drawn after scaling, so the text stays legible."""
-    with Image.open(path) as src:
-        top, titles = int(src.info.get(GRID_INFO, 0)), src.info.get(GRID_INFO_TITLES, "")
-        im = src.convert("RGB")
-    im = im.crop((0, top, im.width, min(im.height, top + rows * 132 - 4)))
-    im = im.resize((int(im.width * scale), int(im.height * scale)), Image.BILINEAR)
-    frame = Image.new("RGB", (im.width, GIF_STRIP_H + im.height), (32, 32, 32))
-    frame.paste(im, (0, GIF_STRIP_H))
-    step = int(os.path.basename(path)[5:12])
-    text = f"step {step:,}" + (f"   ({titles})" if titles else "")
-    ImageDraw.Draw(frame).text((4, 2), text, font=font(15), fill=(255, 255, 255))
-    return frame
-
-
-def make_gif(run, max_frames=20, rows=2, scale=0.5):
-    """OUT/evolution.gif: the first `rows` rows of each sample grid over training, at most `max_frames` frames."""
-    names = sorted(f for f in os.listdir(os.path.join(run, "samples")) if f.startswith("step_") and f.endswith(".png"))
-    if not names:
-        return None
-    k = min(max_frames, len(names))  # evenly spaced frames, first and last included
-    pick = sorted({round(i * (len(names) - 1) / max(k - 1, 1)) for i in range(k)})
-    frames = [gif_frame(os.path.join(run, "samples", names[i]), rows, scale).quantize(colors=128) for i in pick]
-    path = os.path.join(run, "evolution.gif")
-    ce_cli.atomic_write(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
-                                                       duration=400, loop=0))
-    return path
-
-
 def comparison_figure(models, images, path, dtype=None, notes=()):
     """masked | each model | each baseline | original for N held-out images, the hole's PSNR under each.
 
     models: [(short label, G, args)], all with the same mask (overlap, ring, fill) as the first; notes: lines
-    under the figure saying what each label is (run_labels gives both).
+    under the figure saying what each label is (ce_figures.run_labels gives both).
     """
-    plt = _plt()
+    plt = ce_figures._plt()
     a = models[0][2]
     t = eval_task(images, a.get("mask", "center"), 0, a["overlap"], a["ring"], a["fill"])
     target, hole = t.target, t.hole
@@ -536,13 +313,13 @@ def comparison_figure(models, images, path, dtype=None, notes=()):
     # row, the PSNR under each row, the notes at the bottom.
     side, gap, title, label, margin = 1.5, 0.08, 0.25, 0.2, 0.05
     width = k * side + (k - 1) * gap + 2 * margin
-    lines, foot = note_lines(notes, width)
+    lines, foot = ce_figures.note_lines(notes, width)
     height = title + n * (side + label) + (n - 1) * gap + margin + foot
     fig, axes = plt.subplots(n, k, figsize=(width, height), squeeze=False)
     fig.subplots_adjust(left=margin / width, right=1 - margin / width, top=1 - title / height,
                         bottom=(label + margin + foot) / height, wspace=gap / side, hspace=(label + gap) / side)
     for j, (name, full, pred) in enumerate(cols):
-        pics = to_uint8(full)
+        pics = ce_figures.to_uint8(full)
         psnr = image_metrics(pred, target, hole)["psnr"] if pred is not None else None
         for i in range(n):
             ax = axes[i, j]
@@ -552,7 +329,7 @@ def comparison_figure(models, images, path, dtype=None, notes=()):
                 ax.set_title(name, fontsize=9)
             if psnr is not None:
                 ax.set_xlabel(f"{psnr[i]:.1f} dB", fontsize=7, labelpad=2)
-    return finish_figure(fig, path, lines)
+    return ce_figures.finish_figure(fig, path, lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -622,54 +399,24 @@ def print_table(results, title):
               f"{r['psnr_region']:>9.2f}{r['l1_region']:>8.2f}{r['l2_region']:>8.2f}")
 
 
-def read_user_mask(path, photo, square, size):
-    """A user's mask image (white = hole) -> (1, 1, size, size) bool, cropped and scaled exactly as the photo: a
-    mask of another size is first scaled to the photo's size. One-line errors for an unreadable, empty or all-hole
-    mask."""
-    m = ce_datasets.read_rgb(path).convert("L")
-    if m.size != photo.size:
-        m = m.resize(photo.size, Image.NEAREST)
-    left, top, side = square
-    m = m.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
-    hole = torch.from_numpy(np.asarray(m) > 127)[None, None]
-    if not hole.any():
-        raise ce_cli.DataError(f"{path}: no hole in the photo's central square (white = hole, black = keep); "
-                               "draw the region to fill in white")
-    if hole.all():
-        raise ce_cli.DataError(f"{path}: the whole central square is a hole; leave some context (black) to fill from")
-    return hole
-
-
-def paste_full_mask(photo, filled, square, hole):
-    """The photo at its own size with only the hidden pixels replaced: the size x size prediction and mask scaled
-    back to the square (bicubic, nearest); every other pixel of the photo is kept bit for bit."""
-    left, top, side = square
-    big = np.asarray(Image.fromarray(filled).resize((side, side), Image.BICUBIC))
-    keep = np.asarray(Image.fromarray(hole[0, 0].cpu().numpy()).resize((side, side), Image.NEAREST))
-    out = np.array(photo)
-    region = out[top:top + side, left:left + side]
-    region[keep] = big[keep]
-    return Image.fromarray(out), int(keep.sum())
-
-
 def inpaint_photo(G, photo, a, dtype, mask_path=None):
     """One photo through G: (masked, filled, input) batches of one and the full-size result with a description.
     Centre models fill the central square; random-mask models the user's mask, or held-out mask 0 without one."""
     size, kind = ce_model.INPUT_SIZE[a.get("arch", "dcgan")], a.get("mask", "center")
-    arr, square = ce_datasets.photo_square(photo, size)
+    arr, square = ce_photo.photo_square(photo, size)
     x = ce_data.to_float(torch.from_numpy(arr[None].copy())).to(next(G.parameters()).device)
     if kind == "center":
         masked, filled = inpaint(G, x, a["overlap"], a["ring"], a["fill"], dtype)
-        full, (hx, hy, hs) = ce_datasets.paste_full(photo, to_uint8(filled)[0], square,
-                                                    ce_data.hole_bounds(size, a["overlap"], a["ring"]))
+        full, (hx, hy, hs) = ce_photo.paste_full(photo, ce_figures.to_uint8(filled)[0], square,
+                                                 ce_data.hole_bounds(size, a["overlap"], a["ring"]))
         return masked, filled, x, full, f"only the {hs}x{hs} hole at ({hx}, {hy}) replaced"
-    hole = (read_user_mask(mask_path, photo, square, size) if mask_path
+    hole = (ce_photo.read_user_mask(mask_path, photo, square, size) if mask_path
             else ce_data.eval_masks(kind, 0, 1, size=size)).to(x.device)
     masked = ce_data.apply_mask(x, hole, a["fill"])
     filled = ce_data.paste_image(masked, predict(G, masked, dtype=dtype).to(x.device), hole)
-    full, n = paste_full_mask(photo, to_uint8(filled)[0], square, hole)
+    full, n = ce_photo.paste_full_mask(photo, ce_figures.to_uint8(filled)[0], square, hole)
     what = "your mask" if mask_path else f"held-out {kind} mask 0 (give --mask MASK.png for your own)"
-    return masked, outline(filled, hole), x, full, f"only the {n} px of {what} replaced"
+    return masked, ce_figures.outline(filled, hole), x, full, f"only the {n} px of {what} replaced"
 
 
 def run_images(G, paths, a, out, dtype, mask_path=None):
@@ -682,7 +429,7 @@ def run_images(G, paths, a, out, dtype, mask_path=None):
         raise ce_cli.DataError(f"--mask {mask_path}: this checkpoint was trained with the central square "
                                "(--mask center) and cannot fill other holes; use a model trained with --mask region "
                                "or --mask block")
-    files, names, bad = ce_datasets.photo_inputs(paths)
+    files, names, bad = ce_photo.photo_inputs(paths)
     os.makedirs(out, exist_ok=True)
     done, size = 0, ce_model.INPUT_SIZE[a.get("arch", "dcgan")]
     for path, name in zip(files, names):
@@ -692,12 +439,13 @@ def run_images(G, paths, a, out, dtype, mask_path=None):
             bad.append(str(e))
             continue
         masked, filled, x, full, what = inpaint_photo(G, photo, a, dtype, mask_path)
-        small, stem, shown = to_uint8(filled)[0], os.path.join(out, name), ce_datasets.shown(os.path.join(out, name))
+        small, stem, shown = (ce_figures.to_uint8(filled)[0], os.path.join(out, name),
+                              ce_photo.shown(os.path.join(out, name)))
         ce_cli.atomic_write(f"{stem}_filled.png", lambda f: Image.fromarray(small).save(f, format="PNG"))
         ce_cli.atomic_write(f"{stem}_full.png", lambda f: full.save(f, format="PNG"))
-        save_grid(f"{stem}_compare.png", [masked, filled, x])
+        ce_figures.save_grid(f"{stem}_compare.png", [masked, filled, x])
         (w, h), side = photo.size, min(photo.size)
-        print(f"{ce_datasets.shown(path)}: {w}x{h}, centre {side}x{side} crop scaled to {size} px -> "
+        print(f"{ce_photo.shown(path)}: {w}x{h}, centre {side}x{side} crop scaled to {size} px -> "
               f"{shown}_filled.png ({size} px), {shown}_full.png ({w}x{h}, {what}), "
               f"{shown}_compare.png (masked | filled | original)")
         done += 1
@@ -734,7 +482,7 @@ def print_mask_stats(kind, n):
 def main(argv=None):
     args = parse_args(argv)
     if args.plot:
-        print(f"wrote {plot_curves(args.plot, plot_path(args.out))}")
+        print(f"wrote {ce_figures.plot_curves(args.plot, plot_path(args.out))}")
         return
     if args.mask_stats:
         return print_mask_stats(args.mask_stats, 1000 if args.n == 6 else args.n)
@@ -747,7 +495,7 @@ def main(argv=None):
     if args.figure:
         images, data = held_out(args, a)
         x = ce_data.eval_batch(images[:args.n], ce_model.INPUT_SIZE[a.get("arch", "dcgan")])
-        labels, notes = run_labels([s["path"] for _, _, s in loaded]) if len(loaded) > 1 else (["model"], [])
+        labels, notes = ce_figures.run_labels([s["path"] for _, _, s in loaded]) if len(loaded) > 1 else (["model"], [])
         path = comparison_figure([(lab, G, s["args"]) for lab, (G, _, s) in zip(labels, loaded)], x,
                                  os.path.join(args.out or "inpainted", "figure.png"), dtype, notes)
         print(f"wrote {path}: masked | {' | '.join(labels)} | baselines | original, {len(x)} {data}/{args.split} "

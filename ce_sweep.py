@@ -21,6 +21,7 @@ import ce_cli
 import ce_data
 import ce_datasets
 import ce_eval
+import ce_figures
 import ce_model
 import ce_train
 
@@ -92,9 +93,9 @@ def main(argv=None):
         models.append((f"x{r:g}", G, a))
     write_table(rows, args.out)
     labels = [label for label, _, _ in models]
-    ce_eval.plot_curves(runs, os.path.join(args.out, "curves.png"), labels)
+    ce_figures.plot_curves(runs, os.path.join(args.out, "curves.png"), labels)
     x = ce_data.eval_batch(images[:args.n])
-    notes = ce_eval.run_labels(runs, labels)[1]   # "x1000 = runs/sweep/ratio1000: lam_adv=0.000999 lam_rec=0.999"
+    notes = ce_figures.run_labels(runs, labels)[1]   # "x1000 = runs/sweep/ratio1000: lam_adv=0.000999 lam_rec=0.999"
     ce_eval.comparison_figure(models, x, os.path.join(args.out, "figure.png"), hw.dtype, notes)
     print(f"wrote {args.out}/sweep.csv, {args.out}/curves.png, {args.out}/figure.png")
 

@@ -30,6 +30,7 @@ import ce_cli
 import ce_data
 import ce_datasets
 import ce_eval
+import ce_figures
 import ce_losses
 import ce_model
 
@@ -545,7 +546,7 @@ def evaluate_and_save(run, nets, args, val_u8, fixed, hw, epoch):
     run.check_finite(evaluation=r)
     masked, filled = ce_eval.inpaint(G, fixed, args.overlap, args.ring, args.fill, hw.dtype, args.mask)
     os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-    ce_eval.save_grid(os.path.join(args.out, "samples", f"step_{run.step:07d}.png"), [masked, filled, fixed])
+    ce_figures.save_grid(os.path.join(args.out, "samples", f"step_{run.step:07d}.png"), [masked, filled, fixed])
     is_best = r["psnr"] > run.best
     run.best = max(run.best, r["psnr"])
     # order matters for a kill at any moment: the log record, then best.pt, then ckpt.pt (which resumes)
@@ -555,8 +556,8 @@ def evaluate_and_save(run, nets, args, val_u8, fixed, hw, epoch):
         save(os.path.join(args.out, "best.pt"), nets, args, run, epoch)
     save(os.path.join(args.out, "ckpt.pt"), nets, args, run, epoch)
     run.last_good = os.path.join(args.out, "ckpt.pt")
-    ce_eval.plot_curves([args.out], os.path.join(args.out, "curves.png"))
-    ce_eval.make_gif(args.out)
+    ce_figures.plot_curves([args.out], os.path.join(args.out, "curves.png"))
+    ce_figures.make_gif(args.out)
     print(f"eval @ {run.step}: held-out PSNR {r['psnr']:.2f} dB, L1 {r['l1']:.2f} %, L2 {r['l2']:.2f} % "
           f"(hole, {r['n_images']} images){' *best*' if is_best else ''}")
     run.t_log = time.time()  # evaluation is not training time

@@ -14,6 +14,7 @@ from PIL import Image
 
 import ce_cli
 import ce_datasets
+import ce_tiny
 from test_data import make_tiny_zip
 
 
@@ -168,21 +169,21 @@ def test_tiny_download_is_checked_against_the_published_md5(tmp_path, monkeypatc
     src = make_tiny_zip(tmp_path / "served.zip")
     data = src.read_bytes()
     monkeypatch.delenv("CE_TINY_URL", raising=False)
-    monkeypatch.setattr(ce_datasets, "TINY_URL", src.as_uri())          # "the default URL", served locally
-    monkeypatch.setattr(ce_datasets, "TINY_SIZE", len(data))
-    monkeypatch.setattr(ce_datasets, "TINY_MD5", "0" * 32)
+    monkeypatch.setattr(ce_tiny, "TINY_URL", src.as_uri())          # "the default URL", served locally
+    monkeypatch.setattr(ce_tiny, "TINY_SIZE", len(data))
+    monkeypatch.setattr(ce_tiny, "TINY_MD5", "0" * 32)
     root = tmp_path / "data"
     with pytest.raises(ce_cli.DataError, match=r"tiny-imagenet-200.zip.part: not the published .* MD5") as e:
         ce_datasets.load_split("tiny", str(root), "train")
     assert hashlib.md5(data).hexdigest() in str(e.value) and "\n" not in str(e.value)
     assert not os.listdir(root)                                         # the wrong file is not kept
-    monkeypatch.setattr(ce_datasets, "TINY_SIZE", len(data) + 1)        # shorter than published: resumable
+    monkeypatch.setattr(ce_tiny, "TINY_SIZE", len(data) + 1)        # shorter than published: resumable
     with pytest.raises(ce_cli.DataError, match="run again to resume"):
         ce_datasets.load_split("tiny", str(root), "train")
     assert (root / "tiny-imagenet-200.zip.part").stat().st_size == len(data)
     os.remove(root / "tiny-imagenet-200.zip.part")
-    monkeypatch.setattr(ce_datasets, "TINY_SIZE", len(data))
-    monkeypatch.setattr(ce_datasets, "TINY_MD5", hashlib.md5(data).hexdigest())
+    monkeypatch.setattr(ce_tiny, "TINY_SIZE", len(data))
+    monkeypatch.setattr(ce_tiny, "TINY_MD5", hashlib.md5(data).hexdigest())
     assert ce_datasets.load_split("tiny", str(root), "train").shape == (6, 128, 128, 3)
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 import ce_cli
 import ce_datasets
 import ce_eval
+import ce_figures
 import ce_losses
 import ce_model
 import ce_train
@@ -39,7 +40,7 @@ def test_train_resume_evaluate(tmp_path, tiny_flags, capsys):
     evals = [r["eval"] for r in log if "eval" in r]
     assert len(evals) == 2 and all(5 < e["psnr"] < 60 and e["n_images"] == 16 for e in evals)
     png = Image.open(os.path.join(out, "samples", "step_0000004.png"))
-    assert png.size == (4 * 3 * 128 + 3 * 4, ce_eval.TITLE_H + 4 * 128 + 3 * 4)   # 16 images, 4 per row, titled
+    assert png.size == (4 * 3 * 128 + 3 * 4, ce_figures.TITLE_H + 4 * 128 + 3 * 4)   # 16 images, 4 per row, titled
     state = ce_model.read_checkpoint(os.path.join(out, "ckpt.pt"))
     assert state["step"] == 4 and state["args"]["width"] == 8 and {"optG", "optD", "rng"} <= set(state)
     assert os.path.exists(os.path.join(out, "best.pt"))

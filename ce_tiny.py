@@ -1,0 +1,133 @@
+"""Tiny ImageNet for --data tiny (200 classes, 64x64 px; 100,000 train, 10,000 val images): found under
+DATA_ROOT/tiny-imagenet-200, or downloaded on first use with a progress line (resumed after an interruption; size
+and MD5 checked against the published archive; CE_TINY_URL to fetch it from elsewhere), its zip checked (CRCs) and
+extracted atomically. ce_datasets.py lists and decodes the images from there.
+
+    python -c "import ce_tiny; print(ce_tiny.ensure_tiny('data'))"     # downloads 248 MB on first use
+"""
+import hashlib
+import http.client
+import os
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+
+from ce_cli import DataError
+
+TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+TINY_MD5, TINY_SIZE = "90528d7ca1a48142e341f4ef8d21d0de", 248_100_043   # published with the archive
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tiny ImageNet: find, or download + check + extract.
+
+def download(url, dest, check=None):
+    """Download `url` to `dest` via `dest.part` with a progress display; rename only when complete (and when
+    `check(part)`, if given, has not raised).
+
+    A `.part` left by an interrupted run is resumed with an HTTP Range request where the server allows it,
+    otherwise started again. A finished archive is never confused with a partial one.
+    """
+    part = dest + ".part"
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    req = urllib.request.Request(url, headers={"User-Agent": "context-encoder"})
+    if have and url.startswith(("http://", "https://")):
+        req.add_header("Range", f"bytes={have}-")
+    try:
+        r = urllib.request.urlopen(req, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code != 416:   # 416: nothing left to fetch, the .part is whole; the checks will tell
+            raise
+        total = done = have
+    else:
+        total, done = _fetch(r, url, part, have)
+    print(file=sys.stderr)
+    if total and done != total:
+        raise DataError(f"{url}: download stopped at {done} of {total} bytes; run again to resume")
+    if check is not None:
+        check(part)
+    os.replace(part, dest)
+
+
+def _fetch(r, url, part, have):
+    """Write the response `r` to `part` (appended if the server resumed at byte `have`); (expected, got) bytes."""
+    with r:
+        resumed = have and getattr(r, "status", 200) == 206
+        total = int(r.headers.get("Content-Length") or 0) + (have if resumed else 0)
+        done = have if resumed else 0
+        t0, last = time.time(), 0.0
+        with open(part, "ab" if resumed else "wb") as f:
+            while True:
+                chunk = r.read(1 << 20)
+                if not chunk:
+                    break
+                f.write(chunk)
+                done += len(chunk)
+                if time.time() - last > 0.5:
+                    last = time.time()
+                    pct = f"{100 * done / total:.0f}% of {total / 1e6:.0f} MB" if total else f"{done / 1e6:.0f} MB"
+                    rate = (done - (have if resumed else 0)) / max(last - t0, 1e-9) / 1e6
+                    print(f"\rdownloading {url}: {pct} ({rate:.1f} MB/s)   ", end="", file=sys.stderr, flush=True)
+    return total, done
+
+
+def _check_published(part):
+    """The default URL's download must be the published archive: TINY_SIZE bytes with MD5 TINY_MD5 (zip CRCs
+    alone would pass a re-packed or different archive). A short file is kept to resume; a wrong one deleted."""
+    size = os.path.getsize(part)
+    if size < TINY_SIZE:
+        raise DataError(f"{part}: {size:,} bytes of the {TINY_SIZE:,} of {TINY_URL}; run again to resume")
+    h = hashlib.md5(usedforsecurity=False)   # a checksum, not security
+    with open(part, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    if size != TINY_SIZE or h.hexdigest() != TINY_MD5:
+        os.remove(part)
+        raise DataError(f"{part}: not the published Tiny ImageNet archive ({size:,} bytes, MD5 {h.hexdigest()}; "
+                        f"expected {TINY_SIZE:,} bytes, MD5 {TINY_MD5}); deleted it: run again to download it "
+                        f"again, or fetch {TINY_URL} by hand, check its MD5 and put it in {os.path.dirname(part)}")
+
+
+def _check_zip(path):
+    """Raise DataError unless `path` is a complete zip holding tiny-imagenet-200/train/ (CRCs checked)."""
+    hint = ("delete it and run again to download it, or place tiny-imagenet-200.zip (from "
+            f"{TINY_URL}) in that folder by hand")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            if not any(n.startswith("tiny-imagenet-200/train/") for n in names):
+                raise DataError(f"{path}: not a Tiny ImageNet archive (no tiny-imagenet-200/train/ in it); {hint}")
+            bad = z.testzip()
+            if bad is not None:
+                raise DataError(f"{path}: archive is corrupt (bad CRC in {bad}); {hint}")
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise DataError(f"{path}: not a readable zip archive ({e}); it may be truncated; {hint}") from None
+
+
+def ensure_tiny(root, url=None):
+    """Return DIR/tiny-imagenet-200, extracting DIR/tiny-imagenet-200.zip or downloading it first if needed."""
+    url = url or os.environ.get("CE_TINY_URL") or TINY_URL
+    target = os.path.join(root, "tiny-imagenet-200")
+    if os.path.isdir(os.path.join(target, "train")):
+        return target
+    os.makedirs(root, exist_ok=True)
+    archive = os.path.join(root, "tiny-imagenet-200.zip")
+    if not os.path.isfile(archive):
+        try:   # the published checksum applies to the published URL (CE_TINY_URL may serve any archive)
+            download(url, archive, _check_published if url == TINY_URL else None)
+        except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeouts, cut connections
+            raise DataError(f"could not download Tiny ImageNet from {url} ({type(e).__name__}: {e}); run again to "
+                            f"resume, or download it by hand and put tiny-imagenet-200.zip (or its extracted "
+                            f"tiny-imagenet-200/ folder) in {root}") from None
+    _check_zip(archive)
+    tmp = os.path.join(root, ".tiny-imagenet-200.extracting")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"extracting {archive} ...", file=sys.stderr)
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(tmp)   # zipfile drops absolute paths and '..' parts, so nothing lands outside tmp
+    os.replace(os.path.join(tmp, "tiny-imagenet-200"), target)  # atomic: a half extraction is never used
+    shutil.rmtree(tmp, ignore_errors=True)
+    return target
