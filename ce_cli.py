@@ -43,7 +43,14 @@ class DataError(UserError):
 # Command line: one parser class, one error-to-exit wrapper
 
 class _HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows the script's docstring as written (its examples) and every flag's default."""
+    """--help shows the script's docstring as written (its examples) and every flag's default, but no
+    "(default: None)" or "(default: False)" after flags that are off unless given: their help says what happens
+    without them."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def finite_float(text):

@@ -15,7 +15,6 @@ Metrics (all on [0, 1] intensities, per image then averaged over images):
   region: the whole 64x64 centre of the final image (prediction pasted into the hole, visible ring kept real)
   PSNR = 10 log10(1 / MSE);  L1 % = 100 * mean |pred - true|;  L2 % = 100 * mean (pred - true)^2.
 """
-import argparse
 import json
 import math
 import os
@@ -335,19 +334,8 @@ def comparison_figure(models, images, path, dtype=None, notes=()):
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
-class HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """ce_cli.Parser's --help layout (docstring as written, defaults shown), but no "(default: None)" or
-    "(default: False)" after flags that are off unless given: their help says what happens without them."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def parse_args(argv=None):
     p = ce_cli.Parser(__doc__)
-    p.formatter_class = HelpFormat
     p.add_argument("--ckpt", nargs="+", help="checkpoint(s) written by ce_train.py: OUT/best.pt, OUT/ckpt.pt or the "
                                              "run folder OUT; with --figure, several side by side")
     p.add_argument("--data", choices=("shapes", "tiny", "imagenet", "folder"), help="dataset (default: the checkpoint's)")

@@ -30,7 +30,6 @@ COLUMNS = ("ratio", "lam_rec", "lam_adv", "data", "steps", "psnr", "l1", "l2", "
 
 def parse_args(argv=None):
     p = ce_cli.Parser(__doc__, usage="%(prog)s [--ratios R [R ...]] [--out OUT] [--n N] [-- CE_TRAIN_FLAGS ...]")
-    p.formatter_class = ce_eval.HelpFormat
     p.add_argument("--ratios", type=float, nargs="+", default=[1, 100, 200, 1000], metavar="R",
                    help="lambda_rec / lambda_adv ratios, one run each (seed report: 1, 100, 200, 500, 1000)")
     p.add_argument("--out", default=os.path.join("runs", "sweep"),
