@@ -295,7 +295,7 @@ def comparison_figure(models, images, path, dtype=None, notes=()):
     models: [(short label, G, args)], all with the same mask (overlap, ring, fill) as the first; notes: lines
     under the figure saying what each label is (ce_figures.run_labels gives both).
     """
-    plt = ce_figures._plt()
+    plt = ce_figures.pyplot()
     a = models[0][2]
     t = eval_task(images, a.get("mask", "center"), 0, a["overlap"], a["ring"], a["fill"])
     target, hole = t.target, t.hole
