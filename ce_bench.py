@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 import ce_cli
+import ce_config
 import ce_data
 import ce_datasets
 import ce_train
@@ -96,13 +97,13 @@ def build(a, device, channels_last, dtype="fp32", mask="center"):
     mask block/region: the whole-image model."""
     torch.manual_seed(0)
     hw = ce_cli.Hardware(device, dtype, channels_last)
-    t = ce_train.default_args(device=str(device), width=a.width, bottleneck=a.bottleneck, mask=mask)
+    t = ce_config.default_args(device=str(device), width=a.width, bottleneck=a.bottleneck, mask=mask)
     return (*ce_train.build_training(t, hw), t)
 
 
 def batch_maker(batches, mask):
     """next_batch() for the timed loop: ce_train's masker on consecutive steps (centre: (masked, target))."""
-    t, k = ce_train.default_args(mask=mask), iter(range(10**9))
+    t, k = ce_config.default_args(mask=mask), iter(range(10**9))
     if mask == "center":
         return lambda: ce_data.mask_batch(batches.get(next(k)), t.overlap, t.ring, t.fill)
     masker = ce_train.make_masker(t, None)
@@ -217,7 +218,7 @@ def main(argv=None):
     a = parse_args(argv)
     device = torch.device(a.device)
     train_u8 = ce_datasets.load_split(a.data, a.data_root, "train", 128, a.shapes_n)
-    t = ce_train.default_args()
+    t = ce_config.default_args()
     cuda = device.type == "cuda"
     # (name, autocast dtype, channels_last, torch.compile): ours with everything on, then each switch off alone
     configs = [("ours", "auto", cuda, False, "center")]

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import ce_config
 import ce_model
 
 
@@ -122,7 +123,7 @@ def test_tiny_alexnet_run_trains_resumes_exactly_inpaints_and_is_probed(tmp_path
 def test_alexnet_on_a_cpu_gets_a_step_time_estimate_at_227_px(tmp_path, capsys):
     """The estimate times the networks on the run's own input: 227 px images, D on the whole image."""
     import ce_train
-    args = ce_train.parse_args(["--device", "cpu", "--arch", "alexnet", "--out", str(tmp_path)])
+    args = ce_config.parse_args(["--device", "cpu", "--arch", "alexnet", "--out", str(tmp_path)])
     G, D = ce_model.build_pair({**vars(args), "alexnet_width": 0.125, "width": 8})
     ce_train.announce(args, 1, 64, 16, G, D, 1000)
     note = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note: this network on a CPU")]

@@ -1,12 +1,12 @@
 """Checkpoints of other layouts: a format version, one schema check on load, older files filled in where their
 version is certain (with a note), everything else refused in one line naming the missing or broken piece."""
 import json
-import os
 
 import pytest
 import torch
 
 import ce_cli
+import ce_config
 import ce_eval
 import ce_model
 import ce_train
@@ -36,8 +36,8 @@ def damaged(run, tmp_path, change):
 def test_a_new_checkpoint_has_the_format_and_every_training_flag(run):
     state = ce_model.read_checkpoint(run, resume=True)
     assert state["format"] == ce_model.FORMAT == 2
-    flags = set(vars(ce_train.parse_args(["--device", "cpu", "--out", str(run.parent / "x")])))
-    saved = flags - set(ce_train.RUNTIME) - {"out", "quick"}
+    flags = set(vars(ce_config.parse_args(["--device", "cpu", "--out", str(run.parent / "x")])))
+    saved = flags - set(ce_config.RUNTIME) - {"out", "quick"}
     assert saved == set(ce_model.EVAL_ARGS) | set(ce_model.RESUME_ARGS)   # the schema knows every flag
 
 

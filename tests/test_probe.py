@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import ce_cli
+import ce_config
 import ce_model
 import ce_probe
 import ce_train
@@ -104,8 +105,8 @@ def test_class_folder_layouts(tmp_path):
 
 @pytest.mark.parametrize("variant", ["paper", "seed"])
 def test_random_init_is_the_network_training_started_from(variant):
-    args = ce_train.default_args(width=8, bottleneck=16, seed=7)
-    vars(args).update(ce_train.VARIANTS[variant])           # seed variant: PyTorch init, biases, no BN
+    args = ce_config.default_args(width=8, bottleneck=16, seed=7)
+    vars(args).update(ce_config.VARIANTS[variant])           # seed variant: PyTorch init, biases, no BN
     torch.manual_seed(args.seed)                            # what ce_train.main does, in its order
     G, *_ = ce_train.build_training(args, ce_cli.Hardware("cpu"))
     R = ce_probe.random_init_generator(vars(args))
@@ -114,7 +115,7 @@ def test_random_init_is_the_network_training_started_from(variant):
 
 def _save_ckpt(path, seed=0, **flags):
     """A checkpoint as ce_train.save writes it, holding a run's initial weights."""
-    args = ce_train.default_args(width=8, bottleneck=16, seed=seed, **flags)
+    args = ce_config.default_args(width=8, bottleneck=16, seed=seed, **flags)
     torch.manual_seed(seed)
     G, D = ce_model.build_models(args.width, args.bottleneck, args.bottleneck_bn, args.bias, args.init)
     ce_model.save_checkpoint(path, {"G": G.state_dict(), "D": D.state_dict(), "args": vars(args), "step": 0})

@@ -3,10 +3,8 @@ tail cut short is repaired, a full disk names its file, and neither SIGHUP nor a
 import errno
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
