@@ -237,8 +237,11 @@ def gif_frame(path, rows, scale):
 
 
 def make_gif(run, max_frames=20, rows=2, scale=0.5):
-    """OUT/evolution.gif: the first `rows` rows of each sample grid over training, at most `max_frames` frames."""
-    names = sorted(f for f in os.listdir(os.path.join(run, "samples")) if f.startswith("step_") and f.endswith(".png"))
+    """OUT/evolution.gif: the first `rows` rows of each sample grid over training, at most `max_frames` frames.
+    None (nothing written) before the first sample grid."""
+    folder = os.path.join(run, "samples")
+    names = sorted(f for f in (os.listdir(folder) if os.path.isdir(folder) else ())
+                   if f.startswith("step_") and f.endswith(".png"))
     if not names:
         return None
     k = min(max_frames, len(names))  # evenly spaced frames, first and last included

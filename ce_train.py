@@ -149,6 +149,7 @@ class RunState:
         self.acc = torch.zeros(len(STATS), device=device)
         self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
         self.t_log = time.time()   # wall-clock start of the log window (not saved)
+        self.t_pictures = time.time()   # when curves.png and evolution.gif were last drawn (not saved)
 
     def add(self, stats):
         """Count one training step's (5,) statistics, on the device."""
@@ -321,9 +322,10 @@ def log_window(run, stop, args, total, epoch, world, master):
     return halt
 
 
-def evaluate_and_save(run, nets, args, val_u8, fixed, hw, epoch):
-    """Held-out metrics (ce_eval), a sample grid, the log record, best.pt, ckpt.pt, curves and the GIF; none of it
-    when a loss, a weight or the evaluation is NaN/Inf (the run stops, naming the last good checkpoint)."""
+def evaluate_and_save(run, nets, args, val_u8, fixed, hw, epoch, total):
+    """Held-out metrics (ce_eval), a sample grid, the log record, best.pt, ckpt.pt, and now and then the curves
+    and the GIF; none of it when a loss, a weight or the evaluation is NaN/Inf (the run stops, naming the last good
+    checkpoint)."""
     run.check_finite(nets)
     G = nets["G"]
     r = ce_eval.evaluate(G, val_u8, args.overlap, args.ring, args.fill, ("model",), dtype=hw.dtype,
@@ -341,11 +343,23 @@ def evaluate_and_save(run, nets, args, val_u8, fixed, hw, epoch):
         save(os.path.join(args.out, "best.pt"), nets, args, run, epoch)
     save(os.path.join(args.out, "ckpt.pt"), nets, args, run, epoch)
     run.last_good = os.path.join(args.out, "ckpt.pt")
-    ce_figures.plot_curves([args.out], os.path.join(args.out, "curves.png"))
-    ce_figures.make_gif(args.out)
+    if run.step == total or time.time() - run.t_pictures >= PICTURES_EVERY_S:
+        draw_pictures(run, args)
     print(f"eval @ {run.step}: held-out PSNR {r['psnr']:.2f} dB, L1 {r['l1']:.2f} %, L2 {r['l2']:.2f} % "
           f"(hole, {r['n_images']} images){' *best*' if is_best else ''}")
     run.t_log = time.time()  # evaluation is not training time
+
+
+PICTURES_EVERY_S = 60   # curves.png and evolution.gif: redrawn at an evaluation at most this often, and at the end
+
+
+def draw_pictures(run, args):
+    """OUT/curves.png and OUT/evolution.gif from the log and the sample grids so far. About a second each time
+    (matplotlib's text layout), so at an evaluation at most every PICTURES_EVERY_S seconds, and when the run ends
+    or is stopped by a signal."""
+    ce_figures.plot_curves([args.out], os.path.join(args.out, "curves.png"))
+    ce_figures.make_gif(args.out)
+    run.t_pictures = time.time()
 
 
 def finish(run, nets, args, stop, halt, world, total, epoch, master):
@@ -363,6 +377,8 @@ def finish(run, nets, args, stop, halt, world, total, epoch, master):
         run.check_finite(nets)
         if master:
             save(os.path.join(args.out, "ckpt.pt"), nets, args, run, epoch)
+            if os.path.exists(os.path.join(args.out, "log.jsonl")):
+                draw_pictures(run, args)
         sig = stop[0] if stop else signal.SIGTERM
         name = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(sig, signal.Signals(sig).name)
         if master:
@@ -438,7 +454,7 @@ def main(argv=None):
                 if is_log_step(run.step, args, total):
                     halt = log_window(run, stop, args, total, batches.epoch_of(run.step - 1), world, master)
                 if master and (run.step % args.eval_every == 0 or run.step == total):
-                    evaluate_and_save(run, nets, args, val_u8, fixed, hw, batches.epoch_of(run.step))
+                    evaluate_and_save(run, nets, args, val_u8, fixed, hw, batches.epoch_of(run.step), total)
             finish(run, nets, args, stop, halt, world, total, batches.epoch_of(run.step), master)
 
 

@@ -10,7 +10,19 @@ sys.path.insert(0, ROOT)
 TINY = ["--width", "8", "--bottleneck", "16", "--device", "cpu", "--shapes-n", "64", "--eval-images", "16"]
 
 
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory):
+    """A data folder whose embedded-data cache (64 train images, the 512 held-out ones) is made once per test
+    session: generating it takes about a second, and most tests only need some data to train on. Tests that
+    are about making or reading the cache use folders of their own."""
+    import ce_datasets
+    root = str(tmp_path_factory.getbasetemp() / "tiny-shapes-data")
+    for split in ("train", "val"):
+        ce_datasets.load_split("shapes", root, split, 128, 64)
+    return root
+
+
 @pytest.fixture
-def tiny_flags(tmp_path):
-    """Tiny-model flags with the data cache and run folder inside the test's own temp dir."""
-    return TINY + ["--data-root", str(tmp_path / "data")]
+def tiny_flags(shapes_root):
+    """Tiny-model flags with the session's data cache (runs go to each test's own temp dir via --out)."""
+    return TINY + ["--data-root", shapes_root]

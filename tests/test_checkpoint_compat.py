@@ -14,11 +14,10 @@ from conftest import TINY
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, shapes_root):
     """One tiny run (2 steps, checkpointed at step 2) for the whole module; tests copy its checkpoint."""
     out = tmp_path_factory.mktemp("compat") / "run"
-    root = str(tmp_path_factory.getbasetemp() / "tiny-shapes-data")   # a data cache shared by the session's tests
-    ce_train.main(TINY + ["--data-root", root, "--steps", "2", "--batch-size", "4", "--eval-every", "2",
+    ce_train.main(TINY + ["--data-root", shapes_root, "--steps", "2", "--batch-size", "4", "--eval-every", "2",
                           "--out", str(out)])
     return out
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import ce_cli
-import ce_datasets
 import ce_losses
 import ce_model
 import ce_train
@@ -18,13 +17,9 @@ from conftest import ROOT, TINY
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    """A tiny data cache made once per test session (a folder under pytest's base temp, shared with the other
-    test modules), so that the runs below start training at once."""
-    root = str(tmp_path_factory.getbasetemp() / "tiny-shapes-data")
-    for split in ("train", "val"):
-        ce_datasets.load_split("shapes", root, split, 128, 64)
-    return root
+def data_root(shapes_root):
+    """The session's data cache (conftest), so that the runs below start training at once."""
+    return shapes_root
 
 
 def start(data_root, out, extra):
@@ -62,21 +57,46 @@ def test_kill_9_while_checkpointing_leaves_a_loadable_checkpoint(tmp_path, data_
     assert all(torch.isfinite(p).all() for p in G.parameters())
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
-def test_signal_saves_and_says_how_to_resume(tmp_path, data_root, sig, code):
-    out = tmp_path / "run"
-    proc = start(data_root, out, ["--steps", "100000", "--eval-every", "5", "--log-every", "5"])
+SIGNALS = [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)]
+
+
+@pytest.fixture(scope="module")
+def signalled(tmp_path_factory, data_root):
+    """One run per signal, started together (each process spends seconds importing torch; side by side they
+    share that wait): each trains until its first checkpoint, then gets its signal and is left to exit.
+    Returns {signal: (run folder, exit code, stdout, stderr)}."""
+    base = tmp_path_factory.mktemp("signals")
+    runs = {sig: (base / f"run{int(sig)}", None) for sig, _ in SIGNALS}
+    results = {}
     try:
-        wait_for(out / "ckpt.pt", proc)
-        proc.send_signal(sig)
-        stdout, stderr = proc.communicate(timeout=60)
+        for sig, (out, _) in runs.items():
+            runs[sig] = (out, start(data_root, out, ["--steps", "100000", "--eval-every", "5", "--log-every", "5"]))
+        waiting, t0 = dict(runs), time.time()
+        while waiting:      # each gets its signal as soon as its own first checkpoint is there
+            for sig, (out, proc) in list(waiting.items()):
+                assert proc.poll() is None, proc.communicate()
+                if os.path.exists(out / "ckpt.pt"):
+                    proc.send_signal(sig)
+                    del waiting[sig]
+            assert time.time() - t0 < 180, f"no checkpoint from {sorted(waiting)}"
+            time.sleep(0.05)
+        for sig, (out, proc) in runs.items():
+            stdout, stderr = proc.communicate(timeout=60)
+            results[sig] = (out, proc.returncode, stdout, stderr)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == code, stderr
+        for _, proc in runs.values():
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    return results
+
+
+@pytest.mark.parametrize("sig,code", SIGNALS)
+def test_signal_saves_and_says_how_to_resume(signalled, sig, code):
+    out, returncode, stdout, stderr = signalled[sig]
+    assert returncode == code, stderr
     assert "Traceback" not in stderr and f"Resume with: python ce_train.py --resume {out}" in stdout
     step = ce_model.read_checkpoint(out / "ckpt.pt")["step"]
-    assert step >= 5
+    assert step >= 5 and os.path.exists(out / "curves.png")
     # the resumed run continues from exactly there
     ce_train.main(["--resume", str(out), "--steps", str(step + 2), "--device", "cpu"])
     assert ce_model.read_checkpoint(out / "ckpt.pt")["step"] == step + 2

@@ -10,19 +10,15 @@ import pytest
 import torch
 
 import ce_cli
-import ce_datasets
 import ce_model
 import ce_train
 from conftest import ROOT, TINY
 
 
 @pytest.fixture(scope="module")
-def flags(tmp_path_factory):
-    """Tiny-model flags with a data cache made once per test session (shared with the other test modules)."""
-    root = str(tmp_path_factory.getbasetemp() / "tiny-shapes-data")
-    for split in ("train", "val"):
-        ce_datasets.load_split("shapes", root, split, 128, 64)
-    return TINY + ["--data-root", root, "--batch-size", "4"]
+def flags(shapes_root):
+    """Tiny-model flags with the session's data cache."""
+    return TINY + ["--data-root", shapes_root, "--batch-size", "4"]
 
 
 def log_steps(out):

@@ -12,7 +12,6 @@ from PIL import Image
 
 import ce_cli
 import ce_config
-import ce_datasets
 import ce_eval
 import ce_figures
 import ce_losses
@@ -198,12 +197,9 @@ def test_eval_rejects_a_missing_device(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def shared_flags(tmp_path_factory):
-    """Tiny-model flags with a data cache made once per test session (shared with the other test modules)."""
-    root = str(tmp_path_factory.getbasetemp() / "tiny-shapes-data")
-    for split in ("train", "val"):
-        ce_datasets.load_split("shapes", root, split, 128, 64)
-    return TINY + ["--data-root", root]
+def shared_flags(shapes_root):
+    """Tiny-model flags with the session's data cache."""
+    return TINY + ["--data-root", shapes_root]
 
 
 def make_photo_folder(root, n_train=8, n_val=4):
