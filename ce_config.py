@@ -27,7 +27,7 @@ VARIANTS = {
 # DEVIATION: on a CPU, `python ce_train.py --data shapes` trains a smaller network for fewer steps so that the quick
 # start ends in minutes; each of these applies unless its flag is given (the paper's network: --width 64
 # --bottleneck 4000 --batch-size 64).
-CPU_QUICK = dict(width=32, bottleneck=512, batch_size=32, steps=600, eval_every=300)
+CPU_QUICK = dict(width=24, bottleneck=512, batch_size=32, steps=500, eval_every=250)
 RUNTIME = ("device", "dtype", "channels_last", "compile", "resume")  # decided afresh on each machine
 
 

@@ -130,7 +130,7 @@ def test_defaults_are_paper_values_and_cpu_quick_start(tmp_path):
     assert (a.batch_size, a.lr_g, a.lr_d, a.beta1, a.lam_rec, a.lam_adv, a.width, a.bottleneck) == \
         (64, 0.002, 0.0002, 0.5, 0.999, 0.001, 64, 4000)
     q = ce_config.parse_args(["--device", "cpu", "--out", str(tmp_path)])
-    assert q.quick and q.width == 32 and q.steps > 0
+    assert q.quick and q.width == 24 and q.steps > 0
     assert not ce_config.parse_args(["--device", "cpu", "--width", "64", "--out", str(tmp_path)]).quick
 
 
@@ -234,13 +234,13 @@ def test_cpu_quick_start_defaults_apply_flag_by_flag(tmp_path):
     def parsed(*flags):
         return ce_config.parse_args(["--device", "cpu", "--out", str(tmp_path), *flags])
     a = parsed("--steps", "100")
-    assert (a.width, a.bottleneck, a.batch_size, a.steps, a.eval_every) == (32, 512, 32, 100, 300)
+    assert (a.width, a.bottleneck, a.batch_size, a.steps, a.eval_every) == (24, 512, 32, 100, 250)
     b = parsed("--batch-size", "8")
-    assert (b.width, b.bottleneck, b.batch_size, b.steps) == (32, 512, 8, 600)
+    assert (b.width, b.bottleneck, b.batch_size, b.steps) == (24, 512, 8, 500)
     c = parsed("--width", "64", "--bottleneck", "4000")
     assert (c.width, c.bottleneck, c.batch_size) == (64, 4000, 32)
     d = parsed("--epochs", "2")                                            # epochs asked: no step count on top
-    assert (d.width, d.steps, d.epochs) == (32, 0, 2)
+    assert (d.width, d.steps, d.epochs) == (24, 0, 2)
     e = parsed("--data", "tiny")                                           # only the embedded data gets them
     assert (e.width, e.bottleneck, e.batch_size) == (64, 4000, 64)
 
@@ -252,7 +252,7 @@ def test_a_big_network_on_a_cpu_says_how_long_a_step_takes(tmp_path, capsys):
     ce_train.announce(args, 1, 64, 16, G, D, 1000)
     out = capsys.readouterr().out
     note = [ln for ln in out.splitlines() if ln.startswith("note: this network on a CPU")]
-    assert len(note) == 1 and " s per step" in note[0] and "--width 32 --bottleneck 512 --batch-size 32" in note[0]
+    assert len(note) == 1 and " s per step" in note[0] and "--width 24 --bottleneck 512 --batch-size 32" in note[0]
     assert all(torch.equal(before[k], v) for k, v in G.state_dict().items())    # BN statistics untouched
     assert ce_train.cpu_step_seconds(G, D, 64) > 0
 
