@@ -100,7 +100,7 @@ def _neighbour_sum(u):
     return p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:]
 
 
-CG_CHUNK_ELEMENTS = 1 << 20   # images per conjugate-gradient solve: each float64 tensor <= 8 MB
+CG_CHUNK_ELEMENTS = 1 << 20   # CPU: at most this many values (8 MB in float64) per conjugate-gradient solve
 
 
 def harmonic_fill_mask(images, mask, tol=1e-6, max_iter=5000):
@@ -109,9 +109,12 @@ def harmonic_fill_mask(images, mask, tol=1e-6, max_iter=5000):
     values. A symmetric positive definite system on the hole, solved per image and channel by conjugate gradients
     in float64 on the device until ||residual|| <= tol ||rhs||. images (B, C, H, W), mask (B, 1, H, W) bool ->
     images with the hole filled. On the centre square it equals harmonic_fill's exact DST solution (tested).
-    Solved a few images at a time: each chunk stops at its own convergence, and on a CPU small tensors are reused
-    by the allocator (256 images at 227 px in one solve spent 2/3 of their time in the kernel, mapping memory)."""
-    n, mask = max(1, CG_CHUNK_ELEMENTS // images[0].numel()), mask.expand(len(images), *mask.shape[1:])
+    On a CPU, solved a few images at a time: small tensors are reused by the allocator (256 images at 227 px in one
+    solve spent 2/3 of their time in the kernel, mapping memory), and each chunk stops at its own convergence."""
+    mask = mask.expand(len(images), *mask.shape[1:])
+    if images.device.type != "cpu" or len(images) == 0:
+        return _harmonic_cg(images, mask, tol, max_iter)
+    n = max(1, CG_CHUNK_ELEMENTS // images[0].numel())
     return torch.cat([_harmonic_cg(images[i:i + n], mask[i:i + n], tol, max_iter)
                       for i in range(0, len(images), n)])
 

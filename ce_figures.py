@@ -21,6 +21,7 @@ GRID_TITLES = ("masked", "filled", "original")  # save_grid's column titles when
 TITLE_H = 20                 # px: the strip above a sample grid that names its columns
 GRID_INFO = "ce_title_h"     # PNG text keys: that strip's height (make_gif skips the strip) and its titles
 GRID_INFO_TITLES = "ce_titles"
+GRID_INFO_ROW = "ce_row_h"   # ... and the height of one row of images with its gap (the GIF keeps whole rows)
 GIF_STRIP_H = 22             # px: the dark strip above each GIF frame with the step number
 
 
@@ -75,6 +76,7 @@ def save_grid(path, columns, per_row=4, gap=4, titles=None):
     im = Image.new("RGB", (body.shape[1], top + body.shape[0]), "white")
     im.paste(Image.fromarray(body), (0, top))
     info = PngImagePlugin.PngInfo()
+    info.add_text(GRID_INFO_ROW, str(columns[0].shape[-2] + gap))
     if titles:
         draw, fnt, w = ImageDraw.Draw(im), font(13), columns[0].shape[-1]
         for x0 in range(0, im.width, len(columns) * w + gap):
@@ -225,8 +227,9 @@ def gif_frame(path, rows, scale):
     names the step (and the columns): drawn after scaling, so the text stays legible."""
     with Image.open(path) as src:
         top, titles = int(src.info.get(GRID_INFO, 0)), src.info.get(GRID_INFO_TITLES, "")
+        row = int(src.info.get(GRID_INFO_ROW, 128 + 4))     # 128 px images and 4 px gaps in older grids
         im = src.convert("RGB")
-    im = im.crop((0, top, im.width, min(im.height, top + rows * 132 - 4)))
+    im = im.crop((0, top, im.width, min(im.height, top + rows * row - 4)))
     im = im.resize((int(im.width * scale), int(im.height * scale)), Image.BILINEAR)
     frame = Image.new("RGB", (im.width, GIF_STRIP_H + im.height), (32, 32, 32))
     frame.paste(im, (0, GIF_STRIP_H))

@@ -7,7 +7,9 @@ labelled images. Higher held-out top-1 than the same network at its random initi
         --max-train 4000 --max-val 1000                      # random-init baseline alone, CPU-sized
     python ce_probe.py --data imagenet --data-root DIR --ckpt A/ckpt.pt B/ckpt.pt --json
 
-Protocol (after the linear probes of Zhang et al. ECCV'16 / Split-Brain CVPR'17, scaled down):
+Protocol (after the linear probes of Zhang et al. ECCV'16 / Split-Brain CVPR'17, scaled down). DEVIATION: Tiny
+ImageNet or your labelled folders instead of ImageNet, each layer average-pooled to <= 9,600 dims, and this
+classifier schedule; the published numbers are ImageNet probes of full-size AlexNets trained for days.
   input    the whole image, no hole, centre-cropped square at the encoder's input size (128 dcgan, 227 alexnet;
            Tiny ImageNet's 64 px images are upsampled bicubically, so they hold no detail finer than 64 px),
            [-1, 1] as in training; encoder in eval mode (BatchNorm running statistics), no gradients.

@@ -1,6 +1,6 @@
 """Train a Context Encoder (Pathak et al., CVPR 2016): the hand-rolled GAN loop of paper section 3.2 / Eq. (3).
 
-    python ce_train.py                                   # embedded 'shapes' data; CPU: a ~5 minute quick start
+    python ce_train.py                                   # embedded 'shapes' data; CPU: a 3-5 minute quick start
     python ce_train.py --data tiny --lam-adv 0.005       # Tiny ImageNet (downloaded on first use)
     python ce_train.py --variant official                # the official Lua code's choices (see README)
     python ce_train.py --resume runs/shapes              # continue a run exactly
@@ -247,7 +247,7 @@ def announce(args, world, n_train, n_val, G, D, total):
               "--bottleneck 4000 --batch-size 64")
     alexnet = args.arch == "alexnet"
     if on_cpu and (alexnet or args.width > ce_config.CPU_QUICK["width"] or args.bottleneck > ce_config.CPU_QUICK["bottleneck"]):
-        sec = cpu_step_seconds(G, D if args.lam_adv > 0 else None, args.batch_size, args.load_size)
+        sec = cpu_step_seconds(G, D if args.lam_adv > 0 else None, args.batch_size, ce_model.INPUT_SIZE[args.arch])
         smaller = ("--alexnet-width 0.25 shrinks every layer" if alexnet else "the CPU quick-start network is --width "
                    f"{ce_config.CPU_QUICK['width']} --bottleneck {ce_config.CPU_QUICK['bottleneck']} --batch-size {ce_config.CPU_QUICK['batch_size']}")
         print(f"note: this network on a CPU: about {sec:.1f} s per step (estimated: a timed forward pass, x3 for "
@@ -375,15 +375,17 @@ def finish(run, nets, args, stop, halt, world, total, epoch, master):
         dist.destroy_process_group()
     if halt:   # a signal (on any rank): save where we are and say how to go on
         run.check_finite(nets)
-        if master:
-            save(os.path.join(args.out, "ckpt.pt"), nets, args, run, epoch)
-            if os.path.exists(os.path.join(args.out, "log.jsonl")):
-                draw_pictures(run, args)
         sig = stop[0] if stop else signal.SIGTERM
         name = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(sig, signal.Signals(sig).name)
         if master:
+            save(os.path.join(args.out, "ckpt.pt"), nets, args, run, epoch)
             print(f"\n{name}: saved {args.out}/ckpt.pt at step {run.step}/{total}. "
                   f"Resume with: python ce_train.py --resume {args.out}")
+            try:       # the pictures are a convenience: failing to draw them must not change how the run ends
+                if os.path.exists(os.path.join(args.out, "log.jsonl")):
+                    draw_pictures(run, args)
+            except OSError as e:
+                print(f"warning: curves/GIF not redrawn ({e})", file=sys.stderr)
         sys.exit(128 + sig)
     if master:
         best = next((p for p in ("best.pt", "ckpt.pt") if os.path.exists(os.path.join(args.out, p))), None)

@@ -128,3 +128,7 @@ def test_alexnet_on_a_cpu_gets_a_step_time_estimate_at_227_px(tmp_path, capsys):
     ce_train.announce(args, 1, 64, 16, G, D, 1000)
     note = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note: this network on a CPU")]
     assert len(note) == 1 and "--alexnet-width 0.25" in note[0]
+    # the network's input size, not --load-size (images are decoded larger, then cropped to 227)
+    args = ce_config.parse_args(["--device", "cpu", "--arch", "alexnet", "--load-size", "350", "--out", str(tmp_path)])
+    ce_train.announce(args, 1, 64, 16, G, D, 1000)
+    assert "note: this network on a CPU" in capsys.readouterr().out

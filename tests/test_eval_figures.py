@@ -73,6 +73,14 @@ def test_gif_skips_the_title_strip_and_labels_the_step_on_a_dark_strip(tmp_path)
     assert (label > 200).sum() > 50 and np.median(label) < 60  # bright text on a dark strip
 
 
+def test_gif_keeps_whole_rows_of_227_px_grids(tmp_path):
+    """AlexNet runs' grids hold 227 px images: the GIF's first 2 rows are 2 whole rows of them."""
+    red = torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1).expand(12, 3, 227, 227)
+    ce_figures.save_grid(str(tmp_path / "samples" / "step_0000010.png"), [red, red, red])
+    gif = Image.open(ce_figures.make_gif(str(tmp_path)))
+    assert gif.size[1] == ce_figures.GIF_STRIP_H + int((2 * (227 + 4) - 4) * 0.5)
+
+
 def write_run(folder, args, steps):
     """A run folder as ce_train writes it (args.json, log.jsonl), without training."""
     os.makedirs(folder)

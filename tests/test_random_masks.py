@@ -181,6 +181,22 @@ def test_irregular_hole_harmonic_solution_is_harmonic_and_bounded():
     assert u[mask.expand_as(u)].min() >= vis.min() - 1e-6 and u[mask.expand_as(u)].max() <= vis.max() + 1e-6
 
 
+def test_harmonic_solver_in_chunks_equals_one_solve(monkeypatch):
+    """On a CPU the solve runs a few images at a time: one image per chunk gives the one-solve result, also with one
+    mask (batch 1) shared by every image."""
+    import ce_eval
+    torch.manual_seed(2)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    mask = ce_data.random_masks("region", 1, (0, "chunks"), size=32)
+    masked = ce_data.apply_mask(x, mask.expand(3, -1, -1, -1))
+    monkeypatch.setattr(ce_eval, "CG_CHUNK_ELEMENTS", 1 << 30)
+    whole = ce_eval.harmonic_fill_mask(masked, mask)
+    monkeypatch.setattr(ce_eval, "CG_CHUNK_ELEMENTS", x[0].numel())
+    chunked = ce_eval.harmonic_fill_mask(masked, mask)
+    assert chunked.shape == x.shape and (chunked - whole).abs().max().item() < 1e-5
+    assert not torch.equal(chunked[0], chunked[1])     # each image filled from its own context
+
+
 def test_evaluation_masks_are_fixed_and_independent_of_batching():
     a = ce_data.eval_masks("region", 0, 300)
     b = torch.cat([ce_data.eval_masks("region", 0, 100), ce_data.eval_masks("region", 100, 200)])

@@ -87,6 +87,7 @@ def signalled(tmp_path_factory, data_root):
         for _, proc in runs.values():
             if proc is not None and proc.poll() is None:
                 proc.kill()
+                proc.communicate()      # reaped, its pipes closed
     return results
 
 

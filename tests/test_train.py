@@ -66,7 +66,7 @@ def test_train_resume_evaluate(tmp_path, tiny_flags, capsys):
     ce_eval.main(["--ckpt", out, "--device", "cpu", "--figure", "--n", "3", "--out", str(tmp_path / "f")])
     w, h = Image.open(tmp_path / "f" / "figure.png").size
     assert w > h > 200   # 3 rows x 6 columns: masked | model | context mean | harmonic | original
-    # what each evaluation draws: curves and the evolving samples
+    # what the run draws at its end: curves and the samples of each evaluation
     assert Image.open(os.path.join(out, "curves.png")).size[0] > 400
     assert Image.open(os.path.join(out, "evolution.gif")).n_frames == 3   # steps 2, 4, 6
 
