@@ -245,13 +245,16 @@ def announce(args, world, n_train, n_val, G, D, total):
     if on_cpu and args.data == "shapes" and not args.resume and quick:
         print(f"CPU defaults (the flags not given): {' '.join(quick)}; the paper's network and batch: --width 64 "
               "--bottleneck 4000 --batch-size 64")
-    alexnet = args.arch == "alexnet"
-    if on_cpu and (alexnet or args.width > ce_config.CPU_QUICK["width"] or args.bottleneck > ce_config.CPU_QUICK["bottleneck"]):
+    q, alexnet = ce_config.CPU_QUICK, args.arch == "alexnet"
+    if on_cpu and (alexnet or args.width > q["width"] or args.bottleneck > q["bottleneck"]):
         sec = cpu_step_seconds(G, D if args.lam_adv > 0 else None, args.batch_size, ce_model.INPUT_SIZE[args.arch])
-        smaller = ("--alexnet-width 0.25 shrinks every layer" if alexnet else "the CPU quick-start network is --width "
-                   f"{ce_config.CPU_QUICK['width']} --bottleneck {ce_config.CPU_QUICK['bottleneck']} --batch-size {ce_config.CPU_QUICK['batch_size']}")
+        if not alexnet:
+            smaller = f"; the CPU quick-start network is --width {q['width']} --bottleneck {q['bottleneck']} " \
+                      f"--batch-size {q['batch_size']}"
+        else:
+            smaller = "; --alexnet-width 0.25 shrinks every layer" if args.alexnet_width > 0.25 else ""
         print(f"note: this network on a CPU: about {sec:.1f} s per step (estimated: a timed forward pass, x3 for "
-              f"the backward), {fmt_time(sec * total)} for {total} steps; {smaller}")
+              f"the backward), {fmt_time(sec * total)} for {total} steps{smaller}")
     ce_cli.atomic_write(os.path.join(args.out, "args.json"), json.dumps(vars(args), indent=1))
 
 
