@@ -1,7 +1,7 @@
 """Evaluate a Context Encoder (Pathak et al., CVPR 2016, section 5.1 / Table 1): PSNR, mean L1 %, mean L2 % of
-the model against classical baselines on held-out images; figures; inpainting your own photos. This file holds
-the parts that need the model or the metrics: the drawing (grids, curves, GIF, figure notes) is in ce_figures.py,
-a photo's image side (inputs, the square the model sees, your mask, pasting back) in ce_photo.py.
+the model against classical baselines (ce_baselines.py) on held-out images; figures; inpainting your own photos.
+This file holds the parts that need the model or the metrics: the drawing (grids, curves, GIF, figure notes) is
+in ce_figures.py, a photo's image side (inputs, the square the model sees, your mask, pasting back) in ce_photo.py.
 
     python ce_eval.py --ckpt runs/shapes/best.pt                 # table: model vs baselines
     python ce_eval.py --ckpt runs/shapes/best.pt --json          # one JSON line
@@ -16,7 +16,6 @@ Metrics (all on [0, 1] intensities, per image then averaged over images):
   PSNR = 10 log10(1 / MSE);  L1 % = 100 * mean |pred - true|;  L2 % = 100 * mean (pred - true)^2.
 """
 import json
-import math
 import os
 import sys
 import time
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import ce_baselines
 import ce_cli
 import ce_data
 import ce_datasets
@@ -33,11 +33,8 @@ import ce_figures
 import ce_model
 import ce_photo
 
-BASELINES = ("fill", "context_mean", "harmonic")
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Metrics and baselines
+# Metrics (the baselines: ce_baselines.py)
 
 def image_metrics(pred, target, mask):
     """Per-image PSNR (dB), L1 %, L2 % over the pixels where `mask` ((1 or B), 1, H, W) is 1. Inputs in [-1, 1].
@@ -50,110 +47,6 @@ def image_metrics(pred, target, mask):
     mse = (d * d * m).sum(dim=(1, 2, 3)) / n
     l1 = (d.abs() * m).sum(dim=(1, 2, 3)) / n
     return {"psnr": 10 * torch.log10(1.0 / mse.clamp_min(1e-10)), "l1": 100 * l1, "l2": 100 * mse}
-
-
-def _dst_basis(h, device):
-    """Orthonormal DST-I matrix S (S @ S = I) and eigenvalues of the 1-D Dirichlet Laplacian tridiag(-1, 2, -1)."""
-    k = torch.arange(1, h + 1, dtype=torch.float64, device=device)
-    S = math.sqrt(2.0 / (h + 1)) * torch.sin(math.pi * k[:, None] * k[None, :] / (h + 1))
-    lam = 2 - 2 * torch.cos(math.pi * k / (h + 1))
-    return S, lam
-
-
-def harmonic_fill(images, a, b):
-    """Classical diffusion inpainting: the solution of Laplace's equation in the square [a, b)^2 whose boundary
-    values are the surrounding context pixels. Solved exactly with the discrete sine transform (the 5-point
-    Laplacian of a square is diagonal in that basis). images (B, C, S, S) -> the filled (B, C, h, h) square.
-    Hand-written: torchvision has no Laplace solver; the sine transform gives the exact solution in one step."""
-    x = images.double()
-    h = b - a
-    rhs = torch.zeros(x.shape[0], x.shape[1], h, h, dtype=torch.float64, device=x.device)
-    rhs[..., 0, :] += x[..., a - 1, a:b]
-    rhs[..., -1, :] += x[..., b, a:b]
-    rhs[..., :, 0] += x[..., a:b, a - 1]
-    rhs[..., :, -1] += x[..., a:b, b]
-    S, lam = _dst_basis(h, x.device)
-    u = S @ ((S @ rhs @ S) / (lam[:, None] + lam[None, :])) @ S
-    return u.to(images.dtype)
-
-
-def baseline_region(name, masked, overlap, ring):
-    """The 64x64 region a classical baseline produces from the masked input alone (no learning)."""
-    lo, hi = ce_data.region_bounds(masked.shape[-1])
-    a, b = ce_data.hole_bounds(masked.shape[-1], overlap, ring)
-    out = masked.clone()
-    if name == "context_mean":   # mean colour of every visible pixel of the image
-        vis = torch.ones_like(masked[:1, :1])
-        vis[..., a:b, a:b] = 0
-        mean = (masked * vis).sum(dim=(2, 3), keepdim=True) / vis.sum()
-        out[..., a:b, a:b] = mean
-    elif name == "harmonic":
-        out[..., a:b, a:b] = harmonic_fill(masked, a, b)
-    elif name != "fill":         # "fill": the masked input as it is (the constant fill value in the hole)
-        raise ValueError(name)
-    return out[..., lo:hi, lo:hi]
-
-
-def _neighbour_sum(u):
-    """Sum of the 4 neighbours of every pixel, (B, C, H, W); pixels outside the image count as absent (0)."""
-    p = torch.nn.functional.pad(u, (1, 1, 1, 1))
-    return p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:]
-
-
-CG_CHUNK_ELEMENTS = 1 << 20   # CPU: at most this many values (8 MB in float64) per conjugate-gradient solve
-
-
-def harmonic_fill_mask(images, mask, tol=1e-6, max_iter=5000):
-    """Diffusion inpainting of an arbitrary hole: in every hidden pixel, the 5-point Laplace equation
-    deg(p) u_p = sum of its neighbours (deg = neighbours inside the image), with the visible pixels as boundary
-    values. A symmetric positive definite system on the hole, solved per image and channel by conjugate gradients
-    in float64 on the device until ||residual|| <= tol ||rhs||. images (B, C, H, W), mask (B, 1, H, W) bool ->
-    images with the hole filled. On the centre square it equals harmonic_fill's exact DST solution (tested).
-    On a CPU, solved a few images at a time: small tensors are reused by the allocator (256 images at 227 px in one
-    solve spent 2/3 of their time in the kernel, mapping memory), and each chunk stops at its own convergence."""
-    mask = mask.expand(len(images), *mask.shape[1:])
-    if images.device.type != "cpu" or len(images) == 0:
-        return _harmonic_cg(images, mask, tol, max_iter)
-    n = max(1, CG_CHUNK_ELEMENTS // images[0].numel())
-    return torch.cat([_harmonic_cg(images[i:i + n], mask[i:i + n], tol, max_iter)
-                      for i in range(0, len(images), n)])
-
-
-def _harmonic_cg(images, mask, tol, max_iter):
-    """harmonic_fill_mask on one chunk of images."""
-    x = images.double()
-    hole = mask.to(x.device).double().expand_as(x)
-    deg = _neighbour_sum(torch.ones_like(x[:1, :1]))
-
-    def A(v):                                    # v is zero outside the hole
-        return hole * (deg * v - _neighbour_sum(v))
-
-    b = hole * _neighbour_sum(x * (1 - hole))
-    u, r = torch.zeros_like(x), b.clone()
-    p, rr = r.clone(), (r * r).sum(dim=(2, 3), keepdim=True)
-    stop = (tol ** 2) * rr.clamp_min(1e-300)
-    for i in range(max_iter):
-        Ap = A(p)
-        alpha = rr / (p * Ap).sum(dim=(2, 3), keepdim=True).clamp_min(1e-300)
-        u, r = u + alpha * p, r - alpha * Ap
-        rr_new = (r * r).sum(dim=(2, 3), keepdim=True)
-        if i % 16 == 15 and bool((rr_new <= stop).all()):   # a host sync every 16 iterations
-            break
-        p, rr = r + (rr_new / rr.clamp_min(1e-300)) * p, rr_new
-    return torch.where(hole.bool(), u, x).to(images.dtype)
-
-
-def baseline_image(name, masked, mask):
-    """The whole image a classical baseline makes from a masked input with an arbitrary hole `mask` (B, 1, H, W)."""
-    if name == "fill":
-        return masked
-    if name == "context_mean":   # each image's mean visible colour in every hidden pixel
-        vis = (~mask).to(masked.dtype)
-        mean = (masked * vis).sum(dim=(2, 3), keepdim=True) / vis.sum(dim=(2, 3), keepdim=True).clamp_min(1)
-        return torch.where(mask, mean, masked)
-    if name == "harmonic":
-        return harmonic_fill_mask(masked, mask)
-    raise ValueError(name)
 
 
 def blobs(mask):
@@ -227,12 +120,12 @@ def eval_task(x, kind, start, overlap, ring, fill):
         return SimpleNamespace(masked=masked, target=target, hole=ce_data.hole_mask(overlap, ring),
                                compose=lambda p: ce_data.paste(masked, p, overlap, ring)[..., lo:hi, lo:hi],
                                picture=lambda p: ce_data.paste(masked, p, overlap, ring),
-                               baseline=lambda name: baseline_region(name, masked, overlap, ring))
+                               baseline=lambda name: ce_baselines.baseline_region(name, masked, overlap, ring))
     mask = ce_data.eval_masks(kind, start, len(x), x.device, x.shape[-1])
     masked = ce_data.apply_mask(x, mask, fill)
     return SimpleNamespace(masked=masked, target=x, hole=mask, compose=lambda p: ce_data.paste_image(masked, p, mask),
                            picture=lambda p: ce_figures.outline(ce_data.paste_image(masked, p, mask), mask),
-                           baseline=lambda name: baseline_image(name, masked, mask))
+                           baseline=lambda name: ce_baselines.baseline_image(name, masked, mask))
 
 
 @torch.no_grad()
@@ -318,7 +211,7 @@ def comparison_figure(models, images, path, dtype=None, notes=()):
     for label, G, _ in models:
         pred = predict(G, t.masked.to(next(G.parameters()).device), dtype=dtype).cpu()
         cols.append((label, t.picture(pred), pred))
-    for m in BASELINES[1:]:
+    for m in ce_baselines.BASELINES[1:]:
         pred = t.baseline(m)
         cols.append((m.replace("_", " "), t.picture(pred), pred))
     cols.append(("original", images, None))
@@ -507,8 +400,8 @@ def main(argv=None):
     for G, _, state in loaded:
         a = state["args"]
         images, data = held_out(args, a)
-        results = evaluate(G, images, a["overlap"], a["ring"], a["fill"], ("model",) + BASELINES, args.batch_size, dtype,
-                           mask=a.get("mask", "center"), size=ce_model.INPUT_SIZE[a.get("arch", "dcgan")])
+        results = evaluate(G, images, a["overlap"], a["ring"], a["fill"], ("model",) + ce_baselines.BASELINES,
+                           args.batch_size, dtype, mask=a.get("mask", "center"), size=ce_model.INPUT_SIZE[a.get("arch", "dcgan")])
         if args.json:
             print(json.dumps({"ckpt": state["path"], "step": state.get("step"), "data": data, "split": args.split,
                               **{m: {k: round(v, 4) for k, v in r.items()} for m, r in results.items()}}))

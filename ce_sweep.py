@@ -20,6 +20,7 @@ import torch
 import ce_cli
 import ce_data
 import ce_datasets
+import ce_baselines
 import ce_eval
 import ce_figures
 import ce_model
@@ -56,7 +57,7 @@ def train_and_evaluate(r, run, train_flags, hw, first):
     G, _, state = ce_model.load_checkpoint(os.path.join(run, "ckpt.pt"), hw.device)
     a = state["args"]
     images = ce_datasets.load_split(a["data"], a["data_root"], "val", a["load_size"], a["shapes_n"])
-    methods = ("model",) + (ce_eval.BASELINES if first else ())
+    methods = ("model",) + (ce_baselines.BASELINES if first else ())
     res = ce_eval.evaluate(G, images, a["overlap"], a["ring"], a["fill"], methods, dtype=hw.dtype)
     return G, state, images, res, wall
 
@@ -85,7 +86,7 @@ def main(argv=None):
         G, state, images, res, wall = train_and_evaluate(r, run, args.train, hw, first=not rows)
         a = state["args"]
         if not rows:  # the classical baselines do not depend on lambda: one row each, for reference
-            rows += [{"ratio": m, "data": a["data"], **res[m]} for m in ce_eval.BASELINES]
+            rows += [{"ratio": m, "data": a["data"], **res[m]} for m in ce_baselines.BASELINES]
         rows.append({"ratio": f"x{r:g}", "lam_rec": a["lam_rec"], "lam_adv": a["lam_adv"], "data": a["data"],
                      "steps": state["step"], **res["model"], "wall_s": round(wall, 1)})
         runs.append(run)
