@@ -169,7 +169,7 @@ def atomic_write(path, data):
     """Write `data` (bytes, str, or a function that writes to a binary file object) to `path` through a temp file
     in the same folder, flushed to disk, then renamed: a kill at any moment leaves the old file or the new one.
     An OSError (a full disk, a read-only folder) names `path`.
-    (ce_model.save_checkpoint has its own copy of these lines so that ce_model.py can be copied alone.)"""
+    (ce_checkpoint.save_checkpoint writes the same way, and reports a failed torch.save as a CheckpointError.)"""
     path = os.fspath(path)
     tmp = f"{path}{TMP_SUFFIX}{os.getpid()}"
     try:

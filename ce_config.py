@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+import ce_checkpoint
 import ce_cli
 import ce_data
 import ce_model
@@ -119,7 +120,7 @@ def given_flags(argv):
 
 def take_resumed_flags(args, given, p):
     """--resume: the checkpoint's flags, overridden only by what this command line says (never the network's)."""
-    state = ce_model.read_checkpoint(args.resume, resume=True)
+    state = ce_checkpoint.read_checkpoint(args.resume, resume=True)
     if "note" in state:
         print(state["note"], file=sys.stderr)
     saved = state["args"]

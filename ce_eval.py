@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 import ce_baselines
+import ce_checkpoint
 import ce_cli
 import ce_data
 import ce_datasets
@@ -384,7 +385,7 @@ def main(argv=None):
         return print_mask_stats(args.mask_stats, 1000 if args.n == 6 else args.n)
     hw = ce_cli.Hardware(args.device)
     dtype = hw.dtype
-    loaded = [ce_model.load_checkpoint(c, hw.device) for c in args.ckpt]
+    loaded = [ce_checkpoint.load_checkpoint(c, hw.device) for c in args.ckpt]
     a = loaded[0][2]["args"]  # the checkpoint's own flags decide the mask and the network
     if args.image:
         return run_images(loaded[0][0], args.image, a, args.out or "inpainted", dtype, args.mask)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import ce_checkpoint
 import ce_cli
 import ce_data
 import ce_datasets
@@ -360,7 +361,7 @@ def model_specs(args):
     inits first; each copies the flags and seed of the first checkpoint of its arch, if any."""
     ckpts = []
     for path in args.ckpt:
-        st = ce_model.read_checkpoint(path)
+        st = ce_checkpoint.read_checkpoint(path)
         a = dict(st["args"])
         ckpts.append(dict(label=path, arch=a.get("arch", "dcgan"), a=a, weights=st["G"], ckpt=st["path"],
                           step=st.get("step")))

@@ -17,13 +17,13 @@ import time
 
 import torch
 
+import ce_checkpoint
 import ce_cli
 import ce_data
 import ce_datasets
 import ce_baselines
 import ce_eval
 import ce_figures
-import ce_model
 import ce_train
 
 COLUMNS = ("ratio", "lam_rec", "lam_adv", "data", "steps", "psnr", "l1", "l2", "psnr_region", "n_images", "wall_s")
@@ -54,7 +54,7 @@ def train_and_evaluate(r, run, train_flags, hw, first):
     t0 = time.time()
     ce_train.main((["--resume", run] if resume else ["--out", run]) + lam + train_flags)
     wall = time.time() - t0
-    G, _, state = ce_model.load_checkpoint(os.path.join(run, "ckpt.pt"), hw.device)
+    G, _, state = ce_checkpoint.load_checkpoint(os.path.join(run, "ckpt.pt"), hw.device)
     a = state["args"]
     images = ce_datasets.load_split(a["data"], a["data_root"], "val", a["load_size"], a["shapes_n"])
     methods = ("model",) + (ce_baselines.BASELINES if first else ())

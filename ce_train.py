@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import ce_checkpoint
 import ce_cli
 import ce_config
 import ce_data
@@ -170,11 +171,11 @@ class RunState:
 
     def check_finite(self, nets=None, evaluation=None):
         """Stop, naming the step, if a loss, a weight or optimiser state of `nets`, or the `evaluation` went NaN/Inf:
-        nothing non-finite is ever written over a checkpoint (ce_model.save_checkpoint refuses it as well)."""
+        nothing non-finite is ever written over a checkpoint (ce_checkpoint.save_checkpoint refuses it as well)."""
         bad = int(self.bad_step)  # CPU-GPU sync point (log, eval and final steps only)
         what = f"a loss became NaN/Inf at step {bad}" if bad >= 0 else None
         if what is None and nets is not None:
-            where = ce_model.first_nonfinite({k: m.state_dict() for k, m in nets.items()})
+            where = ce_checkpoint.first_nonfinite({k: m.state_dict() for k, m in nets.items()})
             what = where and f"the weights became NaN/Inf at step {self.step} ({where})"
         if what is None and evaluation is not None and not all(map(math.isfinite, evaluation.values())):
             what = f"the held-out evaluation at step {self.step} is NaN/Inf"
@@ -194,7 +195,7 @@ def rng_state():
 
 def save(path, nets, args, run, epoch):
     """One checkpoint: G, D, both optimisers, the run state, flags, RNG states and versions (ce_model format)."""
-    ce_model.save_checkpoint(path, {
+    ce_checkpoint.save_checkpoint(path, {
         **{k: m.state_dict() for k, m in nets.items()}, **run.state_dict(), "epoch": epoch, "args": vars(args),
         "rng": rng_state(), "versions": {"torch": str(torch.__version__), "python": platform.python_version()}})
 
@@ -203,8 +204,8 @@ def resume(args, nets, run, device, master, total):
     """Take up a run where its checkpoint left it: weights, optimisers, run state, RNG; the log rewound to it.
     --steps counts in total. Other data or another run folder (fine-tuning, a branch): best PSNR and the last good
     checkpoint start afresh there, so that NEW/best.pt is written and named."""
-    state = ce_model.read_checkpoint(args.resume, resume=True)
-    ce_model.load_weights(nets, state)
+    state = ce_checkpoint.read_checkpoint(args.resume, resume=True)
+    ce_checkpoint.load_weights(nets, state)
     run.load_state_dict(state)
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and device.type == "cuda":

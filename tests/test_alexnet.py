@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import ce_config
+import ce_checkpoint
 import ce_model
 
 
@@ -102,10 +103,10 @@ def test_tiny_alexnet_run_trains_resumes_exactly_inpaints_and_is_probed(tmp_path
     ce_train.main(flags + ["--steps", "4", "--out", a])
     ce_train.main(flags + ["--steps", "2", "--out", b])
     ce_train.main(["--resume", b, "--steps", "4", "--device", "cpu"])
-    sa, sb = ce_model.read_checkpoint(a), ce_model.read_checkpoint(b)
+    sa, sb = ce_checkpoint.read_checkpoint(a), ce_checkpoint.read_checkpoint(b)
     assert sa["args"]["arch"] == "alexnet" and sa["args"]["mask"] == "region" and sa["args"]["lam_adv"] == 0
     assert all(torch.equal(sa["G"][k], sb["G"][k]) for k in sa["G"])
-    G, _, _ = ce_model.load_checkpoint(a)
+    G, _, _ = ce_checkpoint.load_checkpoint(a)
     assert isinstance(G, ce_model.AlexNetGenerator)
     capsys.readouterr()
     ce_eval.main(["--ckpt", a, "--device", "cpu", "--json", "--max-images", "4"])

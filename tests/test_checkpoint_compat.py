@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import ce_checkpoint
 import ce_cli
 import ce_config
 import ce_eval
@@ -33,11 +34,11 @@ def damaged(run, tmp_path, change):
 
 
 def test_a_new_checkpoint_has_the_format_and_every_training_flag(run):
-    state = ce_model.read_checkpoint(run, resume=True)
-    assert state["format"] == ce_model.FORMAT == 2
+    state = ce_checkpoint.read_checkpoint(run, resume=True)
+    assert state["format"] == ce_checkpoint.FORMAT == 2
     flags = set(vars(ce_config.parse_args(["--device", "cpu", "--out", str(run.parent / "x")])))
     saved = flags - set(ce_config.RUNTIME) - {"out", "quick"}
-    assert saved == set(ce_model.EVAL_ARGS) | set(ce_model.RESUME_ARGS)   # the schema knows every flag
+    assert saved == set(ce_checkpoint.EVAL_ARGS) | set(ce_checkpoint.RESUME_ARGS)   # the schema knows every flag
 
 
 def test_a_format_1_checkpoint_without_log_window_resumes_with_a_note(run, tmp_path, capsys):
@@ -47,7 +48,7 @@ def test_a_format_1_checkpoint_without_log_window_resumes_with_a_note(run, tmp_p
     ce_train.main(["--resume", str(path), "--steps", "3", "--device", "cpu"])
     err = capsys.readouterr().err
     assert f"note: {path} is a format-1 checkpoint without log_window" in err
-    assert ce_model.read_checkpoint(path, resume=True)["step"] == 3
+    assert ce_checkpoint.read_checkpoint(path, resume=True)["step"] == 3
 
 
 @pytest.mark.parametrize("change,words", [
@@ -64,7 +65,7 @@ def test_what_only_a_resume_needs_is_refused_for_resume_and_fine_for_eval(run, t
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1
     assert err.startswith(f"error: {path}: cannot resume from it: {words}")
-    G, _, _ = ce_model.load_checkpoint(path)          # ce_eval --ckpt needs only G, D and the network/mask flags
+    G, _, _ = ce_checkpoint.load_checkpoint(path)          # ce_eval --ckpt needs only G, D and the network/mask flags
     assert ce_model.count_params(G) > 0
 
 

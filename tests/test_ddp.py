@@ -11,6 +11,7 @@ import torch
 import ce_data
 import ce_datasets
 import ce_losses
+import ce_checkpoint
 import ce_model
 from conftest import ROOT, TINY
 
@@ -61,7 +62,7 @@ def test_torchrun_two_ranks_gloo(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "x 2 ranks" in p.stdout and p.stdout.count("step 3/3") == 1          # rank 0 alone logs
     assert "DDP: 2 ranks, max |weight - rank 0 weight| = 0" in p.stdout         # identical weights on both ranks
-    assert ce_model.read_checkpoint(out / "ckpt.pt")["step"] == 3
+    assert ce_checkpoint.read_checkpoint(out / "ckpt.pt")["step"] == 3
     with open(out / "log.jsonl") as f:
         logged = [[r["loss_D"], r["loss_rec"], r["loss_adv"]] for r in map(json.loads, f) if "loss_rec" in r]
     # Step 1 is exact up to float rounding; later steps drift slightly because Adam turns rounding-level gradient

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import ce_checkpoint
 import ce_model
 
 
@@ -49,9 +50,9 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     G, D = ce_model.build_models(width=8, bottleneck=16)
     args = {"width": 8, "bottleneck": 16, "bottleneck_bn": True, "bias": False}
     path = tmp_path / "c.pt"
-    ce_model.save_checkpoint(path, {"G": G.state_dict(), "D": D.state_dict(), "args": args, "step": 3})
+    ce_checkpoint.save_checkpoint(path, {"G": G.state_dict(), "D": D.state_dict(), "args": args, "step": 3})
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]   # temp file renamed away
-    G2, D2, state = ce_model.load_checkpoint(path)
+    G2, D2, state = ce_checkpoint.load_checkpoint(path)
     x = torch.randn(1, 3, 128, 128)
     G.eval(), G2.eval()
     assert torch.equal(G(x), G2(x)) and state["step"] == 3
@@ -63,4 +64,4 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     for name, words in (("trunc.pt", "not a readable checkpoint"), ("foreign.pt", "not a readable checkpoint"),
                         ("other.pt", "not a ce_train.py checkpoint"), ("missing.pt", "no such checkpoint")):
         with pytest.raises(ce_model.CheckpointError, match=words):
-            ce_model.load_checkpoint(tmp_path / name)
+            ce_checkpoint.load_checkpoint(tmp_path / name)

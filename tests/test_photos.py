@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import ce_checkpoint
 import ce_cli
 import ce_data
 import ce_eval
-import ce_model
 import ce_train
 from conftest import TINY
 from test_datasets_files import bomb_png, deadline, rotated_jpeg
@@ -47,7 +47,7 @@ def test_full_size_result_replaces_only_the_hole(tmp_path, ckpt, capsys):
     full = np.asarray(Image.open(tmp_path / "f" / "wide_full.png"))
     assert full.shape == orig.shape
     # the hole of the 128-px input, [a, b)^2, at the scale of the 200-px square that starts at x = 50
-    args = ce_model.read_checkpoint(ckpt)["args"]
+    args = ce_checkpoint.read_checkpoint(ckpt)["args"]
     a, b = ce_data.hole_bounds(128, args["overlap"], args["ring"])
     lo, hi = round(a * 200 / 128), round(b * 200 / 128)
     outside = np.ones(orig.shape[:2], bool)

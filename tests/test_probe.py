@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import ce_checkpoint
 import ce_cli
 import ce_config
 import ce_model
@@ -118,7 +119,7 @@ def _save_ckpt(path, seed=0, **flags):
     args = ce_config.default_args(width=8, bottleneck=16, seed=seed, **flags)
     torch.manual_seed(seed)
     G, D = ce_model.build_models(args.width, args.bottleneck, args.bottleneck_bn, args.bias, args.init)
-    ce_model.save_checkpoint(path, {"G": G.state_dict(), "D": D.state_dict(), "args": vars(args), "step": 0})
+    ce_checkpoint.save_checkpoint(path, {"G": G.state_dict(), "D": D.state_dict(), "args": vars(args), "step": 0})
 
 
 def test_probe_end_to_end_dcgan(tmp_path, capsys):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import ce_baselines
 import ce_data
 import ce_losses
+import ce_checkpoint
 import ce_model
 
 
@@ -212,11 +213,11 @@ def test_tiny_random_mask_run_resumes_exactly_and_evaluates(kind, tmp_path, tiny
     ce_train.main(common + ["--steps", "4", "--out", a])
     ce_train.main(common + ["--steps", "2", "--out", b])
     ce_train.main(["--resume", b, "--steps", "4", "--device", "cpu"])
-    wa, wb = ce_model.read_checkpoint(a)["G"], ce_model.read_checkpoint(b)["G"]
+    wa, wb = ce_checkpoint.read_checkpoint(a)["G"], ce_checkpoint.read_checkpoint(b)["G"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)                   # same masks at the same steps
-    state = ce_model.read_checkpoint(a)
+    state = ce_checkpoint.read_checkpoint(a)
     assert state["args"]["mask"] == kind and state["G"]["decoder.15.weight"].shape[1] == 3   # one more up-conv
-    G, D, _ = ce_model.load_checkpoint(a)
+    G, D, _ = ce_checkpoint.load_checkpoint(a)
     assert G(torch.zeros(2, 3, 128, 128)).shape == (2, 3, 128, 128)
     capsys.readouterr()
     ce_eval.main(["--ckpt", a, "--device", "cpu", "--json", "--max-images", "8"])

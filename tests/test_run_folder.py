@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import ce_checkpoint
 import ce_cli
 import ce_model
 import ce_train
@@ -35,7 +36,7 @@ def test_only_this_programs_temp_files_are_removed(tmp_path, flags):
     assert (out / "thesis.tmp.tex").read_text() == "chapter 1"
     assert (out / "x.tmp").is_dir() and (out / "y.ce-tmp7").is_dir()
     assert not (out / "ckpt.pt.ce-tmp4242").exists()
-    assert ce_model.read_checkpoint(out)["step"] == 1 and not (out / ".lock").exists()
+    assert ce_checkpoint.read_checkpoint(out)["step"] == 1 and not (out / ".lock").exists()
 
 
 def test_a_second_run_in_the_same_folder_is_refused_and_a_dead_holder_is_not(tmp_path, flags, capsys):
@@ -57,7 +58,7 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_dead_holder_is_not(tmp
         holder.wait()
     assert (out / ".lock").read_text() == str(holder.pid)
     ce_train.main(flags + ["--steps", "1", "--out", str(out)])
-    assert ce_model.read_checkpoint(out)["step"] == 1
+    assert ce_checkpoint.read_checkpoint(out)["step"] == 1
 
 
 def test_lock_in_process_and_an_unused_folder_is_removed_again(tmp_path):
@@ -130,10 +131,10 @@ def full_disk_open(room):
 def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
     G, D = ce_model.build_models(8, 16)
     path = str(tmp_path / "ckpt.pt")
-    ce_model.save_checkpoint(path, {"G": G.state_dict(), "D": D.state_dict(), "args": {}, "step": 1})
-    monkeypatch.setattr(ce_model, "open", full_disk_open(10_000), raising=False)
+    ce_checkpoint.save_checkpoint(path, {"G": G.state_dict(), "D": D.state_dict(), "args": {}, "step": 1})
+    monkeypatch.setattr(ce_checkpoint, "open", full_disk_open(10_000), raising=False)
     with pytest.raises(ce_model.CheckpointError) as e:
-        ce_model.save_checkpoint(path, {"G": G.state_dict(), "D": D.state_dict(), "args": {}, "step": 2})
+        ce_checkpoint.save_checkpoint(path, {"G": G.state_dict(), "D": D.state_dict(), "args": {}, "step": 2})
     assert str(e.value).startswith(path) and "No space left on device" in str(e.value)
     assert torch.load(path, weights_only=True)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
 
@@ -164,4 +165,4 @@ def test_a_closed_stdout_does_not_stop_training(tmp_path, flags):
             proc.kill()
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr
-    assert ce_model.read_checkpoint(out)["step"] == 20 and log_steps(out) == list(range(1, 21))
+    assert ce_checkpoint.read_checkpoint(out)["step"] == 20 and log_steps(out) == list(range(1, 21))

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import ce_checkpoint
 import ce_cli
 import ce_config
 import ce_eval
@@ -41,14 +42,14 @@ def test_train_resume_evaluate(tmp_path, tiny_flags, capsys):
     assert len(evals) == 2 and all(5 < e["psnr"] < 60 and e["n_images"] == 16 for e in evals)
     png = Image.open(os.path.join(out, "samples", "step_0000004.png"))
     assert png.size == (4 * 3 * 128 + 3 * 4, ce_figures.TITLE_H + 4 * 128 + 3 * 4)   # 16 images, 4 per row, titled
-    state = ce_model.read_checkpoint(os.path.join(out, "ckpt.pt"))
+    state = ce_checkpoint.read_checkpoint(os.path.join(out, "ckpt.pt"))
     assert state["step"] == 4 and state["args"]["width"] == 8 and {"optG", "optD", "rng"} <= set(state)
     assert os.path.exists(os.path.join(out, "best.pt"))
 
     # resume: only --steps changes; the network flags come from the checkpoint
     ce_train.main(["--resume", out, "--steps", "6", "--log-every", "2", "--eval-every", "2", "--device", "cpu"])
     assert "resumed" in capsys.readouterr().out
-    assert ce_model.read_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 6
+    assert ce_checkpoint.read_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 6
     assert [r["step"] for r in read_log(out) if "loss_rec" in r] == [2, 4, 6]
 
     # evaluation: model and every baseline, as one JSON line
@@ -87,7 +88,7 @@ def test_resume_is_exact(tmp_path, tiny_flags, monkeypatch):
     monkeypatch.setattr(ce_losses, "reconstruction_loss", interrupt_at_step_3)
     with pytest.raises(SystemExit) as e:
         ce_train.main(common + ["--out", str(tmp_path / "b")])
-    assert e.value.code == 143 and ce_model.read_checkpoint(tmp_path / "b")["step"] == 3
+    assert e.value.code == 143 and ce_checkpoint.read_checkpoint(tmp_path / "b")["step"] == 3
     monkeypatch.setattr(ce_losses, "reconstruction_loss", real)
     ce_train.main(["--resume", str(tmp_path / "b"), "--device", "cpu"])
     keys = ("step", "loss_D", "loss_rec", "loss_adv", "D_x", "D_G_x")
@@ -95,8 +96,8 @@ def test_resume_is_exact(tmp_path, tiny_flags, monkeypatch):
     b = [[r[k] for k in keys] for r in read_log(tmp_path / "b") if "loss_rec" in r]
     assert [r[0] for r in a] == [2, 4, 6]
     assert a == b
-    wa = ce_model.read_checkpoint(tmp_path / "a")["G"]
-    wb = ce_model.read_checkpoint(tmp_path / "b")["G"]
+    wa = ce_checkpoint.read_checkpoint(tmp_path / "a")["G"]
+    wb = ce_checkpoint.read_checkpoint(tmp_path / "b")["G"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -108,7 +109,7 @@ def test_l2_only_trains_without_discriminator(tmp_path, tiny_flags):
     assert all(r["loss_D"] == 0 and r["loss_adv"] == 0 for r in log)
     torch.manual_seed(0)  # ce_train seeds with --seed 0 before building the networks
     d0 = ce_model.build_models(8, 16)[1].state_dict()
-    d1 = ce_model.read_checkpoint(out)["D"]
+    d1 = ce_checkpoint.read_checkpoint(out)["D"]
     assert all(torch.equal(d0[k], d1[k]) for k in d0 if "num_batches" not in k)  # D never updated
 
 
@@ -182,12 +183,12 @@ def test_resume_targets_the_checkpoint_folder_and_refuses_to_rewind(tmp_path, ti
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)          # resumed from another working directory: the run stays in its folder
     ce_train.main(["--resume", str(out / "ckpt.pt"), "--steps", "3", "--device", "cpu"])
-    assert ce_model.read_checkpoint(out)["step"] == 3 and not (elsewhere / "runs").exists()
+    assert ce_checkpoint.read_checkpoint(out)["step"] == 3 and not (elsewhere / "runs").exists()
     with pytest.raises(SystemExit) as e:  # best.pt would rewind ckpt.pt: only into a new folder
         ce_train.main(["--resume", str(out / "best.pt"), "--steps", "4", "--device", "cpu"])
     assert e.value.code == 2 and "--out NEW_DIR" in capsys.readouterr().err
     ce_train.main(["--resume", str(out / "best.pt"), "--steps", "4", "--device", "cpu", "--out", str(tmp_path / "branch")])
-    assert ce_model.read_checkpoint(tmp_path / "branch")["step"] == 4 and ce_model.read_checkpoint(out)["step"] == 3
+    assert ce_checkpoint.read_checkpoint(tmp_path / "branch")["step"] == 4 and ce_checkpoint.read_checkpoint(out)["step"] == 3
 
 
 def test_eval_rejects_a_missing_device(tmp_path, capsys):
@@ -222,8 +223,8 @@ def test_fine_tuning_on_other_data_starts_best_afresh_and_steps_count_in_total(t
     out = capsys.readouterr().out
     assert "on other data" in out and f"start afresh in {new}" in out
     assert (new / "best.pt").exists() and f"Evaluate with: python ce_eval.py --ckpt {new}/best.pt" in out
-    assert ce_model.read_checkpoint(new)["args"]["data"] == "folder" and ce_model.read_checkpoint(new)["step"] == 4
-    assert ce_model.read_checkpoint(base)["step"] == 2                     # the source run is untouched
+    assert ce_checkpoint.read_checkpoint(new)["args"]["data"] == "folder" and ce_checkpoint.read_checkpoint(new)["step"] == 4
+    assert ce_checkpoint.read_checkpoint(base)["step"] == 2                     # the source run is untouched
     with pytest.raises(SystemExit) as e:                   # --steps is a total: 3 < 4 would train nothing
         ce_cli.run(ce_train.main, ["--resume", str(new), "--steps", "3", "--device", "cpu"])
     err = capsys.readouterr().err
@@ -263,11 +264,11 @@ def test_data_root_is_absolute_so_resuming_elsewhere_uses_the_same_data(tmp_path
     b.mkdir()
     monkeypatch.chdir(a)
     ce_train.main(TINY + ["--data-root", "data", "--steps", "1", "--batch-size", "4", "--out", "run"])
-    assert ce_model.read_checkpoint(a / "run")["args"]["data_root"] == str(a / "data")
+    assert ce_checkpoint.read_checkpoint(a / "run")["args"]["data_root"] == str(a / "data")
     assert f"data: {a / 'data'}" in capsys.readouterr().out
     monkeypatch.chdir(b)
     ce_train.main(["--resume", str(a / "run"), "--steps", "2", "--device", "cpu"])
-    assert ce_model.read_checkpoint(a / "run")["step"] == 2 and not (b / "data").exists()
+    assert ce_checkpoint.read_checkpoint(a / "run")["step"] == 2 and not (b / "data").exists()
 
 
 def test_first_log_lines_at_steps_1_and_10(tmp_path, shared_flags, capsys):
