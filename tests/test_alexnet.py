@@ -8,6 +8,7 @@ import torch.nn as nn
 import ce_config
 import ce_checkpoint
 import ce_model
+import ce_run
 
 
 def expected_alexnet_counts(c=(96, 256, 384, 384, 256), d=(128, 64, 64, 32)):
@@ -123,13 +124,12 @@ def test_tiny_alexnet_run_trains_resumes_exactly_inpaints_and_is_probed(tmp_path
 
 def test_alexnet_on_a_cpu_gets_a_step_time_estimate_at_227_px(tmp_path, capsys):
     """The estimate times the networks on the run's own input: 227 px images, D on the whole image."""
-    import ce_train
     args = ce_config.parse_args(["--device", "cpu", "--arch", "alexnet", "--out", str(tmp_path)])
     G, D = ce_model.build_pair({**vars(args), "alexnet_width": 0.125, "width": 8})
-    ce_train.announce(args, 1, 64, 16, G, D, 1000)
+    ce_run.announce(args, 1, 64, 16, G, D, 1000)
     note = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note: this network on a CPU")]
     assert len(note) == 1 and "--alexnet-width 0.25" in note[0]
     # the network's input size, not --load-size (images are decoded larger, then cropped to 227)
     args = ce_config.parse_args(["--device", "cpu", "--arch", "alexnet", "--load-size", "350", "--out", str(tmp_path)])
-    ce_train.announce(args, 1, 64, 16, G, D, 1000)
+    ce_run.announce(args, 1, 64, 16, G, D, 1000)
     assert "note: this network on a CPU" in capsys.readouterr().out

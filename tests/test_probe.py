@@ -115,7 +115,7 @@ def test_random_init_is_the_network_training_started_from(variant):
 
 
 def _save_ckpt(path, seed=0, **flags):
-    """A checkpoint as ce_train.save writes it, holding a run's initial weights."""
+    """A checkpoint as ce_run.save writes it, holding a run's initial weights."""
     args = ce_config.default_args(width=8, bottleneck=16, seed=seed, **flags)
     torch.manual_seed(seed)
     G, D = ce_model.build_models(args.width, args.bottleneck, args.bottleneck_bn, args.bias, args.init)

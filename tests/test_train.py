@@ -17,6 +17,7 @@ import ce_eval
 import ce_figures
 import ce_losses
 import ce_model
+import ce_run
 import ce_train
 from conftest import TINY
 
@@ -250,12 +251,12 @@ def test_a_big_network_on_a_cpu_says_how_long_a_step_takes(tmp_path, capsys):
     args = ce_config.parse_args(["--device", "cpu", "--width", "64", "--bottleneck", "4000", "--out", str(tmp_path)])
     G, D = ce_model.build_models(8, 16)       # the estimate is timed on whatever it is given: a tiny net here
     before = {k: v.clone() for k, v in G.state_dict().items()}
-    ce_train.announce(args, 1, 64, 16, G, D, 1000)
+    ce_run.announce(args, 1, 64, 16, G, D, 1000)
     out = capsys.readouterr().out
     note = [ln for ln in out.splitlines() if ln.startswith("note: this network on a CPU")]
     assert len(note) == 1 and " s per step" in note[0] and "--width 24 --bottleneck 512 --batch-size 32" in note[0]
     assert all(torch.equal(before[k], v) for k, v in G.state_dict().items())    # BN statistics untouched
-    assert ce_train.cpu_step_seconds(G, D, 64) > 0
+    assert ce_run.cpu_step_seconds(G, D, 64) > 0
 
 
 def test_data_root_is_absolute_so_resuming_elsewhere_uses_the_same_data(tmp_path, shared_flags, monkeypatch, capsys):
