@@ -11,6 +11,7 @@ Configurations:
               there; bf16 autocast + channels_last on CUDA
   ours-fp32   the same without autocast           (CUDA only: each speed switch off, one at a time)
   ours-nchw   the same without channels_last      (CUDA only)
+  ours-graph  the same step captured whole in one CUDA graph and replayed (ce_train's default on one GPU)
   ours-compile  the same with torch.compile       (with --compile)
   ours-region   the whole-image model with random region masks made on the device at every step (--mask region;
               likewise block); region-masks-only: making the masks alone, to compare with the step
@@ -18,7 +19,9 @@ Configurations:
               and masks on the CPU, batched by a DataLoader with --workers processes (the seed report's design)
 Timing: --warmup steps first (cudnn autotuning, compilation), then --repeats windows of --steps steps each, the
 device synchronised at the end of each window; the median window is reported. FLOPs are counted on one real step
-with torch.utils.flop_counter (convolutions and matrix products, forward and backward), not assumed.
+with torch.utils.flop_counter (convolutions and matrix products, forward and backward), not assumed. --profile
+(CUDA) adds, per configuration, torch.profiler's account of 10 steps: GPU kernel time against wall time (the rest
+is the GPU waiting for launches) and kernels per step.
 """
 import json
 import os
@@ -75,6 +78,7 @@ def parse_args(argv=None):
                    help="DataLoader processes of the reference loop (the seed report used 10) (default: min(10, "
                         "CPU cores), here %(default)s)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (ours-compile)")
+    p.add_argument("--profile", action="store_true", help="CUDA: kernel time vs wall time per step, per configuration")
     p.add_argument("--mask", default="center", choices=("center", "block", "region"),
                    help="block/region: also time the whole-image model with these masks (ours-MASK) and the masks "
                         "alone (MASK-masks-only), in the same run")
@@ -92,12 +96,13 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def build(a, device, channels_last, dtype="fp32", mask="center"):
+def build(a, device, channels_last, dtype="fp32", mask="center", graph=False):
     """ce_train's networks, optimisers and loss weights (its builder, paper defaults) at this benchmark's sizes;
-    mask block/region: the whole-image model."""
+    mask block/region: the whole-image model; graph: optimisers ready for CUDA-graph capture."""
     torch.manual_seed(0)
     hw = ce_cli.Hardware(device, dtype, channels_last)
-    t = ce_config.default_args(device=str(device), width=a.width, bottleneck=a.bottleneck, mask=mask)
+    t = ce_config.default_args(device=str(device), width=a.width, bottleneck=a.bottleneck, mask=mask,
+                               cuda_graph=graph)
     return (*ce_train.build_training(t, hw), t)
 
 
@@ -137,14 +142,36 @@ def step_flops(step, batch):
     return fc.get_total_flops()
 
 
-def measure(name, a, device, next_batch, dtype="fp32", channels_last=False, compile_=False, mask="center"):
+def profile(step, next_batch, device, n=10):
+    """torch.profiler (CUDA activity only, so that tracing the CPU side does not slow it) over n steps: per step,
+    ms of GPU kernel time (the union of kernel intervals) and kernels run (graph replays' kernels included where
+    CUPTI reports them); the wall time it compares with is the timed windows' ms_per_step."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    sync(device)
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step(*next_batch())
+        sync(device)
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, end = 0.0, -float("inf")
+    for s, e in spans:                                   # union of intervals, microseconds
+        busy += max(0.0, e - max(s, end))
+        end = max(end, e)
+    return {"kernel_ms": busy / 1000 / n, "kernels": len(spans) / n}
+
+
+def measure(name, a, device, next_batch, dtype="fp32", channels_last=False, compile_=False, mask="center",
+            graph=False):
     """Median seconds per step over a.repeats windows, FLOPs of one step, peak device memory."""
-    G, D, optG, optD, W, t = build(a, device, channels_last, dtype, mask)
-    ctx = ce_cli.Hardware(device, dtype, channels_last).ctx
+    G, D, optG, optD, W, t = build(a, device, channels_last, dtype, mask, graph)
+    ctx = ce_cli.Hardware(device, dtype, channels_last, graph).ctx
     flops = step_flops(ce_train.make_train_step(G, D, optG, optD, W, t, ctx), next_batch())   # never compiled
     t.compile = compile_
     step = ce_train.make_train_step(G, D, optG, optD, W, t, ctx)
-    for _ in range(a.warmup):
+    if graph:
+        step = ce_train.cuda_graphed(step)
+    for _ in range(max(a.warmup, ce_train.GRAPH_WARMUP + 1) if graph else a.warmup):   # graph: captured here
         step(*next_batch())
     sync(device)
     if device.type == "cuda":
@@ -158,8 +185,9 @@ def measure(name, a, device, next_batch, dtype="fp32", channels_last=False, comp
         windows.append((time.perf_counter() - t0) / a.steps)
     sec = statistics.median(windows)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    prof = profile(step, next_batch, device) if a.profile and device.type == "cuda" else {}
     return {"config": name, "img_per_s": a.batch_size / sec, "ms_per_step": 1000 * sec,
-            "tflops": flops / sec / 1e12, "gflop_per_img": flops / a.batch_size / 1e9, "peak_gib": peak}
+            "tflops": flops / sec / 1e12, "gflop_per_img": flops / a.batch_size / 1e9, "peak_gib": peak, **prof}
 
 
 def reference_files(a, images, tmp):
@@ -212,6 +240,13 @@ def report(results, a, device):
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
         vs = f"{r['vs_reference']:.2f}x" if r["vs_reference"] else "-"
         print(f"{r['config']:<18}{r['img_per_s']:>10,.0f}{r['ms_per_step']:>10.2f}{r['tflops']:>9.2f}{peak:>10}{vs:>14}")
+    profiled = [r for r in results if "kernel_ms" in r]
+    if profiled:
+        print(f"profile (torch.profiler, 10 steps)\n{'config':<18}{'ms/step':>10}{'kernel ms':>11}{'GPU idle':>10}"
+              f"{'kernels/step':>14}")
+    for r in profiled:
+        idle = 1 - r["kernel_ms"] / r["ms_per_step"]
+        print(f"{r['config']:<18}{r['ms_per_step']:>10.2f}{r['kernel_ms']:>11.2f}{idle:>10.0%}{r['kernels']:>14.0f}")
 
 
 def main(argv=None):
@@ -220,15 +255,20 @@ def main(argv=None):
     train_u8 = ce_datasets.load_split(a.data, a.data_root, "train", 128, a.shapes_n)
     t = ce_config.default_args()
     cuda = device.type == "cuda"
-    # (name, autocast dtype, channels_last, torch.compile): ours with everything on, then each switch off alone
-    configs = [("ours", "auto", cuda, False, "center")]
-    configs += [("ours-fp32", "fp32", True, False, "center"), ("ours-nchw", "bf16", False, False, "center")] * cuda
-    configs += [("ours-compile", "auto", cuda, True, "center")] * a.compile
-    configs += [(f"ours-{a.mask}", "auto", cuda, False, a.mask)] * (a.mask != "center")   # whole-image model
+    # (name, autocast dtype, channels_last, torch.compile, mask, CUDA graph): the eager step, the graphed one
+    # (ce_train.py's default on one GPU), then each speed switch off alone
+    configs = [("ours", "auto", cuda, False, "center", False)]
+    configs += [("ours-graph", "auto", True, False, "center", True)] * cuda
+    configs += [("ours-fp32", "fp32", True, False, "center", False), ("ours-nchw", "bf16", False, False, "center",
+                                                                        False)] * cuda
+    configs += [("ours-compile", "auto", cuda, True, "center", False)] * a.compile
+    configs += [(f"ours-{a.mask}", "auto", cuda, False, a.mask, False)] * (a.mask != "center")   # whole-image model
+    configs += [(f"ours-{a.mask}-graph", "auto", True, False, a.mask, True)] * (a.mask != "center" and cuda)
     results = []
-    for name, dtype, channels_last, compile_, mask in configs:
+    for name, dtype, channels_last, compile_, mask, graph in configs:
         batches = ce_data.Batches(train_u8, a.batch_size, device, 0, True, 128, channels_last)
-        results.append(measure(name, a, device, batch_maker(batches, mask), dtype, channels_last, compile_, mask))
+        results.append(measure(name, a, device, batch_maker(batches, mask), dtype, channels_last, compile_, mask,
+                               graph))
     if a.mask != "center":
         results.append(measure_masks(a, device, a.mask))
     if not a.skip_reference:

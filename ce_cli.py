@@ -148,14 +148,16 @@ class Hardware:
     --no-channels-last turn them off); the losses are computed in float32 either way.
     """
 
-    def __init__(self, device="cpu", dtype="auto", channels_last=None):
+    def __init__(self, device="cpu", dtype="auto", channels_last=None, cuda_graph=False):
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         self.dtype_name = ("bf16" if cuda else "fp32") if dtype == "auto" else dtype
         self.dtype = torch.bfloat16 if self.dtype_name == "bf16" else None       # None: no autocast
         self.channels_last = cuda if channels_last is None else bool(channels_last)
         self.mem_fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.ctx = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
+        # autocast's cache of cast weights must be off inside a CUDA graph capture (PyTorch's AMP notes)
+        self.ctx = torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=not cuda_graph) if self.dtype \
+            else contextlib.nullcontext()
         if cuda:
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True

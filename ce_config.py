@@ -29,7 +29,7 @@ VARIANTS = {
 # start ends in minutes; each of these applies unless its flag is given (the paper's network: --width 64
 # --bottleneck 4000 --batch-size 64).
 CPU_QUICK = dict(width=24, bottleneck=512, batch_size=32, steps=500, eval_every=250)
-RUNTIME = ("device", "dtype", "channels_last", "compile", "resume")  # decided afresh on each machine
+RUNTIME = ("device", "dtype", "channels_last", "compile", "cuda_graph", "resume")  # decided afresh on each machine
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -100,6 +100,9 @@ def build_parser(doc=None):
     add("--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="autocast dtype; auto: bf16 on CUDA")
     add("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC tensors (default: on for CUDA)")
     add("--compile", action="store_true", help="torch.compile G and D (measure: not always faster)")
+    add("--cuda-graph", action=argparse.BooleanOptionalAction,
+        help="replay the whole training step (D and G updates) as one CUDA graph instead of hundreds of kernel "
+             "launches (default: on for a single CUDA device without --compile)")
     add("--out", help="run folder (default: runs/<data>, or runs/<data>-N if that is taken)")
     add("--resume", help="continue from a checkpoint (OUT/ckpt.pt) or a run folder; its flags are reused. With "
                          "--out NEW and --data/--data-root: fine-tune its weights on other data (README)")
@@ -221,11 +224,23 @@ def parse_args(argv=None, doc=None):
     args.device = ce_cli.resolve_device(args.device, p)
     hw = ce_cli.Hardware(args.device, args.dtype, args.channels_last)
     args.dtype, args.channels_last = hw.dtype_name, hw.channels_last
+    args.cuda_graph = cuda_graph(args, hw, p)
     args.quick = set(cpu_defaults(args, given)) >= {"width", "bottleneck", "batch_size", "steps"}
     args.data_root = os.path.abspath(args.data_root)   # the same data from any working directory (resume, eval)
     validate(args, p)
     args.out = choose_out(args, p)
     return args
+
+
+def cuda_graph(args, hw, p):
+    """--cuda-graph: on by default where it applies (one CUDA device, no torch.compile); asked for elsewhere, an
+    error that says why."""
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    why = ("needs a CUDA device" if hw.device.type != "cuda" else "and --compile exclude each other" if args.compile
+           else "is for one device; with several ranks (torchrun) leave it off" if ranks > 1 else None)
+    if args.cuda_graph and why:
+        p.error(f"--cuda-graph {why}")
+    return why is None if args.cuda_graph is None else args.cuda_graph
 
 
 def default_args(**flags):

@@ -52,15 +52,17 @@ def setup_distributed(args):
 
 
 def build_training(args, hw, world=1):
-    """G and D of paper Fig. 2 (or the AlexNet model of 5.2), their Adam optimisers (paper 4: beta1 0.5, lr 0.002 / 0.0002) and the weight map W
-    of Eq. (1) for the centre mask (random masks get theirs per batch, make_masker), on hw's device in hw's
-    memory format. Several CUDA ranks: BatchNorm over the global batch."""
+    """G and D of paper Fig. 2 (or the AlexNet model of 5.2), their Adam optimisers (paper 4: beta1 0.5, lr 0.002 /
+    0.0002) and the weight map W of Eq. (1) for the centre mask (random masks get theirs per batch, make_masker), on
+    hw's device in hw's memory format. Several CUDA ranks: BatchNorm over the global batch. --cuda-graph: Adam
+    keeps its step count on the device (capturable), so that its update can be replayed in a graph."""
     G, D = ce_model.build_pair(vars(args), args.init)
     if world > 1 and hw.device.type == "cuda":
         G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
     G, D = G.to(hw.device, memory_format=hw.mem_fmt), D.to(hw.device, memory_format=hw.mem_fmt)
-    optG = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2))
-    optD = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2))
+    graph = bool(getattr(args, "cuda_graph", False))
+    optG = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), capturable=graph)
+    optD = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), capturable=graph)
     W = ce_losses.overlap_weights(64, args.overlap, args.overlap_weight, args.rec_reduction).to(hw.device)
     return G, D, optG, optD, W
 
@@ -131,6 +133,45 @@ def make_train_step(G, D, optG, optD, W, args, ctx=contextlib.nullcontext(), ddp
                                 torch.sigmoid(logit_real.float()).mean(), torch.sigmoid(logit_fake.float()).mean()])
 
     return train_step
+
+
+GRAPH_WARMUP = 3   # ordinary steps before the capture: cudnn's autotuning, cuBLAS's workspace, Adam's state
+
+
+def cuda_graphed(train_step, warmup=GRAPH_WARMUP):
+    """train_step, captured whole (G forward, the D update, the G update, both Adam steps) in one CUDA graph and
+    replayed: one launch per step instead of hundreds, which is what bounds the paper's batch of 64 on a fast GPU.
+    Same arguments and result. Every call is one real training step: the first `warmup` run eagerly on a side
+    stream (as capture requires); the next one is captured with its batch copied into the graph's static inputs,
+    then replayed; after that each call copies its batch into those inputs and replays. The batch must keep its
+    shapes (Batches drops the last partial batch). Needs Adam(capturable=True) and, under autocast, no cast cache
+    (ce_cli.Hardware(cuda_graph=True)); the eager make_train_step stays the reference the graph is tested against."""
+    side, graph, static, out, calls = torch.cuda.Stream(), None, None, None, 0
+
+    def step(*batch):
+        nonlocal graph, static, out, calls
+        calls += 1
+        if calls <= warmup:
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                result = train_step(*batch)
+            torch.cuda.current_stream().wait_stream(side)
+            return result
+        if graph is None:
+            static = [b.clone() for b in batch]          # clone keeps the memory format (channels_last)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = train_step(*static)                # recorded, not run: the replay below runs it
+        else:
+            if [b.shape for b in batch] != [s.shape for s in static]:
+                raise RuntimeError(f"cuda_graphed: batch shapes {[tuple(b.shape) for b in batch]} differ from the "
+                                   f"captured {[tuple(s.shape) for s in static]}")
+            for s, b in zip(static, batch):
+                s.copy_(b)
+        graph.replay()
+        return out
+
+    return step
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,7 +294,7 @@ def main(argv=None):
     sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once, also when piped to a file
     rank, world = setup_distributed(args)
     master = rank == 0                            # only rank 0 prints, logs, samples and checkpoints
-    hw = ce_cli.Hardware(args.device, args.dtype, args.channels_last)
+    hw = ce_cli.Hardware(args.device, args.dtype, args.channels_last, args.cuda_graph)
     torch.manual_seed(args.seed)                  # same initial weights on every rank
     with ce_run.run_folder(args, master):         # OUT is this run's until it ends: a second run is refused
         # ---- data: decoded once into uint8 (ce_datasets), batches cut, augmented and masked on the device (ce_data)
@@ -275,6 +316,8 @@ def main(argv=None):
         ddp = (lambda m: DDP(m, device_ids=[hw.device.index] if hw.device.type == "cuda" else None)) \
             if world > 1 else None
         train_step = make_train_step(G, D, optG, optD, W, args, hw.ctx, ddp)
+        if args.cuda_graph:                       # CUDA, one device: the same step, replayed as one graph
+            train_step = cuda_graphed(train_step)
         masker = make_masker(args, W, rank, world)
         if master:
             ce_run.announce(args, world, len(train_u8), len(val_u8), G, D, total)

@@ -1,0 +1,95 @@
+"""--cuda-graph: the whole training step replayed as one CUDA graph (ce_train.cuda_graphed, ce_train.py's default on
+one GPU). On CUDA: the graphed step gives the eager step's losses over 20 steps from the same state, and a short run
+trains, evaluates and resumes with it. Everywhere: where the flag is refused, and that a graphed run's checkpoint
+(its optimisers saved as `capturable`) resumes on a CPU."""
+import json
+
+import pytest
+import torch
+
+import ce_cli
+import ce_config
+import ce_train
+from conftest import TINY
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_flag_is_off_on_a_cpu_and_refused_when_asked_for(tmp_path, capsys):
+    assert ce_config.parse_args(["--device", "cpu", "--out", str(tmp_path / "a")]).cuda_graph is False
+    with pytest.raises(SystemExit) as e:
+        ce_config.parse_args(["--device", "cpu", "--cuda-graph", "--out", str(tmp_path / "b")])
+    assert e.value.code == 2 and "--cuda-graph needs a CUDA device" in capsys.readouterr().err
+
+
+def test_a_graphed_runs_checkpoint_resumes_on_a_cpu(tmp_path, tiny_flags, shapes_root, capsys):
+    """A graphed run saves Adam with capturable=True (and its step counts on the GPU); load_state_dict would carry
+    that flag over, and a capturable Adam on a CPU fails an assertion at its first step."""
+    out = tmp_path / "run"
+    ce_train.main(tiny_flags + ["--steps", "2", "--eval-every", "2", "--out", str(out)])
+    state = torch.load(out / "ckpt.pt", weights_only=False)
+    for k in ("optG", "optD"):
+        for group in state[k]["param_groups"]:
+            group["capturable"] = True
+    torch.save(state, out / "ckpt.pt")
+    ce_train.main(["--resume", str(out), "--steps", "4", "--data-root", shapes_root])
+    assert "done: 4 steps" in capsys.readouterr().out
+
+
+def losses(graph, mask, eager_like_graph=True, steps=20):
+    """(steps, 5) statistics of `steps` training steps from one seeded state on fixed random batches. graph:
+    captured and replayed; else eager, with the graph's optimiser and autocast settings (eager_like_graph) or with
+    those of an ungraphed run. cudnn is made deterministic, so that only the graph can make a difference."""
+    torch.manual_seed(0)
+    like = graph or eager_like_graph
+    t = ce_config.default_args(device="cuda", width=16, bottleneck=64, mask=mask, cuda_graph=like)
+    hw = ce_cli.Hardware("cuda", "auto", None, like)
+    torch.backends.cudnn.benchmark = False          # Hardware turns autotuning on; the fixture restores it
+    G, D, optG, optD, W = ce_train.build_training(t, hw)
+    step = ce_train.make_train_step(G, D, optG, optD, W, t, hw.ctx)
+    if graph:
+        step = ce_train.cuda_graphed(step)
+    masker, gen, rows = ce_train.make_masker(t, W), torch.Generator(device="cuda").manual_seed(1), []
+    for k in range(steps):
+        real = (torch.rand(16, 3, 128, 128, generator=gen, device="cuda") * 2 - 1).contiguous(
+            memory_format=torch.channels_last)
+        rows.append(step(*masker(real, k)).clone())   # clone: a graph's output is overwritten by the next replay
+    weights = torch.cat([p.detach().float().flatten() for p in G.parameters()])
+    return torch.stack(rows), weights
+
+
+@pytest.fixture
+def deterministic_cudnn():
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+@cuda
+@pytest.mark.parametrize("mask", ["center", "region"])
+def test_graphed_step_gives_the_eager_losses(mask, deterministic_cudnn):
+    graphed, w_graphed = losses(True, mask)
+    eager, w_eager = losses(False, mask)                          # the same kernels, launched one by one
+    plain, w_plain = losses(False, mask, eager_like_graph=False)  # Adam's host-side step count, autocast's cache
+    print(f"\n{mask}: max |graph - eager| {(graphed - eager).abs().max():.3g} (weights "
+          f"{(w_graphed - w_eager).abs().max():.3g}); max |graph - ungraphed run| {(graphed - plain).abs().max():.3g}"
+          f" (weights {(w_graphed - w_plain).abs().max():.3g}); losses at step 20: {graphed[-1].tolist()}")
+    assert torch.isfinite(graphed).all() and graphed[:, 1].std() > 0           # it trained, on changing batches
+    assert torch.allclose(graphed, eager, rtol=1e-3, atol=1e-4)
+    assert torch.allclose(w_graphed, w_eager, rtol=1e-3, atol=1e-4)
+    assert torch.allclose(graphed, plain, rtol=5e-2, atol=1e-2)                 # bf16 tolerance
+
+
+@cuda
+def test_a_graphed_run_trains_evaluates_and_resumes(tmp_path, shapes_root, capsys):
+    flags = [f for f in TINY if f not in ("--device", "cpu")] + ["--device", "cuda", "--data-root", shapes_root]
+    out = tmp_path / "run"
+    ce_train.main(flags + ["--steps", "12", "--eval-every", "6", "--log-every", "6", "--out", str(out)])
+    assert json.loads((out / "args.json").read_text())["cuda_graph"] is True
+    ce_train.main(["--resume", str(out), "--steps", "18", "--data-root", shapes_root])
+    text = capsys.readouterr().out
+    assert "resumed" in text and "done: 18 steps" in text
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss_rec" in r] == [6, 12, 18]
+    assert all(torch.isfinite(torch.tensor(r["loss_rec"])) for r in log if "loss_rec" in r)
