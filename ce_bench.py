@@ -11,10 +11,12 @@ Configurations:
               there; bf16 autocast + channels_last on CUDA
   ours-fp32   the same without autocast           (CUDA only: each speed switch off, one at a time)
   ours-nchw   the same without channels_last      (CUDA only)
-  ours-graph  the same step captured whole in one CUDA graph and replayed (ce_train's default on one GPU)
+  ours-graph  the same step captured whole in one CUDA graph and replayed, Adam fused (ce_train's default on one
+              GPU); ours-graph-foreach: with the multi-tensor Adam instead of the fused one
   ours-compile  the same with torch.compile       (with --compile)
   ours-region   the whole-image model with random region masks made on the device at every step (--mask region;
-              likewise block); region-masks-only: making the masks alone, to compare with the step
+              likewise block), graphed; ours-region-fixed: the same with one mask drawn once and reused, so that
+              the difference is what drawing masks costs the step; region-masks-only: making the masks alone
   reference   fp32, NCHW; a per-sample Dataset that decodes an image file with Pillow, resizes, flips, normalises
               and masks on the CPU, batched by a DataLoader with --workers processes (the seed report's design)
 Timing: --warmup steps first (cudnn autotuning, compilation), then --repeats windows of --steps steps each, the
@@ -96,22 +98,24 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def build(a, device, channels_last, dtype="fp32", mask="center", graph=False):
+def build(a, device, channels_last, dtype="fp32", mask="center", graph=False, fused=None):
     """ce_train's networks, optimisers and loss weights (its builder, paper defaults) at this benchmark's sizes;
     mask block/region: the whole-image model; graph: optimisers ready for CUDA-graph capture."""
     torch.manual_seed(0)
     hw = ce_cli.Hardware(device, dtype, channels_last)
     t = ce_config.default_args(device=str(device), width=a.width, bottleneck=a.bottleneck, mask=mask,
                                cuda_graph=graph)
-    return (*ce_train.build_training(t, hw), t)
+    return (*ce_train.build_training(t, hw, fused=fused), t)
 
 
-def batch_maker(batches, mask):
-    """next_batch() for the timed loop: ce_train's masker on consecutive steps (centre: (masked, target))."""
+def batch_maker(batches, mask, fixed=False):
+    """next_batch() for the timed loop: ce_train's masker on consecutive steps (centre: (masked, target)); fixed:
+    the first step's masks at every step."""
     t, k = ce_config.default_args(mask=mask), iter(range(10**9))
     if mask == "center":
         return lambda: ce_data.mask_batch(batches.get(next(k)), t.overlap, t.ring, t.fill)
-    masker = ce_train.make_masker(t, None)
+    once = ce_data.random_masks(mask, batches.batch_size, (0, "mask", 0), 128, batches.device) if fixed else None
+    masker = ce_train.make_masker(t, None, draw=(lambda real, step: once) if fixed else None)
 
     def next_batch():
         step = next(k)
@@ -152,19 +156,24 @@ def profile(step, next_batch, device, n=10):
         for _ in range(n):
             step(*next_batch())
         sync(device)
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    by_name = {}
+    for e in kernels:
+        by_name[e.name[:60]] = by_name.get(e.name[:60], 0.0) + e.time_range.elapsed_us()
     busy, end = 0.0, -float("inf")
     for s, e in spans:                                   # union of intervals, microseconds
         busy += max(0.0, e - max(s, end))
         end = max(end, e)
-    return {"kernel_ms": busy / 1000 / n, "kernels": len(spans) / n}
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:5]
+    return {"kernel_ms": busy / 1000 / n, "kernels": len(spans) / n,
+            "top_kernels": [(name, round(us / 1000 / n, 3)) for name, us in top]}
 
 
 def measure(name, a, device, next_batch, dtype="fp32", channels_last=False, compile_=False, mask="center",
-            graph=False):
+            graph=False, fused=None):
     """Median seconds per step over a.repeats windows, FLOPs of one step, peak device memory."""
-    G, D, optG, optD, W, t = build(a, device, channels_last, dtype, mask, graph)
+    G, D, optG, optD, W, t = build(a, device, channels_last, dtype, mask, graph, fused)
     ctx = ce_cli.Hardware(device, dtype, channels_last, graph).ctx
     flops = step_flops(ce_train.make_train_step(G, D, optG, optD, W, t, ctx), next_batch())   # never compiled
     t.compile = compile_
@@ -247,6 +256,8 @@ def report(results, a, device):
     for r in profiled:
         idle = 1 - r["kernel_ms"] / r["ms_per_step"]
         print(f"{r['config']:<18}{r['ms_per_step']:>10.2f}{r['kernel_ms']:>11.2f}{idle:>10.0%}{r['kernels']:>14.0f}")
+    for r in profiled[1:2]:      # where a graphed step's time goes: its longest kernels (ms per step, by name)
+        print(f"{r['config']}: " + "; ".join(f"{ms:.2f} {name}" for name, ms in r["top_kernels"]))
 
 
 def main(argv=None):
@@ -255,20 +266,23 @@ def main(argv=None):
     train_u8 = ce_datasets.load_split(a.data, a.data_root, "train", 128, a.shapes_n)
     t = ce_config.default_args()
     cuda = device.type == "cuda"
-    # (name, autocast dtype, channels_last, torch.compile, mask, CUDA graph): the eager step, the graphed one
-    # (ce_train.py's default on one GPU), then each speed switch off alone
-    configs = [("ours", "auto", cuda, False, "center", False)]
-    configs += [("ours-graph", "auto", True, False, "center", True)] * cuda
-    configs += [("ours-fp32", "fp32", True, False, "center", False), ("ours-nchw", "bf16", False, False, "center",
-                                                                        False)] * cuda
-    configs += [("ours-compile", "auto", cuda, True, "center", False)] * a.compile
-    configs += [(f"ours-{a.mask}", "auto", cuda, False, a.mask, False)] * (a.mask != "center")   # whole-image model
-    configs += [(f"ours-{a.mask}-graph", "auto", True, False, a.mask, True)] * (a.mask != "center" and cuda)
+    # (name, autocast dtype, channels_last, torch.compile, mask, CUDA graph, fused Adam, one fixed mask): the
+    # eager step, the graphed one (ce_train.py's default on one GPU), then each speed switch off alone
+    C = dict(dtype="auto", channels_last=cuda, compile_=False, mask="center", graph=False, fused=None, fixed=False)
+    configs = [("ours", C)]
+    if cuda:
+        configs += [("ours-graph", {**C, "graph": True}), ("ours-graph-foreach", {**C, "graph": True, "fused": False}),
+                    ("ours-fp32", {**C, "dtype": "fp32"}), ("ours-nchw", {**C, "dtype": "bf16", "channels_last": False})]
+    configs += [("ours-compile", {**C, "compile_": True})] * a.compile
+    if a.mask != "center":                                               # the whole-image model
+        m = {**C, "mask": a.mask, "graph": cuda}                         # as ce_train.py runs it
+        configs += [(f"ours-{a.mask}", m), (f"ours-{a.mask}-fixed", {**m, "fixed": True})]
     results = []
-    for name, dtype, channels_last, compile_, mask, graph in configs:
-        batches = ce_data.Batches(train_u8, a.batch_size, device, 0, True, 128, channels_last)
-        results.append(measure(name, a, device, batch_maker(batches, mask), dtype, channels_last, compile_, mask,
-                               graph))
+    for name, c in configs:
+        c = dict(c)
+        mask, fixed = c.pop("mask"), c.pop("fixed")
+        batches = ce_data.Batches(train_u8, a.batch_size, device, 0, True, 128, c["channels_last"])
+        results.append(measure(name, a, device, batch_maker(batches, mask, fixed), mask=mask, **c))
     if a.mask != "center":
         results.append(measure_masks(a, device, a.mask))
     if not a.skip_reference:

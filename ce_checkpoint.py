@@ -74,29 +74,32 @@ def load_weights(modules, state):
     a CheckpointError naming the file and the part."""
     for k, m in modules.items():
         try:
-            capturable = [g.get("capturable") for g in m.param_groups] if hasattr(m, "param_groups") else None
+            own = [{f: g.get(f) for f in RUN_HOW} for g in m.param_groups] if hasattr(m, "param_groups") else None
             m.load_state_dict(state[k])
-            if capturable is not None:
-                keep_capturable(m, capturable)
+            if own is not None:
+                keep_implementation(m, own)
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
             why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             raise CheckpointError(f"{state['path']}: {k} does not fit the network of the checkpoint's own flags "
                                   f"({why})") from None
 
 
-def keep_capturable(opt, capturable):
-    """An optimiser's `capturable` flag (True for a CUDA-graphed step) is saved with its state, and load_state_dict
-    takes the file's value: put back the one this optimiser was built with, and its step counts where that needs
-    them (on the parameters' device when capturable, on the CPU otherwise). Without this a checkpoint of a graphed
-    GPU run cannot be resumed on a CPU, nor an eager run's be captured."""
-    for group, on in zip(opt.param_groups, capturable):
-        if on is None:
-            continue
-        group["capturable"] = on
+RUN_HOW = ("capturable", "fused", "foreach")   # an optimiser's implementation on this machine, not its state
+
+
+def keep_implementation(opt, own):
+    """load_state_dict takes an optimiser's implementation flags from the file: a graphed GPU run saves Adam as
+    fused and capturable, with its step counts on the GPU. Put back the flags this optimiser was built with (`own`,
+    one dict per group) and its step counts where they need to be (on the parameters' device for fused or
+    capturable, on the CPU otherwise): else a graphed run's checkpoint fails an assertion at its first step on a
+    CPU, and an eager run's cannot be captured."""
+    for group, flags in zip(opt.param_groups, own):
+        group.update(flags)
+        on_device = bool(flags.get("capturable") or flags.get("fused"))
         for p in group["params"]:
             st = opt.state.get(p, {})
             if isinstance(st.get("step"), torch.Tensor):
-                st["step"] = st["step"].to(p.device if on else "cpu", torch.float32)
+                st["step"] = st["step"].to(p.device if on_device else "cpu", torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------

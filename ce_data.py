@@ -128,7 +128,7 @@ def block_masks(n, size=128, g=None, device="cpu", rows=None, blocks=8, side=Non
     if rows is not None:                     # all n images' numbers are drawn; only these images are built
         hw, yx = hw[:, rows], yx[:, rows]
         n = hw.shape[1]
-    hw, yx = hw.to(device), yx.to(device)
+    hw, yx = _to_device(device, hw, yx)
     ar = torch.arange(size, device=device)
     inside = (ar >= yx[..., None]) & (ar < (yx + hw)[..., None])            # (2, n, blocks, size): rows, columns
     rects = inside[0][..., :, None] & inside[1][..., None, :]               # (n, blocks, size, size)
@@ -138,6 +138,15 @@ def block_masks(n, size=128, g=None, device="cpu", rows=None, blocks=8, side=Non
         fits = grown.float().mean(dim=(1, 2)) <= max_cover
         union = torch.where(fits[:, None, None], grown, union)
     return union[:, None]
+
+
+def _to_device(device, *tensors):
+    """The masks' random numbers (drawn on the CPU: the same on every device) to `device`. On CUDA through pinned
+    memory and without waiting: a copy from ordinary memory waits for every kernel queued before it, which would
+    stall the CPU once per step instead of letting it draw the next step's numbers while the GPU trains."""
+    if torch.device(device).type != "cuda":
+        return tuple(t.to(device) for t in tensors)
+    return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
 
 
 def _cubic(t, a=-0.75):
@@ -156,9 +165,16 @@ def _upsample_rows(size, cells, scale, start):
 
 
 def _fields(noise, start, size, scale):
-    """Smooth fields (M, size, size) from noise (M, cells, cells) and phases (2, M): separable bicubic, 2 matmuls."""
+    """Smooth fields (M, size, size) from noise (M, cells, cells) and phases (2, M): separable bicubic, 2 matmuls,
+    in full float32 also on CUDA (where ce_cli.Hardware allows TF32, whose 10-bit mantissa would move pixels across
+    the threshold: a GPU's masks would then differ from a CPU's)."""
     cells = noise.shape[-1]
-    return _upsample_rows(size, cells, scale, start[0]) @ noise @ _upsample_rows(size, cells, scale, start[1]).mT
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return _upsample_rows(size, cells, scale, start[0]) @ noise @ _upsample_rows(size, cells, scale, start[1]).mT
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def region_masks(n, size=128, g=None, device="cpu", rows=None, candidates=REGION_CANDIDATES, scale=REGION_SCALE,
@@ -181,7 +197,7 @@ def region_masks(n, size=128, g=None, device="cpu", rows=None, candidates=REGION
     if rows is not None:
         noise, start = noise[rows], start[:, rows]
         n = len(noise)
-    noise, start = noise.to(device), start.to(device)
+    noise, start = _to_device(device, noise, start)
     chosen = torch.zeros(n, size, size, device=device)
     found = torch.zeros(n, dtype=torch.bool, device=device)
     per = candidates // rounds

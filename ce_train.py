@@ -51,34 +51,38 @@ def setup_distributed(args):
     return dist.get_rank(), world
 
 
-def build_training(args, hw, world=1):
+def build_training(args, hw, world=1, fused=None):
     """G and D of paper Fig. 2 (or the AlexNet model of 5.2), their Adam optimisers (paper 4: beta1 0.5, lr 0.002 /
     0.0002) and the weight map W of Eq. (1) for the centre mask (random masks get theirs per batch, make_masker), on
     hw's device in hw's memory format. Several CUDA ranks: BatchNorm over the global batch. --cuda-graph: Adam
-    keeps its step count on the device (capturable), so that its update can be replayed in a graph."""
+    keeps its step count on the device (capturable), so that its update can be replayed in a graph, and is fused
+    (one kernel per update instead of a few dozen; fused=False keeps the multi-tensor version, for ce_bench)."""
     G, D = ce_model.build_pair(vars(args), args.init)
     if world > 1 and hw.device.type == "cuda":
         G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
     G, D = G.to(hw.device, memory_format=hw.mem_fmt), D.to(hw.device, memory_format=hw.mem_fmt)
-    graph = bool(getattr(args, "cuda_graph", False))
-    optG = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), capturable=graph)
-    optD = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), capturable=graph)
+    graph = bool(args.cuda_graph)
+    how = dict(capturable=True, fused=fused is not False) if graph else {}
+    optG = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), **how)
+    optD = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), **how)
     W = ce_losses.overlap_weights(64, args.overlap, args.overlap_weight, args.rec_reduction).to(hw.device)
     return G, D, optG, optD, W
 
 
-def make_masker(args, W, rank=0, world=1):
+def make_masker(args, W, rank=0, world=1, draw=None):
     """(real batch, step) -> (masked input, target, weight map W of Eq. 1). centre: the square hole, the 64x64
     target and the constant W. block/region: fresh masks at every step, drawn from (--seed, step) (so a resumed
     run repeats them; with several ranks, each takes its slice of the global batch's masks), the whole image as
-    target, and W from the mask (ce_losses.hole_weights or context_weights, by --rec-loss)."""
+    target, and W from the mask (ce_losses.hole_weights or context_weights, by --rec-loss). draw(real, step) -> masks
+    replaces the random draw (ce_bench times the step with one fixed mask, to see what drawing them costs)."""
     if args.mask == "center":
         return lambda real, step: (*ce_data.mask_batch(real, args.overlap, args.ring, args.fill), W)
 
     def masker(real, step):
         B = len(real)
-        mask = ce_data.random_masks(args.mask, B * world, (args.seed, "mask", step), real.shape[-1], real.device,
-                                    args.mask_per_batch, slice(rank * B, (rank + 1) * B))       # (B, 1, S, S)
+        mask = draw(real, step) if draw else ce_data.random_masks(
+            args.mask, B * world, (args.seed, "mask", step), real.shape[-1], real.device, args.mask_per_batch,
+            slice(rank * B, (rank + 1) * B))                                                     # (B, 1, S, S)
         if args.rec_loss == "hole":
             weight = ce_losses.hole_weights(mask, args.overlap, args.overlap_weight)
         else:
@@ -144,8 +148,9 @@ def cuda_graphed(train_step, warmup=GRAPH_WARMUP):
     Same arguments and result. Every call is one real training step: the first `warmup` run eagerly on a side
     stream (as capture requires); the next one is captured with its batch copied into the graph's static inputs,
     then replayed; after that each call copies its batch into those inputs and replays. The batch must keep its
-    shapes (Batches drops the last partial batch). Needs Adam(capturable=True) and, under autocast, no cast cache
-    (ce_cli.Hardware(cuda_graph=True)); the eager make_train_step stays the reference the graph is tested against."""
+    shapes (Batches drops the last partial batch). Needs Adam(capturable=True) (build_training) and, under
+    autocast, no cast cache (ce_cli.Hardware(cuda_graph=True)); the eager make_train_step stays the reference the
+    graph is tested against (tests/test_cuda_graph.py)."""
     side, graph, static, out, calls = torch.cuda.Stream(), None, None, None, 0
 
     def step(*batch):

@@ -73,7 +73,8 @@ def test_bench_times_random_masks_beside_the_centre_model(tmp_path, capsys):
                    "--warmup", "1", "--repeats", "1", "--shapes-n", "32", "--data-root", str(tmp_path), "--json",
                    "--skip-reference", "--mask", "region"])
     rows = {r["config"]: r for r in map(json.loads, capsys.readouterr().out.strip().splitlines())}
-    assert set(rows) == {"ours", "ours-region", "region-masks-only"}
+    assert set(rows) == {"ours", "ours-region", "ours-region-fixed", "region-masks-only"}
+    assert rows["ours-region-fixed"]["gflop_per_img"] == rows["ours-region"]["gflop_per_img"]
     # the whole-image model does more work per image than the centre model (one more up-conv, D on 128 px)
     assert rows["ours-region"]["gflop_per_img"] > rows["ours"]["gflop_per_img"]
     assert rows["region-masks-only"]["ms_per_step"] > 0
