@@ -65,8 +65,25 @@ def build_training(args, hw, world=1, fused=None):
     how = dict(capturable=True, fused=fused is not False) if graph else {}
     optG = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), **how)
     optD = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), **how)
+    if how.get("fused"):
+        match_grad_strides([*G.parameters(), *D.parameters()])
     W = ce_losses.overlap_weights(64, args.overlap, args.overlap_weight, args.rec_reduction).to(hw.device)
     return G, D, optG, optD, W
+
+
+def match_grad_strides(params):
+    """The fused Adam refuses a gradient whose strides differ from its parameter's, and autograd may return one
+    that differs along a dimension of size 1 (PyTorch issue 106951; here D's last conv weight, (1, C, 4, 4), with
+    some cuDNN kernels). Such a stride never moves in memory, so after each accumulation the gradient is viewed with
+    the parameter's strides: the same memory, no copy, no kernel."""
+    def view_as_param(p):
+        g = p.grad
+        if g.stride() != p.stride() and all(a == b or n == 1 for a, b, n in zip(g.stride(), p.stride(), p.shape)):
+            p.grad = g.as_strided(p.shape, p.stride())
+
+    for p in params:
+        if 1 in p.shape:
+            p.register_post_accumulate_grad_hook(view_as_param)
 
 
 def make_masker(args, W, rank=0, world=1, draw=None):

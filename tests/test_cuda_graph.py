@@ -36,6 +36,22 @@ def test_a_graphed_runs_checkpoint_resumes_on_a_cpu(tmp_path, tiny_flags, shapes
     assert "done: 4 steps" in capsys.readouterr().out
 
 
+def test_gradients_take_their_parameters_strides_along_size_one_dimensions():
+    """PyTorch issue 106951's example (on a CPU too): a (2, 1, 100) weight whose gradient comes back with strides
+    (100, 1, 1) instead of (100, 100, 1), which the fused Adam refuses; ce_train views it with the weight's."""
+    def grad_strides(hook):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.zeros(2, 1, 100))
+        if hook:
+            ce_train.match_grad_strides([w])
+        torch.bmm(torch.rand(10, 2, 100).transpose(0, 1), w.transpose(1, 2)).sum().backward()
+        return w.stride(), w.grad.stride(), w.grad
+    stride, before, g0 = grad_strides(False)
+    assert before != stride                            # the mismatch exists ...
+    stride, after, g1 = grad_strides(True)
+    assert after == stride and torch.equal(g0, g1)     # ... and is gone, with the same values
+
+
 def losses(graph, mask, eager_like_graph=True, steps=20):
     """(steps, 5) statistics of `steps` training steps from one seeded state on fixed random batches. graph:
     captured and replayed; else eager, with the graph's optimiser and autocast settings (eager_like_graph) or with
