@@ -90,16 +90,20 @@ RUN_HOW = ("capturable", "fused", "foreach")   # an optimiser's implementation o
 def keep_implementation(opt, own):
     """load_state_dict takes an optimiser's implementation flags from the file: a graphed GPU run saves Adam as
     fused and capturable, with its step counts on the GPU. Put back the flags this optimiser was built with (`own`,
-    one dict per group) and its step counts where they need to be (on the parameters' device for fused or
-    capturable, on the CPU otherwise): else a graphed run's checkpoint fails an assertion at its first step on a
-    CPU, and an eager run's cannot be captured."""
+    one dict per group), its step counts where they need to be (on the parameters' device for fused or capturable,
+    on the CPU otherwise) and its moments in their parameter's memory layout (a CPU run's are NCHW, a GPU run's
+    parameters channels_last; the fused Adam refuses the mix). Else a graphed run's checkpoint fails an assertion
+    at its first step on a CPU, and a CPU run's cannot be resumed on a GPU."""
     for group, flags in zip(opt.param_groups, own):
         group.update(flags)
         on_device = bool(flags.get("capturable") or flags.get("fused"))
         for p in group["params"]:
             st = opt.state.get(p, {})
-            if isinstance(st.get("step"), torch.Tensor):
-                st["step"] = st["step"].to(p.device if on_device else "cpu", torch.float32)
+            for k, v in st.items():
+                if k == "step" and isinstance(v, torch.Tensor):
+                    st[k] = v.to(p.device if on_device else "cpu", torch.float32)
+                elif isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 # ----------------------------------------------------------------------------------------------------------------

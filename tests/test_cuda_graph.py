@@ -32,8 +32,31 @@ def test_a_graphed_runs_checkpoint_resumes_on_a_cpu(tmp_path, tiny_flags, shapes
         for group in state[k]["param_groups"]:
             group["capturable"] = True
     torch.save(state, out / "ckpt.pt")
-    ce_train.main(["--resume", str(out), "--steps", "4", "--data-root", shapes_root])
+    ce_train.main(["--resume", str(out), "--steps", "4", "--data-root", shapes_root, "--device", "cpu"])
     assert "done: 4 steps" in capsys.readouterr().out
+
+
+def test_resumed_optimiser_state_takes_its_parameters_layout():
+    """A CPU run's Adam moments are NCHW; on a GPU the parameters are channels_last, and the fused Adam of a graphed
+    run refuses moments whose strides differ from their parameter's (found resuming a CPU run on an H200)."""
+    import ce_checkpoint
+
+    def adam(channels_last):
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(3, 8, 4).to(memory_format=torch.channels_last if channels_last else
+                                           torch.contiguous_format)
+        return conv, torch.optim.Adam(conv.parameters(), fused=channels_last)
+
+    conv, opt = adam(False)
+    conv(torch.rand(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    conv2, opt2 = adam(True)
+    ce_checkpoint.load_weights({"opt": opt2}, {"opt": opt.state_dict(), "path": "x.pt"})
+    w = conv2.weight
+    assert opt2.state[w]["exp_avg"].stride() == w.stride() != opt.state[conv.weight]["exp_avg"].stride()
+    assert torch.equal(opt2.state[w]["exp_avg"], opt.state[conv.weight]["exp_avg"])
+    conv2(torch.rand(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)).sum().backward()
+    opt2.step()                                        # the fused step accepts it
 
 
 def test_gradients_take_their_parameters_strides_along_size_one_dimensions():
