@@ -115,19 +115,16 @@ REGION_WINDOW = (0.20, 0.30)
 REGION_CANDIDATES = 16
 
 
-def block_masks(n, size=128, g=None, device="cpu", rows=None, blocks=8, side=None, max_cover=0.25):
+def block_masks(n, size=128, g=None, device="cpu", rows=None, blocks=8, side=None, max_cover=0.25, numbers=None):
     """Random blocks (paper 3.3: "a number of smaller possibly overlapping masks, covering up to 1/4 of the image";
     DEVIATION (choice): no count or size is given and no official code exists, so the rule is this project's): `blocks` rectangles per image, each side uniform in
     [side[0], side[1]] px, top-left corner uniform over the positions that keep it inside the image; they are
     added in turn, a rectangle is skipped when it would take the union above `max_cover` of the image. The first
     always fits, so the coverage lies in [side[0]^2 / size^2, max_cover] (1.6 % .. 25 % at the defaults).
-    side: default (size // 8, size // 4), i.e. 16-32 px at 128 px. rows: build only these of the n images."""
-    side = side or (size // 8, size // 4)
-    hw = torch.randint(side[0], side[1] + 1, (2, n, blocks), generator=g)
-    yx = (torch.rand(2, n, blocks, generator=g) * (size - hw + 1)).long()
-    if rows is not None:                     # all n images' numbers are drawn; only these images are built
-        hw, yx = hw[:, rows], yx[:, rows]
-        n = hw.shape[1]
+    side: default (size // 8, size // 4), i.e. 16-32 px at 128 px. rows: build only these of the n images.
+    numbers: what _block_numbers drew for them, if drawn already (mask_numbers)."""
+    hw, yx = _block_numbers(n, size, g, rows, blocks, side) if numbers is None else numbers
+    n = hw.shape[1]
     hw, yx = _to_device(device, hw, yx)
     ar = torch.arange(size, device=device)
     inside = (ar >= yx[..., None]) & (ar < (yx + hw)[..., None])            # (2, n, blocks, size): rows, columns
@@ -140,13 +137,23 @@ def block_masks(n, size=128, g=None, device="cpu", rows=None, blocks=8, side=Non
     return union[:, None]
 
 
+def _block_numbers(n, size, g, rows=None, blocks=8, side=None):
+    """block_masks' random numbers, on the CPU: each block's height and width, and its top-left corner."""
+    side = side or (size // 8, size // 4)
+    hw = torch.randint(side[0], side[1] + 1, (2, n, blocks), generator=g)
+    yx = (torch.rand(2, n, blocks, generator=g) * (size - hw + 1)).long()
+    if rows is not None:                     # all n images' numbers are drawn; only these images are built
+        hw, yx = hw[:, rows], yx[:, rows]
+    return hw, yx
+
+
 def _to_device(device, *tensors):
     """The masks' random numbers (drawn on the CPU: the same on every device) to `device`. On CUDA through pinned
     memory and without waiting: a copy from ordinary memory waits for every kernel queued before it, which would
     stall the CPU once per step instead of letting it draw the next step's numbers while the GPU trains."""
     if torch.device(device).type != "cuda":
         return tuple(t.to(device) for t in tensors)
-    return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+    return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)   # (pinned already: no copy)
 
 
 def _cubic(t, a=-0.75):
@@ -177,8 +184,18 @@ def _fields(noise, start, size, scale):
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def _region_numbers(n, size, g, rows=None, candidates=REGION_CANDIDATES, scale=REGION_SCALE):
+    """region_masks' random numbers, on the CPU: each candidate's low-resolution noise and its sub-cell phase."""
+    cells = int(math.floor((size - 0.5) / scale + 2.5)) + 3               # the low-res cells a crop's taps reach
+    noise = torch.rand(n, candidates, cells, cells, generator=g)
+    start = 2 + torch.rand(2, n, candidates, generator=g)                   # sub-cell phase; >= 2 keeps taps >= 0
+    if rows is not None:
+        noise, start = noise[rows], start[:, rows]
+    return noise, start
+
+
 def region_masks(n, size=128, g=None, device="cpu", rows=None, candidates=REGION_CANDIDATES, scale=REGION_SCALE,
-                 density=REGION_DENSITY, window=REGION_WINDOW, rounds=4):
+                 density=REGION_DENSITY, window=REGION_WINDOW, rounds=4, numbers=None):
     """Random regions, the official recipe without its 10000x10000 pattern.
     DEVIATION: the paper pastes deformed PASCAL VOC segmentation shapes (not public); this follows the official code's
     smooth thresholded noise. Each image has `candidates` crops of a
@@ -190,13 +207,10 @@ def region_masks(n, size=128, g=None, device="cpu", rows=None, candidates=REGION
     percentile instead, which keeps the fraction inside the window.
     All random numbers are drawn up front, so the result does not depend on how candidates are evaluated: on a CPU
     in `rounds` batches, stopping once every image has a mask (a host check is free there); elsewhere all at once.
-    rows: build only these of the n images (their masks are the same as when all n are built)."""
-    cells = int(math.floor((size - 0.5) / scale + 2.5)) + 3               # the low-res cells a crop's taps reach
-    noise = torch.rand(n, candidates, cells, cells, generator=g)
-    start = 2 + torch.rand(2, n, candidates, generator=g)                   # sub-cell phase; >= 2 keeps taps >= 0
-    if rows is not None:
-        noise, start = noise[rows], start[:, rows]
-        n = len(noise)
+    rows: build only these of the n images (their masks are the same as when all n are built). numbers: what
+    _region_numbers drew for them, if drawn already (mask_numbers)."""
+    noise, start = _region_numbers(n, size, g, rows, candidates, scale) if numbers is None else numbers
+    n, candidates = noise.shape[:2]
     noise, start = _to_device(device, noise, start)
     chosen = torch.zeros(n, size, size, device=device)
     found = torch.zeros(n, dtype=torch.bool, device=device)
@@ -221,14 +235,22 @@ def region_masks(n, size=128, g=None, device="cpu", rows=None, candidates=REGION
     return torch.where(found[:, None, None], chosen.bool(), fallback)[:, None]
 
 
-def random_masks(kind, n, key, size=128, device="cpu", per_batch=False, rows=None):
+def random_masks(kind, n, key, size=128, device="cpu", per_batch=False, rows=None, numbers=None):
     """n masks of `kind` (block or region) drawn from the seed `key`, e.g. (seed, "mask", step), on `device`.
     per_batch: one mask shared by the whole batch (official train_random.lua:330). rows: keep only these images
-    (a DDP rank's slice of the global batch, so each rank sees what a one-process run of the global batch sees)."""
-    make = {"block": block_masks, "region": region_masks}[kind]
-    if per_batch:
-        return make(1, size, _seeded(*key), device).expand(len(range(n)[rows or slice(None)]), -1, -1, -1)
-    return make(n, size, _seeded(*key), device, rows)
+    (a DDP rank's slice of the global batch, so each rank sees what a one-process run of the global batch sees).
+    numbers: mask_numbers(kind, n, key, size, per_batch, rows), if drawn already: only the building is left."""
+    numbers = mask_numbers(kind, n, key, size, per_batch, rows) if numbers is None else numbers
+    masks = {"block": block_masks, "region": region_masks}[kind](None, size, device=device, numbers=numbers)
+    return masks.expand(len(range(n)[rows or slice(None)]), -1, -1, -1) if per_batch else masks
+
+
+def mask_numbers(kind, n, key, size=128, per_batch=False, rows=None):
+    """Every random number random_masks(kind, n, key, size, per_batch=, rows=) uses, drawn on the CPU (the same on
+    every device). Apart from the building so that a training run can draw the next step's numbers in a worker
+    thread while the GPU trains (ce_train.make_masker): at batch 512 drawing them takes several milliseconds."""
+    draw = {"block": _block_numbers, "region": _region_numbers}[kind]
+    return draw(1, size, _seeded(*key)) if per_batch else draw(n, size, _seeded(*key), rows)
 
 
 EVAL_CHUNK = 256

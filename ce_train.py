@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -56,13 +57,15 @@ def build_training(args, hw, world=1, fused=None):
     0.0002) and the weight map W of Eq. (1) for the centre mask (random masks get theirs per batch, make_masker), on
     hw's device in hw's memory format. Several CUDA ranks: BatchNorm over the global batch. --cuda-graph: Adam
     keeps its step count on the device (capturable), so that its update can be replayed in a graph, and is fused
-    (one kernel per update instead of a few dozen; fused=False keeps the multi-tensor version, for ce_bench)."""
+    (one kernel per update instead of a few dozen; fused=False: the multi-tensor version, as without a graph on
+    CUDA; on a CPU the plain loop)."""
     G, D = ce_model.build_pair(vars(args), args.init)
     if world > 1 and hw.device.type == "cuda":
         G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
     G, D = G.to(hw.device, memory_format=hw.mem_fmt), D.to(hw.device, memory_format=hw.mem_fmt)
-    graph = bool(args.cuda_graph)
-    how = dict(capturable=True, fused=fused is not False) if graph else {}
+    graph, cuda = bool(args.cuda_graph), hw.device.type == "cuda"
+    fused = graph if fused is None else fused      # stated in full: torch's default has changed between versions
+    how = dict(capturable=graph, fused=fused, foreach=cuda and not fused)
     optG = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), **how)
     optD = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), **how)
     if how.get("fused"):
@@ -86,20 +89,47 @@ def match_grad_strides(params):
             p.register_post_accumulate_grad_hook(view_as_param)
 
 
+def one_step_ahead(fn):
+    """fn(step, *rest), with fn(step + 1, *rest) started at once in a worker thread: while the GPU trains on step
+    s, the CPU draws the masks' random numbers for step s + 1 (torch's random functions release the GIL). Any other
+    step than the one prepared (the first, a resumed run's first) is computed on the spot. Only when the work is
+    done changes: the result is fn's, so the masks are the same with or without it."""
+    pool, pending = ThreadPoolExecutor(1, thread_name_prefix="mask-numbers"), {}
+
+    def get(step, *rest):
+        job = pending.pop((step, *rest), None)
+        result = job.result() if job else fn(step, *rest)
+        pending.clear()
+        pending[(step + 1, *rest)] = pool.submit(fn, step + 1, *rest)
+        return result
+
+    return get
+
+
 def make_masker(args, W, rank=0, world=1, draw=None):
     """(real batch, step) -> (masked input, target, weight map W of Eq. 1). centre: the square hole, the 64x64
     target and the constant W. block/region: fresh masks at every step, drawn from (--seed, step) (so a resumed
     run repeats them; with several ranks, each takes its slice of the global batch's masks), the whole image as
-    target, and W from the mask (ce_losses.hole_weights or context_weights, by --rec-loss). draw(real, step) -> masks
-    replaces the random draw (ce_bench times the step with one fixed mask, to see what drawing them costs)."""
+    target, and W from the mask (ce_losses.hole_weights or context_weights, by --rec-loss). The masks' random
+    numbers are drawn one step ahead in a worker thread (one_step_ahead). draw(real, step) -> masks replaces the
+    random draw (ce_bench times the step with one fixed mask, to see what drawing them costs)."""
     if args.mask == "center":
         return lambda real, step: (*ce_data.mask_batch(real, args.overlap, args.ring, args.fill), W)
 
+    def numbers(step, B, size, device):     # the CPU part: every random number drawn (pinned, for CUDA's copy)
+        drawn = ce_data.mask_numbers(args.mask, B * world, (args.seed, "mask", step), size, args.mask_per_batch,
+                                     slice(rank * B, (rank + 1) * B))
+        if device.type != "cuda":
+            return drawn
+        with torch.cuda.device(device):
+            return tuple(t.pin_memory() for t in drawn)
+    numbers = one_step_ahead(numbers)
+
     def masker(real, step):
-        B = len(real)
+        B, size = len(real), real.shape[-1]
         mask = draw(real, step) if draw else ce_data.random_masks(
-            args.mask, B * world, (args.seed, "mask", step), real.shape[-1], real.device, args.mask_per_batch,
-            slice(rank * B, (rank + 1) * B))                                                     # (B, 1, S, S)
+            args.mask, B * world, (args.seed, "mask", step), size, real.device, args.mask_per_batch,
+            slice(rank * B, (rank + 1) * B), numbers(step, B, size, real.device))                  # (B, 1, S, S)
         if args.rec_loss == "hole":
             weight = ce_losses.hole_weights(mask, args.overlap, args.overlap_weight)
         else:

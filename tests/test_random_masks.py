@@ -264,3 +264,18 @@ def test_user_mask_on_a_photo_and_its_errors(tmp_path, tiny_flags, capsys):
         ce_cli.run(ce_eval.main, ["--ckpt", center, "--device", "cpu", "--image", str(tmp_path / "p.png"),
                                   "--mask", str(tmp_path / "m.png"), "--out", str(out)])
     assert e.value.code == 2 and "central square" in capsys.readouterr().err
+
+
+def test_masks_drawn_a_step_ahead_are_the_masks_of_their_step():
+    """ce_train draws step s + 1's random numbers in a worker thread during step s: in order, after a jump (a resumed
+    run) and with a DDP rank's slice, the masks are exactly random_masks(step)."""
+    import ce_config
+    import ce_train
+    for kind, rank, world in (("region", 0, 1), ("block", 1, 2)):
+        args = ce_config.default_args(mask=kind, seed=3)
+        masker = ce_train.make_masker(args, None, rank, world)
+        real = torch.rand(4, 3, 32, 32) * 2 - 1
+        for step in (0, 1, 2, 7, 8):
+            masked, _, _ = masker(real, step)
+            want = ce_data.random_masks(kind, 4 * world, (3, "mask", step), 32, rows=slice(4 * rank, 4 * rank + 4))
+            assert torch.equal(masked, ce_data.apply_mask(real, want, args.fill))
