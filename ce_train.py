@@ -343,7 +343,8 @@ def finish(run, nets, args, stop, halt, world, total, epoch, master):
 
 def main(argv=None):
     args = ce_config.parse_args(argv, __doc__)
-    sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once, also when piped to a file
+    if hasattr(sys.stdout, "reconfigure"):       # (a notebook's stdout has none)
+        sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once, also when piped to a file
     rank, world = setup_distributed(args)
     master = rank == 0                            # only rank 0 prints, logs, samples and checkpoints
     hw = ce_cli.Hardware(args.device, args.dtype, args.channels_last, args.cuda_graph)

@@ -1,5 +1,6 @@
 import os
 import sys
+import time
 
 import pytest
 
@@ -26,3 +27,17 @@ def shapes_root(tmp_path_factory):
 def tiny_flags(shapes_root):
     """Tiny-model flags with the session's data cache (runs go to each test's own temp dir via --out)."""
     return TINY + ["--data-root", shapes_root]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "pictures: let training runs draw curves.png and evolution.gif")
+
+
+@pytest.fixture(autouse=True)
+def _no_run_pictures(request, monkeypatch):
+    """A training run redraws OUT/curves.png and OUT/evolution.gif when it ends: about 0.9 s of matplotlib, which
+    over the suite's ~50 runs was a third of its time. Tests that do not look at them skip that drawing; a test
+    marked @pytest.mark.pictures keeps it (runs in subprocesses always draw)."""
+    if "pictures" not in request.keywords:
+        import ce_train
+        monkeypatch.setattr(ce_train, "draw_pictures", lambda run, args: setattr(run, "t_pictures", time.time()))

@@ -27,6 +27,7 @@ def read_log(out):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.pictures
 def test_train_resume_evaluate(tmp_path, tiny_flags, capsys):
     out = str(tmp_path / "run")
     ce_train.main(tiny_flags + ["--steps", "4", "--batch-size", "4", "--log-every", "2", "--eval-every", "2",
@@ -280,3 +281,13 @@ def test_first_log_lines_at_steps_1_and_10(tmp_path, shared_flags, capsys):
     assert lines[0].startswith("step 1/12") and "ETA" in lines[0]
     assert [ce_train.is_log_step(s, argparse.Namespace(log_every=5), 100) for s in (1, 5, 10, 100)] == \
         [False, True, True, True]                                          # short intervals: no extra lines
+
+
+def test_runs_from_a_notebook_whose_stdout_cannot_be_reconfigured(tmp_path, tiny_flags):
+    """Jupyter's stdout is no TextIOWrapper: ce_train.main() called from a notebook cell must still run."""
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        ce_train.main(tiny_flags + ["--steps", "1", "--batch-size", "4", "--out", str(tmp_path / "run")])
+    assert "done: 1 steps" in buf.getvalue()
