@@ -195,7 +195,7 @@ def _region_numbers(n, size, g, rows=None, candidates=REGION_CANDIDATES, scale=R
 
 
 def region_masks(n, size=128, g=None, device="cpu", rows=None, candidates=REGION_CANDIDATES, scale=REGION_SCALE,
-                 density=REGION_DENSITY, window=REGION_WINDOW, rounds=4, numbers=None):
+                 density=REGION_DENSITY, window=REGION_WINDOW, rounds=4, numbers=None, compact=None):
     """Random regions, the official recipe without its 10000x10000 pattern.
     DEVIATION: the paper pastes deformed PASCAL VOC segmentation shapes (not public); this follows the official code's
     smooth thresholded noise. Each image has `candidates` crops of a
@@ -205,8 +205,9 @@ def region_masks(n, size=128, g=None, device="cpu", rows=None, candidates=REGION
     `window` is used (official train_random.lua:316-327 retries crops the same way). When none does (about 0.5 % of
     images with 16 candidates: ~72 % of crops are rejected), the first candidate is thresholded at its own 25th
     percentile instead, which keeps the fraction inside the window.
-    All random numbers are drawn up front, so the result does not depend on how candidates are evaluated: on a CPU
-    in `rounds` batches, stopping once every image has a mask (a host check is free there); elsewhere all at once.
+    All random numbers are drawn up front, so the result does not depend on how candidates are evaluated: in
+    `rounds` batches of candidates, on a CPU (compact) only for the images still without a mask and stopping once
+    every image has one; elsewhere for every image in every round, with no host sync.
     rows: build only these of the n images (their masks are the same as when all n are built). numbers: what
     _region_numbers drew for them, if drawn already (mask_numbers)."""
     noise, start = _region_numbers(n, size, g, rows, candidates, scale) if numbers is None else numbers
@@ -215,14 +216,15 @@ def region_masks(n, size=128, g=None, device="cpu", rows=None, candidates=REGION
     chosen = torch.zeros(n, size, size, device=device)
     found = torch.zeros(n, dtype=torch.bool, device=device)
     per = candidates // rounds
-    for r in range(rounds):
-        idx = (~found).nonzero()[:, 0] if chosen.device.type == "cpu" else torch.arange(n, device=device)
+    compact = chosen.device.type == "cpu" if compact is None else compact
+    for r in range(rounds):    # compact: only the images still without a mask (a host check: free on a CPU only)
+        idx = (~found).nonzero()[:, 0] if compact else slice(None)
         cand = slice(r * per, (r + 1) * per)
         f = _fields(noise[idx, cand].flatten(0, 1), start[:, idx, cand].flatten(1, 2), size, scale)
-        f = f.view(len(idx), per, size, size)
-        frac = (f < density).float().mean(dim=(2, 3))                       # (len(idx), per)
+        f = f.view(-1, per, size, size)
+        frac = (f < density).float().mean(dim=(2, 3))                       # (images, per)
         ok = (frac > window[0]) & (frac < window[1])
-        pick = f[torch.arange(len(idx), device=device), ok.float().argmax(dim=1)]
+        pick = f[torch.arange(len(f), device=device), ok.float().argmax(dim=1)]
         if r == 0:
             flat = f[:, 0].flatten(1)                                       # fallback: the first candidate at its
             own = flat.kthvalue(round(density * size * size), dim=1).values  # own 25th percentile
@@ -230,7 +232,7 @@ def region_masks(n, size=128, g=None, device="cpu", rows=None, candidates=REGION
         take = ok.any(dim=1) & ~found[idx]
         chosen[idx] = torch.where(take[:, None, None], (pick < density).float(), chosen[idx])
         found[idx] |= take
-        if chosen.device.type == "cpu" and bool(found.all()):
+        if compact and bool(found.all()):
             break
     return torch.where(found[:, None, None], chosen.bool(), fallback)[:, None]
 

@@ -41,7 +41,9 @@ def hole_weights(mask, overlap=7, overlap_weight=10.0):
     the 10x on the hidden rim (the pixels that must agree with the context), and says so in the README."""
     hole = mask.float()
     if overlap > 0:
-        near = F.max_pool2d(1 - hole, 2 * overlap + 1, stride=1, padding=overlap) > 0   # a visible pixel is near
+        k = 2 * overlap + 1       # a (k, k) max-pool as a row pass and a column pass: the same, 2k instead of k^2
+        visible = F.max_pool2d(1 - hole, (1, k), stride=1, padding=(0, overlap))
+        near = F.max_pool2d(visible, (k, 1), stride=1, padding=(overlap, 0)) > 0       # a visible pixel is near
         return hole * torch.where(near, float(overlap_weight), 1.0)
     return hole
 

@@ -279,3 +279,12 @@ def test_masks_drawn_a_step_ahead_are_the_masks_of_their_step():
             masked, _, _ = masker(real, step)
             want = ce_data.random_masks(kind, 4 * world, (3, "mask", step), 32, rows=slice(4 * rank, 4 * rank + 4))
             assert torch.equal(masked, ce_data.apply_mask(real, want, args.fill))
+
+
+def test_region_masks_the_same_whether_rounds_compact_or_not():
+    """A GPU evaluates every candidate of every image (no host sync); a CPU only the images still without a mask
+    and stops early: the masks must be the same."""
+    numbers = ce_data.mask_numbers("region", 64, (0, "compact"))
+    gpu_way = ce_data.region_masks(None, numbers=numbers, compact=False)
+    assert torch.equal(gpu_way, ce_data.region_masks(None, numbers=numbers, compact=True))
+    assert torch.equal(gpu_way, ce_data.random_masks("region", 64, (0, "compact")))
