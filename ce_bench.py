@@ -148,8 +148,9 @@ def step_flops(step, batch):
 
 def profile(step, next_batch, device, n=10):
     """torch.profiler (CUDA activity only, so that tracing the CPU side does not slow it) over n steps: per step,
-    ms of GPU kernel time (the union of kernel intervals) and kernels run (graph replays' kernels included where
-    CUPTI reports them); the wall time it compares with is the timed windows' ms_per_step."""
+    ms of GPU time (the union of the intervals of its operations: kernels, copies, memsets) and the number of those
+    operations (graph replays' included where CUPTI reports them); the wall time it compares with is the timed
+    windows' ms_per_step."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     sync(device)
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -248,15 +249,16 @@ def report(results, a, device):
     for r in results:
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
         vs = f"{r['vs_reference']:.2f}x" if r["vs_reference"] else "-"
-        print(f"{r['config']:<18}{r['img_per_s']:>10,.0f}{r['ms_per_step']:>10.2f}{r['tflops']:>9.2f}{peak:>10}{vs:>14}")
+        print(f"{r['config']:<18}{r['img_per_s']:>10,.0f}{r['ms_per_step']:>10.2f}{r['tflops']:>9.2f}{peak:>10}"
+              f"{vs:>14}")
     profiled = [r for r in results if "kernel_ms" in r]
     if profiled:
         print(f"profile (torch.profiler, 10 steps)\n{'config':<18}{'ms/step':>10}{'kernel ms':>11}{'GPU idle':>10}"
-              f"{'kernels/step':>14}")
+              f"{'GPU ops/step':>14}")
     for r in profiled:
         idle = 1 - r["kernel_ms"] / r["ms_per_step"]
         print(f"{r['config']:<18}{r['ms_per_step']:>10.2f}{r['kernel_ms']:>11.2f}{idle:>10.0%}{r['kernels']:>14.0f}")
-    for r in profiled[1:2]:      # where a graphed step's time goes: its longest kernels (ms per step, by name)
+    for r in (r for r in profiled if r["config"] == "ours-graph"):   # where its time goes: the longest kernels
         print(f"{r['config']}: " + "; ".join(f"{ms:.2f} {name}" for name, ms in r["top_kernels"]))
 
 
@@ -272,7 +274,8 @@ def main(argv=None):
     configs = [("ours", C)]
     if cuda:
         configs += [("ours-graph", {**C, "graph": True}), ("ours-graph-foreach", {**C, "graph": True, "fused": False}),
-                    ("ours-fp32", {**C, "dtype": "fp32"}), ("ours-nchw", {**C, "dtype": "bf16", "channels_last": False})]
+                    ("ours-fp32", {**C, "dtype": "fp32"}),
+                    ("ours-nchw", {**C, "dtype": "bf16", "channels_last": False})]
     configs += [("ours-compile", {**C, "compile_": True})] * a.compile
     if a.mask != "center":                                               # the whole-image model
         m = {**C, "mask": a.mask, "graph": cuda}                         # as ce_train.py runs it

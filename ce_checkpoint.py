@@ -69,6 +69,9 @@ def load_checkpoint(path, device="cpu"):
     return G.to(device), D.to(device), state
 
 
+RUN_HOW = ("capturable", "fused", "foreach")   # an optimiser's implementation on this machine, not its state
+
+
 def load_weights(modules, state):
     """Load state[k] into each module or optimiser of {k: m}; a mismatch (a missing, extra or reshaped tensor) is
     a CheckpointError naming the file and the part."""
@@ -83,8 +86,6 @@ def load_weights(modules, state):
             raise CheckpointError(f"{state['path']}: {k} does not fit the network of the checkpoint's own flags "
                                   f"({why})") from None
 
-
-RUN_HOW = ("capturable", "fused", "foreach")   # an optimiser's implementation on this machine, not its state
 
 
 def keep_implementation(opt, own):

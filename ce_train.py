@@ -116,20 +116,18 @@ def make_masker(args, W, rank=0, world=1, draw=None):
     if args.mask == "center":
         return lambda real, step: (*ce_data.mask_batch(real, args.overlap, args.ring, args.fill), W)
 
-    def numbers(step, B, size, device):     # the CPU part: every random number drawn (pinned, for CUDA's copy)
-        drawn = ce_data.mask_numbers(args.mask, B * world, (args.seed, "mask", step), size, args.mask_per_batch,
-                                     slice(rank * B, (rank + 1) * B))
-        if device.type != "cuda":
-            return drawn
-        with torch.cuda.device(device):
-            return tuple(t.pin_memory() for t in drawn)
-    numbers = one_step_ahead(numbers)
+    def numbers(step, B, size):             # the CPU part, every random number drawn; no CUDA call (see below)
+        return ce_data.mask_numbers(args.mask, B * world, (args.seed, "mask", step), size, args.mask_per_batch,
+                                    slice(rank * B, (rank + 1) * B))
+    # The worker thread only draws: pinning or copying there could run during a CUDA graph capture in the main
+    # thread, which a capture forbids.
+    numbers = one_step_ahead(numbers) if draw is None else None
 
     def masker(real, step):
         B, size = len(real), real.shape[-1]
         mask = draw(real, step) if draw else ce_data.random_masks(
             args.mask, B * world, (args.seed, "mask", step), size, real.device, args.mask_per_batch,
-            slice(rank * B, (rank + 1) * B), numbers(step, B, size, real.device))                  # (B, 1, S, S)
+            slice(rank * B, (rank + 1) * B), numbers(step, B, size))                               # (B, 1, S, S)
         if args.rec_loss == "hole":
             weight = ce_losses.hole_weights(mask, args.overlap, args.overlap_weight)
         else:
@@ -192,12 +190,14 @@ GRAPH_WARMUP = 3   # ordinary steps before the capture: cudnn's autotuning, cuBL
 def cuda_graphed(train_step, warmup=GRAPH_WARMUP):
     """train_step, captured whole (G forward, the D update, the G update, both Adam steps) in one CUDA graph and
     replayed: one launch per step instead of hundreds, which is what bounds the paper's batch of 64 on a fast GPU.
-    Same arguments and result. Every call is one real training step: the first `warmup` run eagerly on a side
-    stream (as capture requires); the next one is captured with its batch copied into the graph's static inputs,
-    then replayed; after that each call copies its batch into those inputs and replays. The batch must keep its
-    shapes (Batches drops the last partial batch). Needs Adam(capturable=True) (build_training) and, under
-    autocast, no cast cache (ce_cli.Hardware(cuda_graph=True)); the eager make_train_step stays the reference the
-    graph is tested against (tests/test_cuda_graph.py)."""
+    Same arguments and result, except that the result is one tensor that the next replay overwrites: use it (as
+    RunState.add does) or clone it before the next call. Every call is one real training step: the first `warmup`
+    run eagerly on a side stream (as capture requires); the next one is captured with its batch copied into the
+    graph's static inputs, then replayed; after that each call copies its batch into those inputs and replays. The
+    batch must keep its shapes (Batches drops the last partial batch). Needs Adam(capturable=True) (build_training)
+    and, under autocast, no cast cache (ce_cli.Hardware(cuda_graph=True)); no other thread may make CUDA calls
+    during the capture (make_masker's worker only draws on the CPU). The eager make_train_step stays the reference
+    the graph is tested against (tests/test_cuda_graph.py)."""
     side, graph, static, out, calls = torch.cuda.Stream(), None, None, None, 0
 
     def step(*batch):
