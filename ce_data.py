@@ -214,7 +214,7 @@ def region_masks(n, size=128, g=None, device="cpu", rows=None, candidates=REGION
     noise, start = _region_numbers(n, size, g, rows, candidates, scale) if numbers is None else numbers
     n, candidates = noise.shape[:2]
     noise, start = _to_device(device, noise, start)
-    chosen = torch.zeros(n, size, size, device=device)
+    chosen = torch.zeros(n, size, size, dtype=torch.bool, device=device)
     found = torch.zeros(n, dtype=torch.bool, device=device)
     per = candidates // rounds
     compact = chosen.device.type == "cpu" if compact is None else compact
@@ -223,19 +223,20 @@ def region_masks(n, size=128, g=None, device="cpu", rows=None, candidates=REGION
         cand = slice(r * per, (r + 1) * per)
         f = _fields(noise[idx, cand].flatten(0, 1), start[:, idx, cand].flatten(1, 2), size, scale)
         f = f.view(-1, per, size, size)
-        frac = (f < density).float().mean(dim=(2, 3))                       # (images, per)
+        below = f < density                                                 # each candidate's hole
+        frac = below.sum(dim=(2, 3), dtype=torch.float32) / (size * size)   # (images, per); = mean, bit for bit
         ok = (frac > window[0]) & (frac < window[1])
-        pick = f[torch.arange(len(f), device=device), ok.float().argmax(dim=1)]
+        pick = below[torch.arange(len(f), device=device), ok.float().argmax(dim=1)]
         if r == 0:
             flat = f[:, 0].flatten(1)                                       # fallback: the first candidate at its
             own = flat.kthvalue(round(density * size * size), dim=1).values  # own 25th percentile
             fallback = f[:, 0] < own[:, None, None]
         take = ok.any(dim=1) & ~found[idx]
-        chosen[idx] = torch.where(take[:, None, None], (pick < density).float(), chosen[idx])
+        chosen[idx] = torch.where(take[:, None, None], pick, chosen[idx])
         found[idx] |= take
         if compact and bool(found.all()):
             break
-    return torch.where(found[:, None, None], chosen.bool(), fallback)[:, None]
+    return torch.where(found[:, None, None], chosen, fallback)[:, None]
 
 
 def random_masks(kind, n, key, size=128, device="cpu", per_batch=False, rows=None, numbers=None):
