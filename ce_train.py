@@ -68,7 +68,7 @@ def build_training(args, hw, world=1, fused=None):
     how = dict(capturable=graph, fused=fused, foreach=cuda and not fused)
     optG = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), **how)
     optD = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), **how)
-    if how.get("fused"):
+    if fused:
         match_grad_strides([*G.parameters(), *D.parameters()])
     W = ce_losses.overlap_weights(64, args.overlap, args.overlap_weight, args.rec_reduction).to(hw.device)
     return G, D, optG, optD, W
