@@ -52,6 +52,21 @@ def setup_distributed(args):
     return dist.get_rank(), world
 
 
+def match_grad_strides(params):
+    """The fused Adam refuses a gradient whose strides differ from its parameter's, and autograd may return one
+    that differs along a dimension of size 1 (PyTorch issue 106951; here D's last conv weight, (1, C, 4, 4), with
+    some cuDNN kernels). Such a stride never moves in memory, so after each accumulation the gradient is viewed with
+    the parameter's strides: the same memory, no copy, no kernel."""
+    def view_as_param(p):
+        g = p.grad
+        if g.stride() != p.stride() and all(a == b or n == 1 for a, b, n in zip(g.stride(), p.stride(), p.shape)):
+            p.grad = g.as_strided(p.shape, p.stride())
+
+    for p in params:
+        if 1 in p.shape:
+            p.register_post_accumulate_grad_hook(view_as_param)
+
+
 def build_training(args, hw, world=1, fused=None):
     """G and D of paper Fig. 2 (or the AlexNet model of 5.2), their Adam optimisers (paper 4: beta1 0.5, lr 0.002 /
     0.0002) and the weight map W of Eq. (1) for the centre mask (random masks get theirs per batch, make_masker), on
@@ -72,21 +87,6 @@ def build_training(args, hw, world=1, fused=None):
         match_grad_strides([*G.parameters(), *D.parameters()])
     W = ce_losses.overlap_weights(64, args.overlap, args.overlap_weight, args.rec_reduction).to(hw.device)
     return G, D, optG, optD, W
-
-
-def match_grad_strides(params):
-    """The fused Adam refuses a gradient whose strides differ from its parameter's, and autograd may return one
-    that differs along a dimension of size 1 (PyTorch issue 106951; here D's last conv weight, (1, C, 4, 4), with
-    some cuDNN kernels). Such a stride never moves in memory, so after each accumulation the gradient is viewed with
-    the parameter's strides: the same memory, no copy, no kernel."""
-    def view_as_param(p):
-        g = p.grad
-        if g.stride() != p.stride() and all(a == b or n == 1 for a, b, n in zip(g.stride(), p.stride(), p.shape)):
-            p.grad = g.as_strided(p.shape, p.stride())
-
-    for p in params:
-        if 1 in p.shape:
-            p.register_post_accumulate_grad_hook(view_as_param)
 
 
 def one_step_ahead(fn):
