@@ -152,3 +152,14 @@ def test_masks_are_the_same_on_the_gpu_as_on_a_cpu(kind, deterministic_cudnn):
     if kind == "block":
         assert torch.equal(gpu, cpu)
     assert (gpu != cpu).float().mean() < 1e-4 and differ.float().mean() < 0.01
+
+
+@cuda
+def test_a_cpu_runs_checkpoint_resumes_graphed_on_the_gpu(tmp_path, tiny_flags, shapes_root, capsys):
+    """NCHW moments and host step counts from a CPU run, taken up by the GPU's fused, capturable Adam (this failed
+    on an H200 before ce_checkpoint.keep_implementation gave the moments their parameters' layout)."""
+    out = tmp_path / "run"
+    ce_train.main(tiny_flags + ["--steps", "2", "--eval-every", "2", "--batch-size", "4", "--out", str(out)])
+    ce_train.main(["--resume", str(out), "--steps", "8", "--data-root", shapes_root, "--device", "cuda"])
+    assert "done: 8 steps" in capsys.readouterr().out
+    assert json.loads((out / "args.json").read_text())["cuda_graph"] is True
