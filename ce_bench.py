@@ -15,15 +15,15 @@ Configurations:
               GPU); ours-graph-foreach: with the multi-tensor Adam instead of the fused one
   ours-compile  the same with torch.compile       (with --compile)
   ours-region   the whole-image model with random region masks made on the device at every step (--mask region;
-              likewise block), graphed; ours-region-fixed: the same with one mask drawn once and reused, so that
+              likewise block), graphed on CUDA; ours-region-fixed: the same with one mask drawn once and reused, so that
               the difference is what drawing masks costs the step; region-masks-only: making the masks alone
   reference   fp32, NCHW; a per-sample Dataset that decodes an image file with Pillow, resizes, flips, normalises
               and masks on the CPU, batched by a DataLoader with --workers processes (the seed report's design)
 Timing: --warmup steps first (cudnn autotuning, compilation), then --repeats windows of --steps steps each, the
 device synchronised at the end of each window; the median window is reported. FLOPs are counted on one real step
 with torch.utils.flop_counter (convolutions and matrix products, forward and backward), not assumed. --profile
-(CUDA) adds, per configuration, torch.profiler's account of 10 steps: GPU kernel time against wall time (the rest
-is the GPU waiting for launches) and kernels per step.
+(CUDA) adds, per configuration, torch.profiler's account of 10 steps: GPU busy time against wall time (the rest
+is the GPU waiting for launches) and GPU operations (kernels, copies, memsets) per step.
 """
 import json
 import os
@@ -80,7 +80,8 @@ def parse_args(argv=None):
                    help="DataLoader processes of the reference loop (the seed report used 10) (default: min(10, "
                         "CPU cores), here %(default)s)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (ours-compile)")
-    p.add_argument("--profile", action="store_true", help="CUDA: kernel time vs wall time per step, per configuration")
+    p.add_argument("--profile", action="store_true",
+                   help="CUDA: GPU busy time vs wall time per step, per configuration")
     p.add_argument("--mask", default="center", choices=("center", "block", "region"),
                    help="block/region: also time the whole-image model with these masks (ours-MASK) and the masks "
                         "alone (MASK-masks-only), in the same run")

@@ -87,7 +87,6 @@ def load_weights(modules, state):
                                   f"({why})") from None
 
 
-
 def keep_implementation(opt, own):
     """load_state_dict takes an optimiser's implementation flags from the file: a graphed GPU run saves Adam as
     fused and capturable, with its step counts on the GPU. Put back the flags this optimiser was built with (`own`,
