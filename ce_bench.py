@@ -109,19 +109,19 @@ def build(a, device, channels_last, dtype="fp32", mask="center", graph=False, fu
     return (*ce_train.build_training(t, hw, fused=fused), t)
 
 
-def batch_maker(batches, mask, fixed=False):
-    """next_batch() for the timed loop: ce_train's masker on consecutive steps (centre: (masked, target)); fixed:
-    the first step's masks at every step."""
-    t, k = ce_config.default_args(mask=mask), iter(range(10**9))
-    if mask == "center":
-        return lambda: ce_data.mask_batch(batches.get(next(k)), t.overlap, t.ring, t.fill)
-    once = ce_data.random_masks(mask, batches.batch_size, (0, "mask", 0), 128, batches.device) if fixed else None
-    masker = ce_train.make_masker(t, None, draw=(lambda real, step: once) if fixed else None)
+def batch_maker(batches, t, W, fixed=False):
+    """(next_batch, mask) for the timed loop, as ce_train.py makes them for run arguments t: next_batch() -> (real
+    batch, its mask numbers) on consecutive steps; mask(real, *numbers) -> (masked, target, W), the step's first
+    part (graphed with it). fixed: the first step's masks at every step (nothing drawn or built; W still is)."""
+    k = iter(range(10**9))
+    once = ce_data.random_masks(t.mask, batches.batch_size, (0, "mask", 0), 128, batches.device) if fixed else None
+    draw, masker = ce_train.make_masker(t, W, fixed=once)
 
     def next_batch():
         step = next(k)
-        return masker(batches.get(step), step)
-    return next_batch
+        real = batches.get(step)
+        return (real, *draw(real, step))
+    return next_batch, masker
 
 
 def measure_masks(a, device, kind):
@@ -172,14 +172,16 @@ def profile(step, next_batch, device, n=10):
             "top_kernels": [(name, round(us / 1000 / n, 3)) for name, us in top]}
 
 
-def measure(name, a, device, next_batch, dtype="fp32", channels_last=False, compile_=False, mask="center",
-            graph=False, fused=None):
-    """Median seconds per step over a.repeats windows, FLOPs of one step, peak device memory."""
+def measure(name, a, device, batch, dtype="fp32", channels_last=False, compile_=False, mask="center", graph=False,
+            fused=None):
+    """Median seconds per step over a.repeats windows, FLOPs of one step, peak device memory. batch(t, W) ->
+    (next_batch, mask) as batch_maker's, for the run arguments t and centre weights W that build gives."""
     G, D, optG, optD, W, t = build(a, device, channels_last, dtype, mask, graph, fused)
+    next_batch, masker = batch(t, W)
     ctx = ce_cli.Hardware(device, dtype, channels_last, graph).ctx
-    flops = step_flops(ce_train.make_train_step(G, D, optG, optD, W, t, ctx), next_batch())   # never compiled
+    flops = step_flops(ce_train.make_train_step(G, D, optG, optD, W, t, ctx), masker(*next_batch()))  # uncompiled
     t.compile = compile_
-    step = ce_train.make_train_step(G, D, optG, optD, W, t, ctx)
+    step = ce_train.masked_step(ce_train.make_train_step(G, D, optG, optD, W, t, ctx), masker)
     if graph:
         step = ce_train.cuda_graphed(step)
     for _ in range(max(a.warmup, ce_train.GRAPH_WARMUP + 1) if graph else a.warmup):   # graph: captured here
@@ -229,7 +231,7 @@ def measure_reference(a, device, train_u8, t):
                 m, y = next(it)
             return m.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
-        return measure("reference", a, device, next_ref)
+        return measure("reference", a, device, lambda t, W: (next_ref, lambda m, y: (m, y, W)))   # masked already
 
 
 def report(results, a, device):
@@ -284,9 +286,9 @@ def main(argv=None):
     results = []
     for name, c in configs:
         c = dict(c)
-        mask, fixed = c.pop("mask"), c.pop("fixed")
+        fixed = c.pop("fixed")
         batches = ce_data.Batches(train_u8, a.batch_size, device, 0, True, 128, c["channels_last"])
-        results.append(measure(name, a, device, batch_maker(batches, mask, fixed), mask=mask, **c))
+        results.append(measure(name, a, device, lambda t, W: batch_maker(batches, t, W, fixed), **c))
     if a.mask != "center":
         results.append(measure_masks(a, device, a.mask))
     if not a.skip_reference:

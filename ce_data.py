@@ -116,16 +116,17 @@ REGION_CANDIDATES = 16
 
 
 def block_masks(n, size=128, g=None, device="cpu", rows=None, blocks=8, side=None, max_cover=0.25, numbers=None):
-    """Random blocks (paper 3.3: "a number of smaller possibly overlapping masks, covering up to 1/4 of the image";
-    DEVIATION (choice): no count or size is given and no official code exists, so the rule is this project's): `blocks` rectangles per image, each side uniform in
-    [side[0], side[1]] px, top-left corner uniform over the positions that keep it inside the image; they are
-    added in turn, a rectangle is skipped when it would take the union above `max_cover` of the image. The first
-    always fits, so the coverage lies in [side[0]^2 / size^2, max_cover] (1.6 % .. 25 % at the defaults).
-    side: default (size // 8, size // 4), i.e. 16-32 px at 128 px. rows: build only these of the n images.
-    numbers: what _block_numbers drew for them, if drawn already (mask_numbers)."""
+    """Random blocks (paper 3.3: "a number of smaller possibly overlapping masks, covering up to 1/4 of the image").
+    DEVIATION (choice): no count or size is given and no official code exists, so the rule is this project's:
+    `blocks` rectangles per image, each side uniform in [side[0], side[1]] px, top-left corner uniform over the
+    positions that keep it inside the image; they are added in turn, a rectangle is skipped when it would take the
+    union above `max_cover` of the image. The first always fits, so the coverage lies in [side[0]^2 / size^2,
+    max_cover] (1.6 % .. 25 % at the defaults). side: default (size // 8, size // 4), i.e. 16-32 px at 128 px.
+    rows: build only these of the n images. numbers: what _block_numbers drew for them, if drawn already
+    (mask_numbers)."""
     hw, yx = _block_numbers(n, size, g, rows, blocks, side) if numbers is None else numbers
     n = hw.shape[1]
-    hw, yx = _to_device(device, hw, yx)
+    hw, yx = to_device(device, hw, yx)
     ar = torch.arange(size, device=device)
     inside = (ar >= yx[..., None]) & (ar < (yx + hw)[..., None])            # (2, n, blocks, size): rows, columns
     rects = inside[0][..., :, None] & inside[1][..., None, :]               # (n, blocks, size, size)
@@ -147,28 +148,37 @@ def _block_numbers(n, size, g, rows=None, blocks=8, side=None):
     return hw, yx
 
 
-def _to_device(device, *tensors):
+def to_device(device, *tensors):
     """The masks' random numbers (drawn on the CPU: the same on every device) to `device`. On CUDA through pinned
     memory and without waiting: a copy from ordinary memory waits for every kernel queued before it, which would
-    stall the CPU once per step instead of letting it go on to the next step while the GPU trains."""
+    stall the CPU once per step instead of letting it go on to the next step while the GPU trains. Tensors already
+    on a GPU stay where they are (ce_train copies them there before the masks are built, in its CUDA graph)."""
     if torch.device(device).type != "cuda":
         return tuple(t.to(device) for t in tensors)
-    return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+    return tuple(t.to(device) if t.is_cuda else t.pin_memory().to(device, non_blocking=True) for t in tensors)
 
 
-def _cubic(t, a=-0.75):
-    """The bicubic convolution kernel (Keys, a = -0.75: PyTorch's and OpenCV's bicubic)."""
-    t = t.abs()
-    near = ((a + 2) * t - (a + 3)) * t * t + 1
-    far = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
-    return torch.where(t <= 1, near, torch.where(t < 2, far, torch.zeros_like(t)))
+def _cubic_near(t, a=-0.75):
+    """The bicubic convolution kernel (Keys, a = -0.75: PyTorch's and OpenCV's bicubic) for 0 <= t <= 1 ..."""
+    return ((a + 2) * t - (a + 3)) * t * t + 1
+
+
+def _cubic_far(t, a=-0.75):
+    """... and for 1 <= t <= 2 (both are 0 at t = 1, and this one at t = 2; 0 beyond)."""
+    return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
 
 
 def _upsample_rows(size, cells, scale, start):
-    """(M, size, cells) bicubic weights: row i of an image upsampled by `scale` sits at source coordinate
-    start + (i + 0.5) / scale - 0.5 of a `cells`-long noise line (align_corners=False, as F.interpolate)."""
-    src = start[:, None] + (torch.arange(size, device=start.device, dtype=start.dtype) + 0.5) / scale - 0.5
-    return _cubic(src[:, :, None] - torch.arange(cells, device=start.device, dtype=start.dtype))
+    """(..., size, cells) bicubic weights, for phases start (...): row i of an image upsampled by `scale` sits at
+    source coordinate x = start + (i + 0.5) / scale - 0.5 of a `cells`-long noise line (align_corners=False, as
+    F.interpolate). Only the 4 cells c within 2 of x have a weight, the outer two at 1 <= |x - c| <= 2, the inner
+    two at |x - c| <= 1: each is computed with its own piece of the kernel and scattered into zeros (evaluating both
+    pieces at every cell and selecting gives the same numbers with several times the work)."""
+    x = start[..., None] + (torch.arange(size, device=start.device, dtype=start.dtype) + 0.5) / scale - 0.5
+    taps = x.floor()[..., None] + torch.arange(-1, 3, device=start.device, dtype=start.dtype)  # (..., size, 4)
+    t = (x[..., None] - taps).abs()                                        # exact: x and a tap are that close
+    w = torch.cat([_cubic_far(t[..., :1]), _cubic_near(t[..., 1:3]), _cubic_far(t[..., 3:])], dim=-1)
+    return torch.zeros(*x.shape, cells, device=start.device, dtype=start.dtype).scatter_(-1, taps.long(), w)
 
 
 def _fields(noise, start, size, scale):
@@ -180,7 +190,8 @@ def _fields(noise, start, size, scale):
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        return _upsample_rows(size, cells, scale, start[0]) @ noise @ _upsample_rows(size, cells, scale, start[1]).mT
+        rows, columns = _upsample_rows(size, cells, scale, start)
+        return rows @ noise @ columns.mT
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
 
@@ -196,47 +207,58 @@ def _region_numbers(n, size, g, rows=None, candidates=REGION_CANDIDATES, scale=R
 
 
 def region_masks(n, size=128, g=None, device="cpu", rows=None, candidates=REGION_CANDIDATES, scale=REGION_SCALE,
-                 density=REGION_DENSITY, window=REGION_WINDOW, rounds=4, numbers=None, compact=None):
+                 density=REGION_DENSITY, window=REGION_WINDOW, numbers=None, compact=None, per_round=4):
     """Random regions, the official recipe without its 10000x10000 pattern.
-    DEVIATION: the paper pastes deformed PASCAL VOC segmentation shapes (not public); this follows the official code's
-    smooth thresholded noise. Each image has `candidates` crops of a
-    smooth field (uniform noise upsampled bicubically by `scale`, generated at that scale for the crop alone: a few
-    low-resolution cells and a random sub-cell phase, which is what a crop of the big pattern at a random position
-    sees), thresholded at `density` (below = hole); the first candidate whose hole fraction lies strictly inside
-    `window` is used (official train_random.lua:316-327 retries crops the same way). When none does (about 0.5 % of
-    images with 16 candidates: ~72 % of crops are rejected), the first candidate is thresholded at its own 25th
-    percentile instead, which keeps the fraction inside the window.
-    All random numbers are drawn up front, so the result does not depend on how candidates are evaluated: in
-    `rounds` batches of candidates, on a CPU (compact) only for the images still without a mask and stopping once
-    every image has one; elsewhere for every image in every round, with no host sync.
+    DEVIATION: the paper pastes deformed PASCAL VOC segmentation shapes (not public); this follows the official
+    code's smooth thresholded noise. Each image has `candidates` crops of a smooth field (uniform noise upsampled
+    bicubically by `scale`, generated at that scale for the crop alone: a few low-resolution cells and a random
+    sub-cell phase, which is what a crop of the big pattern at a random position sees), thresholded at `density`
+    (below = hole); the first candidate whose hole fraction lies strictly inside `window` is used (official
+    train_random.lua:316-327 retries crops the same way). When none does (about 0.5 % of images with 16
+    candidates: ~72 % of crops are rejected), the first candidate is thresholded at its own 25th percentile
+    instead, which keeps the fraction inside the window.
+    All random numbers are drawn up front, so the result does not depend on how candidates are evaluated: on a GPU
+    all of them at once, in one pass with no host sync (ce_train captures it in its CUDA graph); on a CPU (compact)
+    `per_round` at a time, only for the images still without a mask, stopping once every image has one.
     rows: build only these of the n images (their masks are the same as when all n are built). numbers: what
     _region_numbers drew for them, if drawn already (mask_numbers)."""
     noise, start = _region_numbers(n, size, g, rows, candidates, scale) if numbers is None else numbers
-    n, candidates = noise.shape[:2]
-    noise, start = _to_device(device, noise, start)
-    chosen = torch.zeros(n, size, size, dtype=torch.bool, device=device)
-    found = torch.zeros(n, dtype=torch.bool, device=device)
-    per = candidates // rounds
-    compact = chosen.device.type == "cpu" if compact is None else compact
-    for r in range(rounds):    # compact: only the images still without a mask (a host check: free on a CPU only)
-        idx = (~found).nonzero()[:, 0] if compact else slice(None)
-        cand = slice(r * per, (r + 1) * per)
-        f = _fields(noise[idx, cand].flatten(0, 1), start[:, idx, cand].flatten(1, 2), size, scale)
-        f = f.view(-1, per, size, size)
-        below = f < density                                                 # each candidate's hole
-        frac = below.sum(dim=(2, 3), dtype=torch.float32) / (size * size)   # (images, per); = mean, bit for bit
-        ok = (frac > window[0]) & (frac < window[1])
-        pick = below[torch.arange(len(f), device=device), ok.float().argmax(dim=1)]
-        if r == 0:
-            flat = f[:, 0].flatten(1)                                       # fallback: the first candidate at its
-            own = flat.kthvalue(round(density * size * size), dim=1).values  # own 25th percentile
-            fallback = f[:, 0] < own[:, None, None]
-        take = ok.any(dim=1) & ~found[idx]
-        chosen[idx] = torch.where(take[:, None, None], pick, chosen[idx])
-        found[idx] |= take
-        if compact and bool(found.all()):
-            break
-    return torch.where(found[:, None, None], chosen, fallback)[:, None]
+    noise, start = to_device(device, noise, start)
+    if not (noise.device.type == "cpu" if compact is None else compact):
+        below, ok = _region_candidates(noise, start, size, scale, density, window)
+        first = below[torch.arange(len(below), device=below.device), ok.float().argmax(dim=1)]   # first accepted
+        fallback = _region_fallback(noise, start, size, scale, density)
+        return torch.where(ok.any(dim=1)[:, None, None], first, fallback)[:, None]
+    chosen = torch.zeros(len(noise), size, size, dtype=torch.bool, device=noise.device)
+    todo = torch.arange(len(noise), device=noise.device)                   # the images still without a mask
+    for r in range(0, noise.shape[1], per_round):
+        below, ok = _region_candidates(noise[todo, r:r + per_round], start[:, todo, r:r + per_round], size, scale,
+                                       density, window)
+        done = ok.any(dim=1)
+        chosen[todo[done]] = below[done, ok[done].float().argmax(dim=1)]
+        todo = todo[~done]
+        if len(todo) == 0:
+            return chosen[:, None]
+    chosen[todo] = _region_fallback(noise[todo], start[:, todo], size, scale, density)
+    return chosen[:, None]
+
+
+def _region_candidates(noise, start, size, scale, density, window):
+    """Each candidate's hole (n, k, size, size) and whether its hole fraction lies inside the window (n, k)."""
+    n, k = noise.shape[:2]
+    below = (_fields(noise.flatten(0, 1), start.flatten(1, 2), size, scale) < density).view(n, k, size, size)
+    # the count of hidden pixels, as byte sums along rows (<= 255 px, so no overflow) then one sum of those: a sum
+    # of the bool map itself would first copy it to a float or int64 map 4 or 8 times its size
+    count = below.view(torch.uint8).sum(dim=3, dtype=torch.uint8).sum(dim=2) if size < 256 else below.sum(dim=(2, 3))
+    frac = count.float() / (size * size)                                    # exact: counts < 2^24
+    return below, (frac > window[0]) & (frac < window[1])
+
+
+def _region_fallback(noise, start, size, scale, density):
+    """The first candidate's field of each image thresholded at its own `density` quantile (n, size, size)."""
+    f = _fields(noise[:, 0], start[:, :, 0], size, scale)
+    own = f.flatten(1).kthvalue(round(density * size * size), dim=1).values
+    return f < own[:, None, None]
 
 
 def random_masks(kind, n, key, size=128, device="cpu", per_batch=False, rows=None, numbers=None):

@@ -106,35 +106,51 @@ def one_step_ahead(fn):
     return get
 
 
-def make_masker(args, W, rank=0, world=1, draw=None):
-    """(real batch, step) -> (masked input, target, weight map W of Eq. 1). centre: the square hole, the 64x64
-    target and the constant W. block/region: fresh masks at every step, drawn from (--seed, step) (so a resumed
-    run repeats them; with several ranks, each takes its slice of the global batch's masks), the whole image as
-    target, and W from the mask (ce_losses.hole_weights or context_weights, by --rec-loss). The masks' random
-    numbers are drawn one step ahead in a worker thread (one_step_ahead). draw(real, step) -> masks replaces the
-    random draw (ce_bench times the step with one fixed mask, to see what drawing them costs)."""
+def make_masker(args, W, rank=0, world=1, fixed=None):
+    """The masks of paper 3.3 in two parts. draw(real, step) -> the step's random numbers, a tuple of tensors on
+    real's device (none for the centre); mask(real, *numbers) -> (masked input, target, weight map W of Eq. 1),
+    device work only (no host sync, nothing random), so that cuda_graphed can capture it with the training step.
+    centre: the square hole, the 64x64 target and the constant W. block/region: fresh masks at every step, from
+    (--seed, step) (so a resumed run repeats them; with several ranks, each takes its slice of the global batch's
+    masks), the whole image as target, and W from the mask (ce_losses.hole_weights or context_weights, by
+    --rec-loss). The numbers are drawn on the CPU one step ahead in a worker thread (one_step_ahead) and copied to
+    the device by draw. fixed: one (B, 1, S, S) mask for every step instead (ce_bench times the step with it, to
+    see what making masks costs)."""
     if args.mask == "center":
-        return lambda real, step: (*ce_data.mask_batch(real, args.overlap, args.ring, args.fill), W)
+        def centre(real):
+            return (*ce_data.mask_batch(real, args.overlap, args.ring, args.fill), W)
+        return (lambda real, step: ()), centre
 
     def numbers(step, B, size):             # the CPU part, every random number drawn; no CUDA call (see below)
         return ce_data.mask_numbers(args.mask, B * world, (args.seed, "mask", step), size, args.mask_per_batch,
                                     slice(rank * B, (rank + 1) * B))
     # The worker thread only draws: pinning or copying there could run during a CUDA graph capture in the main
     # thread, which a capture forbids.
-    numbers = one_step_ahead(numbers) if draw is None else None
+    ahead = one_step_ahead(numbers)
 
-    def masker(real, step):
+    def draw(real, step):
+        if fixed is not None:
+            return ()
+        return ce_data.to_device(real.device, *ahead(step, len(real), real.shape[-1]))
+
+    def mask(real, *numbers):
         B, size = len(real), real.shape[-1]
-        mask = draw(real, step) if draw else ce_data.random_masks(
-            args.mask, B * world, (args.seed, "mask", step), size, real.device, args.mask_per_batch,
-            slice(rank * B, (rank + 1) * B), numbers(step, B, size))                               # (B, 1, S, S)
+        hole = fixed if fixed is not None else ce_data.random_masks(
+            args.mask, B * world, None, size, real.device, args.mask_per_batch, slice(rank * B, (rank + 1) * B),
+            numbers)                                                                              # (B, 1, S, S)
         if args.rec_loss == "hole":
-            weight = ce_losses.hole_weights(mask, args.overlap, args.overlap_weight)
+            weight = ce_losses.hole_weights(hole, args.overlap, args.overlap_weight)
         else:
-            weight = ce_losses.context_weights(mask, args.overlap_weight if args.overlap > 0 else 1.0)
-        return ce_data.apply_mask(real, mask, args.fill), real, weight
+            weight = ce_losses.context_weights(hole, args.overlap_weight if args.overlap > 0 else 1.0)
+        return ce_data.apply_mask(real, hole, args.fill), real, weight
 
-    return masker
+    return draw, mask
+
+
+def masked_step(train_step, mask):
+    """(real batch, its mask numbers) -> train_step(*mask(real, *numbers)): the masking (paper 3.3) and the training
+    step as one function, which cuda_graphed captures whole, the masks' few hundred small kernels included."""
+    return lambda real, *numbers: train_step(*mask(real, *numbers))
 
 
 def make_train_step(G, D, optG, optD, W, args, ctx=contextlib.nullcontext(), ddp=None):
@@ -368,10 +384,10 @@ def main(argv=None):
             ce_run.resume(args, nets, run, hw.device, master, total)
         ddp = (lambda m: DDP(m, device_ids=[hw.device.index] if hw.device.type == "cuda" else None)) \
             if world > 1 else None
-        train_step = make_train_step(G, D, optG, optD, W, args, hw.ctx, ddp)
-        if args.cuda_graph:                       # CUDA, one device: the same step, replayed as one graph
+        draw, mask = make_masker(args, W, rank, world)
+        train_step = masked_step(make_train_step(G, D, optG, optD, W, args, hw.ctx, ddp), mask)
+        if args.cuda_graph:                       # CUDA, one device: the same step, masking included, as one graph
             train_step = cuda_graphed(train_step)
-        masker = make_masker(args, W, rank, world)
         if master:
             ce_run.announce(args, world, len(train_u8), len(val_u8), G, D, total)
 
@@ -382,8 +398,8 @@ def main(argv=None):
             run.t_log = time.time()
             while run.step < total and not halt:
                 real = batches.get(run.step)                                    # (B, 3, 128, 128) in [-1, 1]
-                masked, target, weight = masker(real, run.step)                 # the hole (3.3), W of Eq. (1)
-                run.add(train_step(masked, target, weight))                     # (5,) on the device, no sync
+                numbers = draw(real, run.step)                # the step's random mask numbers (none for the centre)
+                run.add(train_step(real, *numbers))  # hole (3.3) + W of Eq. (1), D and G steps; (5,) on the device
                 halt = bool(stop) and world == 1  # several ranks agree on stopping at the next log step
                 if is_log_step(run.step, args, total):
                     halt = log_window(run, stop, args, total, batches.epoch_of(run.step - 1), world, master)

@@ -273,10 +273,10 @@ def test_masks_drawn_a_step_ahead_are_the_masks_of_their_step():
     import ce_train
     for kind, rank, world in (("region", 0, 1), ("block", 1, 2)):
         args = ce_config.default_args(mask=kind, seed=3)
-        masker = ce_train.make_masker(args, None, rank, world)
+        draw, mask = ce_train.make_masker(args, None, rank, world)
         real = torch.rand(4, 3, 32, 32) * 2 - 1
         for step in (0, 1, 2, 7, 8):
-            masked, _, _ = masker(real, step)
+            masked, _, _ = mask(real, *draw(real, step))
             want = ce_data.random_masks(kind, 4 * world, (3, "mask", step), 32, rows=slice(4 * rank, 4 * rank + 4))
             assert torch.equal(masked, ce_data.apply_mask(real, want, args.fill))
 
