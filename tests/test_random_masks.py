@@ -67,6 +67,24 @@ def test_region_field_is_a_crop_of_a_bicubically_upsampled_noise_pattern():
         assert torch.allclose(ours, big[Y:Y + 128, X:X + 128], atol=1e-5)
 
 
+def test_bicubic_weights_from_four_cells_equal_the_kernel_at_every_cell():
+    """ce_data evaluates the Keys kernel (a = -0.75) only at the 4 cells near each output row, each with its own
+    piece; written out and evaluated at every cell, the kernel gives the same weights bit for bit, also at phases
+    where a row falls on a cell boundary."""
+    def keys(t, a=-0.75):
+        t = t.abs()
+        near, far = ((a + 2) * t - (a + 3)) * t * t + 1, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+        return torch.where(t <= 1, near, torch.where(t < 2, far, 0.0))
+    start = torch.cat([2 + torch.rand(20000, generator=torch.Generator().manual_seed(0)),
+                       torch.tensor([2.0, 2.5, 3 - 2**-22, 2 + 0.5 / ce_data.REGION_SCALE])])
+    for size in (128, 227):
+        cells = ce_data._region_numbers(1, size, torch.Generator())[0].shape[-1]
+        x = start[:, None] + (torch.arange(size) + 0.5) / ce_data.REGION_SCALE - 0.5
+        want = keys(x[..., None] - torch.arange(cells, dtype=torch.float32))
+        assert torch.equal(ce_data._upsample_rows(size, cells, ce_data.REGION_SCALE, start), want)
+        assert (want != 0).sum(dim=-1).max() == 4 and want[:, :, :1].abs().max() > 0   # the first cell is reached
+
+
 def test_apply_mask_and_paste_image_touch_only_hidden_pixels():
     x = torch.rand(2, 3, 128, 128) * 2 - 1
     mask = ce_data.random_masks("block", 2, (0, "t"))
@@ -281,10 +299,33 @@ def test_masks_drawn_a_step_ahead_are_the_masks_of_their_step():
             assert torch.equal(masked, ce_data.apply_mask(real, want, args.fill))
 
 
+def test_the_mask_builder_takes_all_its_randomness_from_its_arguments():
+    """ce_train captures make_masker's mask(real, *numbers) in its CUDA graph and replays it with each step's
+    numbers copied in: it must draw nothing itself (torch's generator untouched) and give the same masked batch and
+    weights for the same numbers."""
+    import ce_config
+    import ce_train
+    for kind in ("block", "region"):
+        draw, mask = ce_train.make_masker(ce_config.default_args(mask=kind, seed=3), None)
+        real = torch.rand(4, 3, 32, 32) * 2 - 1
+        numbers = draw(real, 5)
+        state = torch.get_rng_state()
+        once, again = mask(real, *numbers), mask(real, *numbers)
+        assert torch.equal(torch.get_rng_state(), state)
+        assert all(torch.equal(a, b) for a, b in zip(once, again))
+        assert not torch.equal(once[0], mask(real, *draw(real, 6))[0])      # another step, other masks
+
+
 def test_region_masks_the_same_whether_rounds_compact_or_not():
-    """A GPU evaluates every candidate of every image (no host sync); a CPU only the images still without a mask
-    and stops early: the masks must be the same."""
+    """A GPU evaluates every candidate of every image at once (no host sync); a CPU a few candidates at a time, only
+    for the images still without a mask, and stops early: the masks must be the same, also for the images that fall
+    back to their first candidate's own quantile (a narrow window makes those common)."""
     numbers = ce_data.mask_numbers("region", 64, (0, "compact"))
     gpu_way = ce_data.region_masks(None, numbers=numbers, compact=False)
     assert torch.equal(gpu_way, ce_data.region_masks(None, numbers=numbers, compact=True))
     assert torch.equal(gpu_way, ce_data.random_masks("region", 64, (0, "compact")))
+    narrow = (0.245, 0.255)
+    _, ok = ce_data._region_candidates(*numbers, 128, ce_data.REGION_SCALE, ce_data.REGION_DENSITY, narrow)
+    assert (~ok.any(dim=1)).sum() >= 8                                      # 8+ of the 64 images fall back
+    gpu_way = ce_data.region_masks(None, numbers=numbers, window=narrow, compact=False)
+    assert torch.equal(gpu_way, ce_data.region_masks(None, numbers=numbers, window=narrow, compact=True))
