@@ -158,27 +158,22 @@ def to_device(device, *tensors):
     return tuple(t.to(device) if t.is_cuda else t.pin_memory().to(device, non_blocking=True) for t in tensors)
 
 
-def _cubic_near(t, a=-0.75):
-    """The bicubic convolution kernel (Keys, a = -0.75: PyTorch's and OpenCV's bicubic) for 0 <= t <= 1 ..."""
-    return ((a + 2) * t - (a + 3)) * t * t + 1
-
-
-def _cubic_far(t, a=-0.75):
-    """... and for 1 <= t <= 2 (both are 0 at t = 1, and this one at t = 2; 0 beyond)."""
-    return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+def _cubic(t, a=-0.75):
+    """The bicubic convolution kernel (Keys, a = -0.75: PyTorch's and OpenCV's bicubic) at 0 <= t <= 2 (0 beyond)."""
+    near = ((a + 2) * t - (a + 3)) * t * t + 1                   # t <= 1
+    far = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a               # 1 <= t <= 2; both are 0 at t = 1, this at t = 2
+    return torch.where(t <= 1, near, far)
 
 
 def _upsample_rows(size, cells, scale, start):
     """(..., size, cells) bicubic weights, for phases start (...): row i of an image upsampled by `scale` sits at
     source coordinate x = start + (i + 0.5) / scale - 0.5 of a `cells`-long noise line (align_corners=False, as
-    F.interpolate). Only the 4 cells c within 2 of x have a weight, the outer two at 1 <= |x - c| <= 2, the inner
-    two at |x - c| <= 1: each is computed with its own piece of the kernel and scattered into zeros (evaluating both
-    pieces at every cell and selecting gives the same numbers with several times the work)."""
+    F.interpolate). Only the 4 cells c with |x - c| <= 2 have a weight: the kernel is evaluated at those and
+    scattered into zeros, a third of the work of evaluating it at every cell, for the same numbers."""
     x = start[..., None] + (torch.arange(size, device=start.device, dtype=start.dtype) + 0.5) / scale - 0.5
     taps = x.floor()[..., None] + torch.arange(-1, 3, device=start.device, dtype=start.dtype)  # (..., size, 4)
-    t = (x[..., None] - taps).abs()                                        # exact: x and a tap are that close
-    w = torch.cat([_cubic_far(t[..., :1]), _cubic_near(t[..., 1:3]), _cubic_far(t[..., 3:])], dim=-1)
-    return torch.zeros(*x.shape, cells, device=start.device, dtype=start.dtype).scatter_(-1, taps.long(), w)
+    weights = _cubic((x[..., None] - taps).abs())                          # exact differences, in [0, 2]
+    return torch.zeros(*x.shape, cells, device=start.device, dtype=start.dtype).scatter_(-1, taps.long(), weights)
 
 
 def _fields(noise, start, size, scale):
@@ -225,40 +220,40 @@ def region_masks(n, size=128, g=None, device="cpu", rows=None, candidates=REGION
     noise, start = _region_numbers(n, size, g, rows, candidates, scale) if numbers is None else numbers
     noise, start = to_device(device, noise, start)
     if not (noise.device.type == "cpu" if compact is None else compact):
-        below, ok = _region_candidates(noise, start, size, scale, density, window)
+        fields, below, ok = _region_candidates(noise, start, size, scale, density, window)
         first = below[torch.arange(len(below), device=below.device), ok.float().argmax(dim=1)]   # first accepted
-        fallback = _region_fallback(noise, start, size, scale, density)
-        return torch.where(ok.any(dim=1)[:, None, None], first, fallback)[:, None]
+        return torch.where(ok.any(dim=1)[:, None, None], first, _region_fallback(fields[:, 0], density))[:, None]
     chosen = torch.zeros(len(noise), size, size, dtype=torch.bool, device=noise.device)
     todo = torch.arange(len(noise), device=noise.device)                   # the images still without a mask
     for r in range(0, noise.shape[1], per_round):
-        below, ok = _region_candidates(noise[todo, r:r + per_round], start[:, todo, r:r + per_round], size, scale,
-                                       density, window)
+        _, below, ok = _region_candidates(noise[todo, r:r + per_round], start[:, todo, r:r + per_round], size,
+                                          scale, density, window)
         done = ok.any(dim=1)
         chosen[todo[done]] = below[done, ok[done].float().argmax(dim=1)]
         todo = todo[~done]
         if len(todo) == 0:
             return chosen[:, None]
-    chosen[todo] = _region_fallback(noise[todo], start[:, todo], size, scale, density)
+    chosen[todo] = _region_fallback(_fields(noise[todo, 0], start[:, todo, 0], size, scale), density)
     return chosen[:, None]
 
 
 def _region_candidates(noise, start, size, scale, density, window):
-    """Each candidate's hole (n, k, size, size) and whether its hole fraction lies inside the window (n, k)."""
+    """Each candidate's field and hole (n, k, size, size), and whether its hole fraction lies inside the window
+    (n, k)."""
     n, k = noise.shape[:2]
-    below = (_fields(noise.flatten(0, 1), start.flatten(1, 2), size, scale) < density).view(n, k, size, size)
+    fields = _fields(noise.flatten(0, 1), start.flatten(1, 2), size, scale).view(n, k, size, size)
+    below = fields < density
     # the count of hidden pixels, as byte sums along rows (<= 255 px, so no overflow) then one sum of those: a sum
     # of the bool map itself would first copy it to a float or int64 map 4 or 8 times its size
     count = below.view(torch.uint8).sum(dim=3, dtype=torch.uint8).sum(dim=2) if size < 256 else below.sum(dim=(2, 3))
     frac = count.float() / (size * size)                                    # exact: counts < 2^24
-    return below, (frac > window[0]) & (frac < window[1])
+    return fields, below, (frac > window[0]) & (frac < window[1])
 
 
-def _region_fallback(noise, start, size, scale, density):
-    """The first candidate's field of each image thresholded at its own `density` quantile (n, size, size)."""
-    f = _fields(noise[:, 0], start[:, :, 0], size, scale)
-    own = f.flatten(1).kthvalue(round(density * size * size), dim=1).values
-    return f < own[:, None, None]
+def _region_fallback(first, density):
+    """Each image's first candidate's field (n, size, size) thresholded at its own `density` quantile."""
+    own = first.flatten(1).kthvalue(round(density * first[0].numel()), dim=1).values
+    return first < own[:, None, None]
 
 
 def random_masks(kind, n, key, size=128, device="cpu", per_batch=False, rows=None, numbers=None):

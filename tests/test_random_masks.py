@@ -325,7 +325,7 @@ def test_region_masks_the_same_whether_rounds_compact_or_not():
     assert torch.equal(gpu_way, ce_data.region_masks(None, numbers=numbers, compact=True))
     assert torch.equal(gpu_way, ce_data.random_masks("region", 64, (0, "compact")))
     narrow = (0.245, 0.255)
-    _, ok = ce_data._region_candidates(*numbers, 128, ce_data.REGION_SCALE, ce_data.REGION_DENSITY, narrow)
+    *_, ok = ce_data._region_candidates(*numbers, 128, ce_data.REGION_SCALE, ce_data.REGION_DENSITY, narrow)
     assert (~ok.any(dim=1)).sum() >= 8                                      # 8+ of the 64 images fall back
     gpu_way = ce_data.region_masks(None, numbers=numbers, window=narrow, compact=False)
     assert torch.equal(gpu_way, ce_data.region_masks(None, numbers=numbers, window=narrow, compact=True))
