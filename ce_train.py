@@ -149,7 +149,7 @@ def make_masker(args, W, rank=0, world=1, fixed=None):
 
 def masked_step(train_step, mask):
     """(real batch, its mask numbers) -> train_step(*mask(real, *numbers)): the masking (paper 3.3) and the training
-    step as one function, which cuda_graphed captures whole, the masks' few hundred small kernels included."""
+    step as one function, which cuda_graphed captures whole, the masks' kernels included."""
     return lambda real, *numbers: train_step(*mask(real, *numbers))
 
 
@@ -204,16 +204,17 @@ GRAPH_WARMUP = 3   # ordinary steps before the capture: cudnn's autotuning, cuBL
 
 
 def cuda_graphed(train_step, warmup=GRAPH_WARMUP):
-    """train_step, captured whole (G forward, the D update, the G update, both Adam steps) in one CUDA graph and
-    replayed: one launch per step instead of hundreds, which is what bounds the paper's batch of 64 on a fast GPU.
-    Same arguments and result, except that the result is one tensor that the next replay overwrites: use it (as
-    RunState.add does) or clone it before the next call. Every call is one real training step: the first `warmup`
-    run eagerly on a side stream (as capture requires); the next one is captured with its batch copied into the
-    graph's static inputs, then replayed; after that each call copies its batch into those inputs and replays. The
-    batch must keep its shapes (Batches drops the last partial batch). Needs Adam(capturable=True) (build_training)
-    and, under autocast, no cast cache (ce_cli.Hardware(cuda_graph=True)); no other thread may make CUDA calls
-    during the capture (make_masker's worker only draws on the CPU). The eager make_train_step stays the reference
-    the graph is tested against (tests/test_cuda_graph.py)."""
+    """train_step, captured whole (the masks (masked_step), G forward, the D update, the G update, both Adam steps)
+    in one CUDA graph and replayed: one launch per step instead of hundreds, which is what bounds the paper's batch
+    of 64 on a fast GPU. Same arguments and result, except that the result is one tensor that the next replay
+    overwrites: use it (as RunState.add does) or clone it before the next call. Every call is one real training
+    step: the first `warmup` run eagerly on a side stream (as capture requires); the next one is captured with its
+    batch copied into the graph's static inputs, then replayed; after that each call copies its batch (the real
+    images and the masks' random numbers) into those inputs and replays. The batch must keep its shapes (Batches
+    drops the last partial batch). Needs Adam(capturable=True) (build_training) and, under autocast, no cast cache
+    (ce_cli.Hardware(cuda_graph=True)); no other thread may make CUDA calls during the capture (make_masker's
+    worker only draws on the CPU). The eager make_train_step stays the reference the graph is tested against
+    (tests/test_cuda_graph.py)."""
     side, graph, static, out, calls = torch.cuda.Stream(), None, None, None, 0
 
     def step(*batch):
