@@ -14,9 +14,11 @@ Configurations:
   ours-graph  the same step captured whole in one CUDA graph and replayed, Adam fused (ce_train's default on one
               GPU); ours-graph-foreach: with the multi-tensor Adam instead of the fused one
   ours-compile  the same with torch.compile       (with --compile)
-  ours-region   the whole-image model with random region masks made on the device at every step (--mask region;
-              likewise block), graphed on CUDA; ours-region-fixed: the same with one mask drawn once and reused, so that
-              the difference is what drawing masks costs the step; region-masks-only: making the masks alone
+  ours-region   the whole-image model with random region masks made at every step (--mask region; likewise
+              block) as ce_train.py makes them: numbers drawn a step ahead on the CPU, masks built on the device,
+              in the CUDA graph on one GPU; ours-region-fixed: the same with one mask made once and reused, so that
+              the difference is what making masks costs the step; region-masks-only: drawing and building one
+              batch of masks, one call after the other, without the step (an upper bound on what they add to it)
   reference   fp32, NCHW; a per-sample Dataset that decodes an image file with Pillow, resizes, flips, normalises
               and masks on the CPU, batched by a DataLoader with --workers processes (the seed report's design)
 Timing: --warmup steps first (cudnn autotuning, compilation), then --repeats windows of --steps steps each, the
@@ -110,22 +112,25 @@ def build(a, device, channels_last, dtype="fp32", mask="center", graph=False, fu
 
 
 def batch_maker(batches, t, W, fixed=False):
-    """(next_batch, mask) for the timed loop, as ce_train.py makes them for run arguments t: next_batch() -> (real
-    batch, its mask numbers) on consecutive steps; mask(real, *numbers) -> (masked, target, W), the step's first
-    part (graphed with it). fixed: the first step's masks at every step (nothing drawn or built; W still is)."""
+    """(next_batch, cut_holes) for the timed loop, as ce_train.py makes them for run arguments t: next_batch() ->
+    (real batch, its mask numbers) on consecutive steps; cut_holes(real, *numbers) -> (masked, target, W), the
+    step's first part (graphed with it). fixed: the first step's masks at every step (nothing drawn or built; W
+    still is)."""
     k = iter(range(10**9))
     once = ce_data.random_masks(t.mask, batches.batch_size, (0, "mask", 0), 128, batches.device) if fixed else None
-    draw, masker = ce_train.make_masker(t, W, fixed=once)
+    draw_numbers, cut_holes = ce_train.make_masker(t, W, fixed=once)
 
     def next_batch():
         step = next(k)
         real = batches.get(step)
-        return (real, *draw(real, step))
-    return next_batch, masker
+        return (real, *draw_numbers(real, step))
+    return next_batch, cut_holes
 
 
 def measure_masks(a, device, kind):
-    """The masks alone: median ms to make one batch of `kind` masks on the device (what they add to a step)."""
+    """The masks alone: median ms to draw and build one batch of `kind` masks on the device, in turn and launched
+    kernel by kernel (a step draws the next numbers in a worker thread and, on one GPU, builds the masks in its CUDA
+    graph: this is an upper bound on what they add to it)."""
     windows = []
     for r in range(a.repeats + 1):
         sync(device)
@@ -175,13 +180,13 @@ def profile(step, next_batch, device, n=10):
 def measure(name, a, device, batch, dtype="fp32", channels_last=False, compile_=False, mask="center", graph=False,
             fused=None):
     """Median seconds per step over a.repeats windows, FLOPs of one step, peak device memory. batch(t, W) ->
-    (next_batch, mask) as batch_maker's, for the run arguments t and centre weights W that build gives."""
+    (next_batch, cut_holes) as batch_maker's, for the run arguments t and centre weights W that build gives."""
     G, D, optG, optD, W, t = build(a, device, channels_last, dtype, mask, graph, fused)
-    next_batch, masker = batch(t, W)
+    next_batch, cut_holes = batch(t, W)
     ctx = ce_cli.Hardware(device, dtype, channels_last, graph).ctx
-    flops = step_flops(ce_train.make_train_step(G, D, optG, optD, W, t, ctx), masker(*next_batch()))  # uncompiled
+    flops = step_flops(ce_train.make_train_step(G, D, optG, optD, W, t, ctx), cut_holes(*next_batch()))
     t.compile = compile_
-    step = ce_train.masked_step(ce_train.make_train_step(G, D, optG, optD, W, t, ctx), masker)
+    step = ce_train.masked_step(ce_train.make_train_step(G, D, optG, optD, W, t, ctx), cut_holes)
     if graph:
         step = ce_train.cuda_graphed(step)
     for _ in range(max(a.warmup, ce_train.GRAPH_WARMUP + 1) if graph else a.warmup):   # graph: captured here

@@ -152,14 +152,19 @@ def to_device(device, *tensors):
     """The masks' random numbers (drawn on the CPU: the same on every device) to `device`. On CUDA through pinned
     memory and without waiting: a copy from ordinary memory waits for every kernel queued before it, which would
     stall the CPU once per step instead of letting it go on to the next step while the GPU trains. Tensors already
-    on a GPU stay where they are (ce_train copies them there before the masks are built, in its CUDA graph)."""
+    on the GPU stay where they are: ce_train copies the numbers there before its CUDA graph builds the masks, and a
+    graph capture forbids the pinned copy."""
     if torch.device(device).type != "cuda":
         return tuple(t.to(device) for t in tensors)
+    if torch.cuda.is_current_stream_capturing() and not all(t.is_cuda for t in tensors):
+        raise RuntimeError("mask numbers on the CPU during a CUDA graph capture: copy them to the GPU first "
+                           "(ce_train.make_masker's draw does)")
     return tuple(t.to(device) if t.is_cuda else t.pin_memory().to(device, non_blocking=True) for t in tensors)
 
 
 def _cubic(t, a=-0.75):
-    """The bicubic convolution kernel (Keys, a = -0.75: PyTorch's and OpenCV's bicubic) at 0 <= t <= 2 (0 beyond)."""
+    """The bicubic convolution kernel (Keys, a = -0.75: PyTorch's and OpenCV's bicubic) at 0 <= t <= 2 (it is 0
+    beyond, where _upsample_rows never evaluates it)."""
     near = ((a + 2) * t - (a + 3)) * t * t + 1                   # t <= 1
     far = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a               # 1 <= t <= 2; both are 0 at t = 1, this at t = 2
     return torch.where(t <= 1, near, far)
@@ -168,8 +173,9 @@ def _cubic(t, a=-0.75):
 def _upsample_rows(size, cells, scale, start):
     """(..., size, cells) bicubic weights, for phases start (...): row i of an image upsampled by `scale` sits at
     source coordinate x = start + (i + 0.5) / scale - 0.5 of a `cells`-long noise line (align_corners=False, as
-    F.interpolate). Only the 4 cells c with |x - c| <= 2 have a weight: the kernel is evaluated at those and
-    scattered into zeros, a third of the work of evaluating it at every cell, for the same numbers."""
+    F.interpolate). Only the 4 cells floor(x) - 1 .. floor(x) + 2 can have a weight (every other cell is 2 or more
+    away, where the kernel is 0): the kernel is evaluated at those and scattered into zeros, a third of the work of
+    evaluating it at every cell, for the same numbers."""
     x = start[..., None] + (torch.arange(size, device=start.device, dtype=start.dtype) + 0.5) / scale - 0.5
     taps = x.floor()[..., None] + torch.arange(-1, 3, device=start.device, dtype=start.dtype)  # (..., size, 4)
     weights = _cubic((x[..., None] - taps).abs())                          # exact differences, in [0, 2]
@@ -213,8 +219,9 @@ def region_masks(n, size=128, g=None, device="cpu", rows=None, candidates=REGION
     candidates: ~72 % of crops are rejected), the first candidate is thresholded at its own 25th percentile
     instead, which keeps the fraction inside the window.
     All random numbers are drawn up front, so the result does not depend on how candidates are evaluated: on a GPU
-    all of them at once, in one pass with no host sync (ce_train captures it in its CUDA graph); on a CPU (compact)
-    `per_round` at a time, only for the images still without a mask, stopping once every image has one.
+    all of them at once, in one pass with no host sync (ce_train captures it in its CUDA graph; at batch 512 the
+    fields take 512 MiB for that moment); with compact (the default on a CPU) `per_round` at a time, only for the
+    images still without a mask, stopping once every image has one.
     rows: build only these of the n images (their masks are the same as when all n are built). numbers: what
     _region_numbers drew for them, if drawn already (mask_numbers)."""
     noise, start = _region_numbers(n, size, g, rows, candidates, scale) if numbers is None else numbers
@@ -252,7 +259,7 @@ def _region_candidates(noise, start, size, scale, density, window):
 
 def _region_fallback(first, density):
     """Each image's first candidate's field (n, size, size) thresholded at its own `density` quantile."""
-    own = first.flatten(1).kthvalue(round(density * first[0].numel()), dim=1).values
+    own = first.flatten(1).kthvalue(round(density * first.shape[-2] * first.shape[-1]), dim=1).values
     return first < own[:, None, None]
 
 

@@ -107,33 +107,33 @@ def one_step_ahead(fn):
 
 
 def make_masker(args, W, rank=0, world=1, fixed=None):
-    """The masks of paper 3.3 in two parts. draw(real, step) -> the step's random numbers, a tuple of tensors on
-    real's device (none for the centre); mask(real, *numbers) -> (masked input, target, weight map W of Eq. 1),
-    device work only (no host sync, nothing random), so that cuda_graphed can capture it with the training step.
-    centre: the square hole, the 64x64 target and the constant W. block/region: fresh masks at every step, from
-    (--seed, step) (so a resumed run repeats them; with several ranks, each takes its slice of the global batch's
-    masks), the whole image as target, and W from the mask (ce_losses.hole_weights or context_weights, by
+    """The masks of paper 3.3, as two functions. draw_numbers(real, step) -> the step's random numbers, a tuple of
+    tensors on real's device (empty for the centre). cut_holes(real, *numbers) -> (masked input, target, weight map
+    W of Eq. 1): device work only (no host sync, nothing random), so that cuda_graphed can capture it with the
+    training step. centre: the square hole, the 64x64 target and the constant W. block/region: fresh masks at every
+    step, from (--seed, step) (so a resumed run repeats them; with several ranks, each takes its slice of the global
+    batch's masks), the whole image as target, and W from the mask (ce_losses.hole_weights or context_weights, by
     --rec-loss). The numbers are drawn on the CPU one step ahead in a worker thread (one_step_ahead) and copied to
-    the device by draw. fixed: one (B, 1, S, S) mask for every step instead (ce_bench times the step with it, to
-    see what making masks costs)."""
+    the device by draw_numbers. fixed: one (B, 1, S, S) mask for every step instead (ce_bench times the step with
+    it, to see what making masks costs)."""
     if args.mask == "center":
-        def centre(real):
+        def cut_centre(real):
             return (*ce_data.mask_batch(real, args.overlap, args.ring, args.fill), W)
-        return (lambda real, step: ()), centre
+        return (lambda real, step: ()), cut_centre
 
-    def numbers(step, B, size):             # the CPU part, every random number drawn; no CUDA call (see below)
+    def on_cpu(step, B, size):             # every random number of the step; no CUDA call (see below)
         return ce_data.mask_numbers(args.mask, B * world, (args.seed, "mask", step), size, args.mask_per_batch,
                                     slice(rank * B, (rank + 1) * B))
-    # The worker thread only draws: pinning or copying there could run during a CUDA graph capture in the main
-    # thread, which a capture forbids.
-    ahead = one_step_ahead(numbers)
+    # The worker thread only draws: the copy to the GPU is draw_numbers' (in the calling thread), so that the
+    # numbers are on the GPU before cuda_graphed's capture, which forbids that copy.
+    ahead = one_step_ahead(on_cpu)
 
-    def draw(real, step):
+    def draw_numbers(real, step):
         if fixed is not None:
             return ()
         return ce_data.to_device(real.device, *ahead(step, len(real), real.shape[-1]))
 
-    def mask(real, *numbers):
+    def cut_holes(real, *numbers):
         B, size = len(real), real.shape[-1]
         hole = fixed if fixed is not None else ce_data.random_masks(
             args.mask, B * world, None, size, real.device, args.mask_per_batch, slice(rank * B, (rank + 1) * B),
@@ -144,13 +144,13 @@ def make_masker(args, W, rank=0, world=1, fixed=None):
             weight = ce_losses.context_weights(hole, args.overlap_weight if args.overlap > 0 else 1.0)
         return ce_data.apply_mask(real, hole, args.fill), real, weight
 
-    return draw, mask
+    return draw_numbers, cut_holes
 
 
-def masked_step(train_step, mask):
-    """(real batch, its mask numbers) -> train_step(*mask(real, *numbers)): the masking (paper 3.3) and the training
-    step as one function, which cuda_graphed captures whole, the masks' kernels included."""
-    return lambda real, *numbers: train_step(*mask(real, *numbers))
+def masked_step(train_step, cut_holes):
+    """(real batch, its mask numbers) -> train_step(*cut_holes(real, *numbers)): the masking (paper 3.3) and the
+    training step as one function, which cuda_graphed captures whole, the masks' kernels included."""
+    return lambda real, *numbers: train_step(*cut_holes(real, *numbers))
 
 
 def make_train_step(G, D, optG, optD, W, args, ctx=contextlib.nullcontext(), ddp=None):
@@ -212,9 +212,9 @@ def cuda_graphed(train_step, warmup=GRAPH_WARMUP):
     batch copied into the graph's static inputs, then replayed; after that each call copies its batch (the real
     images and the masks' random numbers) into those inputs and replays. The batch must keep its shapes (Batches
     drops the last partial batch). Needs Adam(capturable=True) (build_training) and, under autocast, no cast cache
-    (ce_cli.Hardware(cuda_graph=True)); no other thread may make CUDA calls during the capture (make_masker's
-    worker only draws on the CPU). The eager make_train_step stays the reference the graph is tested against
-    (tests/test_cuda_graph.py)."""
+    (ce_cli.Hardware(cuda_graph=True)). Other threads' CUDA calls (Batches' streaming thread) do not disturb the
+    capture; make_masker's worker makes none. The eager make_train_step stays the reference the graph is tested
+    against (tests/test_cuda_graph.py)."""
     side, graph, static, out, calls = torch.cuda.Stream(), None, None, None, 0
 
     def step(*batch):
@@ -229,7 +229,9 @@ def cuda_graphed(train_step, warmup=GRAPH_WARMUP):
         if graph is None:
             static = [b.clone() for b in batch]          # clone keeps the memory format (channels_last)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: the threads that prepare the next step (the masks' numbers, a streamed batch's pinned
+            # copy on its own stream) may go on during the capture; only this thread's calls are restricted
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 out = train_step(*static)                # recorded, not run: the replay below runs it
         else:
             if [b.shape for b in batch] != [s.shape for s in static]:
@@ -385,8 +387,8 @@ def main(argv=None):
             ce_run.resume(args, nets, run, hw.device, master, total)
         ddp = (lambda m: DDP(m, device_ids=[hw.device.index] if hw.device.type == "cuda" else None)) \
             if world > 1 else None
-        draw, mask = make_masker(args, W, rank, world)
-        train_step = masked_step(make_train_step(G, D, optG, optD, W, args, hw.ctx, ddp), mask)
+        draw_numbers, cut_holes = make_masker(args, W, rank, world)
+        train_step = masked_step(make_train_step(G, D, optG, optD, W, args, hw.ctx, ddp), cut_holes)
         if args.cuda_graph:                       # CUDA, one device: the same step, masking included, as one graph
             train_step = cuda_graphed(train_step)
         if master:
@@ -399,7 +401,7 @@ def main(argv=None):
             run.t_log = time.time()
             while run.step < total and not halt:
                 real = batches.get(run.step)                                    # (B, 3, 128, 128) in [-1, 1]
-                numbers = draw(real, run.step)                # the step's random mask numbers (none for the centre)
+                numbers = draw_numbers(real, run.step)        # the step's random mask numbers (none for the centre)
                 run.add(train_step(real, *numbers))  # hole (3.3) + W of Eq. (1), D and G steps; (5,) on the device
                 halt = bool(stop) and world == 1  # several ranks agree on stopping at the next log step
                 if is_log_step(run.step, args, total):

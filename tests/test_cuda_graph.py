@@ -85,15 +85,15 @@ def losses(graph, mask, eager_like_graph=True, steps=20):
     hw = ce_cli.Hardware("cuda", "auto", None, like)
     torch.backends.cudnn.benchmark = False          # Hardware turns autotuning on; the fixture restores it
     G, D, optG, optD, W = ce_train.build_training(t, hw)
-    draw, mask = ce_train.make_masker(t, W)
-    step = ce_train.masked_step(ce_train.make_train_step(G, D, optG, optD, W, t, hw.ctx), mask)
+    draw_numbers, cut_holes = ce_train.make_masker(t, W)
+    step = ce_train.masked_step(ce_train.make_train_step(G, D, optG, optD, W, t, hw.ctx), cut_holes)
     if graph:
         step = ce_train.cuda_graphed(step)                # the masks are built in the graph too
     gen, rows = torch.Generator(device="cuda").manual_seed(1), []
     for k in range(steps):
         real = (torch.rand(16, 3, 128, 128, generator=gen, device="cuda") * 2 - 1).contiguous(
             memory_format=torch.channels_last)
-        rows.append(step(real, *draw(real, k)).clone())   # clone: a graph's output is overwritten by the next replay
+        rows.append(step(real, *draw_numbers(real, k)).clone())   # clone: the next replay overwrites a graph's output
     weights = torch.cat([p.detach().float().flatten() for p in G.parameters()])
     return torch.stack(rows), weights
 
@@ -109,7 +109,7 @@ def deterministic_cudnn():
 
 
 @cuda
-@pytest.mark.parametrize("mask", ["center", "region"])
+@pytest.mark.parametrize("mask", ["center", "block", "region"])
 def test_graphed_step_gives_the_eager_losses(mask, deterministic_cudnn):
     graphed, w_graphed = losses(True, mask)
     eager, w_eager = losses(False, mask)                          # the same kernels, launched one by one

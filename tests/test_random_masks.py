@@ -76,7 +76,7 @@ def test_bicubic_weights_from_four_cells_equal_the_kernel_at_every_cell():
         near, far = ((a + 2) * t - (a + 3)) * t * t + 1, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
         return torch.where(t <= 1, near, torch.where(t < 2, far, 0.0))
     start = torch.cat([2 + torch.rand(20000, generator=torch.Generator().manual_seed(0)),
-                       torch.tensor([2.0, 2.5, 3 - 2**-22, 2 + 0.5 / ce_data.REGION_SCALE])])
+                       torch.tensor([2.0, 2.5, 3 - 2**-22, 3.0, 2 + 0.5 / ce_data.REGION_SCALE])])   # 2 + rand can round to 3
     for size in (128, 227):
         cells = ce_data._region_numbers(1, size, torch.Generator())[0].shape[-1]
         x = start[:, None] + (torch.arange(size) + 0.5) / ce_data.REGION_SCALE - 0.5
@@ -291,29 +291,46 @@ def test_masks_drawn_a_step_ahead_are_the_masks_of_their_step():
     import ce_train
     for kind, rank, world in (("region", 0, 1), ("block", 1, 2)):
         args = ce_config.default_args(mask=kind, seed=3)
-        draw, mask = ce_train.make_masker(args, None, rank, world)
+        draw_numbers, cut_holes = ce_train.make_masker(args, None, rank, world)
         real = torch.rand(4, 3, 32, 32) * 2 - 1
         for step in (0, 1, 2, 7, 8):
-            masked, _, _ = mask(real, *draw(real, step))
+            masked, _, _ = cut_holes(real, *draw_numbers(real, step))
             want = ce_data.random_masks(kind, 4 * world, (3, "mask", step), 32, rows=slice(4 * rank, 4 * rank + 4))
             assert torch.equal(masked, ce_data.apply_mask(real, want, args.fill))
 
 
 def test_the_mask_builder_takes_all_its_randomness_from_its_arguments():
-    """ce_train captures make_masker's mask(real, *numbers) in its CUDA graph and replays it with each step's
+    """ce_train captures make_masker's cut_holes(real, *numbers) in its CUDA graph and replays it with each step's
     numbers copied in: it must draw nothing itself (torch's generator untouched) and give the same masked batch and
     weights for the same numbers."""
     import ce_config
     import ce_train
     for kind in ("block", "region"):
-        draw, mask = ce_train.make_masker(ce_config.default_args(mask=kind, seed=3), None)
+        draw_numbers, cut_holes = ce_train.make_masker(ce_config.default_args(mask=kind, seed=3), None)
         real = torch.rand(4, 3, 32, 32) * 2 - 1
-        numbers = draw(real, 5)
+        numbers = draw_numbers(real, 5)
         state = torch.get_rng_state()
-        once, again = mask(real, *numbers), mask(real, *numbers)
+        once, again = cut_holes(real, *numbers), cut_holes(real, *numbers)
         assert torch.equal(torch.get_rng_state(), state)
         assert all(torch.equal(a, b) for a, b in zip(once, again))
-        assert not torch.equal(once[0], mask(real, *draw(real, 6))[0])      # another step, other masks
+        assert not torch.equal(once[0], cut_holes(real, *draw_numbers(real, 6))[0])      # another step, other masks
+
+
+@pytest.mark.parametrize("kind, rec_loss, per_batch", [("center", "hole", False), ("block", "hole", False),
+                                                      ("region", "hole", False), ("region", "image", True)])
+def test_the_mask_builder_needs_no_values_from_the_device(kind, rec_loss, per_batch):
+    """What cuda_graphed captures must not wait for the GPU (.item(), bool(tensor), nonzero, boolean indexing, shapes
+    that depend on values). On the meta device tensors have shapes and no values, so every such operation raises:
+    the masks are built there the GPU's way (every candidate at once, no host check), with the loss weights."""
+    import ce_config
+    import ce_train
+    args = ce_config.default_args(mask=kind, rec_loss=rec_loss, mask_per_batch=per_batch)
+    draw_numbers, cut_holes = ce_train.make_masker(args, torch.ones(1, 1, 64, 64, device="meta"))
+    real = torch.rand(4, 3, 32, 32)
+    numbers = [t.to("meta") for t in draw_numbers(real, 0)]
+    masked, target, weight = cut_holes(real.to("meta"), *numbers)
+    assert masked.shape == real.shape and weight.device.type == "meta"
+    assert target.shape[-1] == (16 if kind == "center" else 32) and len(weight) in (1, 4)
 
 
 def test_region_masks_the_same_whether_rounds_compact_or_not():
