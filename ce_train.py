@@ -231,8 +231,12 @@ def cuda_graphed(train_step, warmup=GRAPH_WARMUP):
             graph = torch.cuda.CUDAGraph()
             # thread_local: the threads that prepare the next step (the masks' numbers, a streamed batch's pinned
             # copy on its own stream) may go on during the capture; only this thread's calls are restricted
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                out = train_step(*static)                # recorded, not run: the replay below runs it
+            try:
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    out = train_step(*static)            # recorded, not run: the replay below runs it
+            except RuntimeError as e:                    # a bug, ours or torch's: say how to train meanwhile
+                raise RuntimeError(f"capturing the training step as a CUDA graph failed ({str(e).splitlines()[0]}); "
+                                   "--no-cuda-graph trains with the same step launched kernel by kernel") from e
         else:
             if [b.shape for b in batch] != [s.shape for s in static]:
                 raise RuntimeError(f"cuda_graphed: batch shapes {[tuple(b.shape) for b in batch]} differ from the "

@@ -75,6 +75,27 @@ def test_gradients_take_their_parameters_strides_along_size_one_dimensions():
     assert after == stride and torch.equal(g0, g1)     # ... and is gone, with the same values
 
 
+def test_a_failed_capture_says_how_to_train_without_the_graph(monkeypatch):
+    """If capturing fails (a bug, ours or a torch version's), the error says so and names --no-cuda-graph. The CUDA
+    calls around the capture are replaced here by stand-ins, so that this runs on a CPU."""
+    import contextlib
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    def capture(graph, **kwargs):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore lines")
+    for name, value in (("Stream", Stream), ("current_stream", Stream), ("CUDAGraph", object), ("graph", capture),
+                        ("stream", lambda s: contextlib.nullcontext())):
+        monkeypatch.setattr(torch.cuda, name, value)
+    step = ce_train.cuda_graphed(lambda x: x + 1, warmup=1)
+    assert step(torch.zeros(2)).tolist() == [1.0, 1.0]               # the warm-up step runs as usual
+    with pytest.raises(RuntimeError) as e:
+        step(torch.zeros(2))
+    assert "operation not permitted when stream is capturing); --no-cuda-graph trains" in str(e.value)
+
+
 def losses(graph, mask, eager_like_graph=True, steps=20):
     """(steps, 5) statistics of `steps` training steps from one seeded state on fixed random batches. graph:
     captured and replayed; else eager, with the graph's optimiser and autocast settings (eager_like_graph) or with
