@@ -158,7 +158,7 @@ def to_device(device, *tensors):
         return tuple(t.to(device) for t in tensors)
     if torch.cuda.is_current_stream_capturing() and not all(t.is_cuda for t in tensors):
         raise RuntimeError("mask numbers on the CPU during a CUDA graph capture: copy them to the GPU first "
-                           "(ce_train.make_masker's draw does)")
+                           "(ce_train.make_masker's draw_numbers does)")
     return tuple(t.to(device) if t.is_cuda else t.pin_memory().to(device, non_blocking=True) for t in tensors)
 
 
