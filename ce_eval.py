@@ -327,7 +327,6 @@ def run_images(G, paths, a, out, dtype, mask_path=None):
                                "(--mask center) and cannot fill other holes; use a model trained with --mask region "
                                "or --mask block")
     files, names, bad = ce_photo.photo_inputs(paths)
-    os.makedirs(out, exist_ok=True)
     done, size = 0, ce_model.INPUT_SIZE[a.get("arch", "dcgan")]
     for path, name in zip(files, names):
         try:
@@ -335,6 +334,7 @@ def run_images(G, paths, a, out, dtype, mask_path=None):
         except ce_cli.DataError as e:
             bad.append(str(e))
             continue
+        os.makedirs(out, exist_ok=True)          # only once there is something to write: no empty folder on errors
         masked, filled, x, full, what = inpaint_photo(G, photo, a, dtype, mask_path)
         small, stem, shown = (ce_figures.to_uint8(filled)[0], os.path.join(out, name),
                               ce_photo.shown(os.path.join(out, name)))

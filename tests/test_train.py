@@ -168,14 +168,16 @@ def test_resume_with_other_architecture_is_refused(tmp_path, tiny_flags, capsys)
     assert "already holds a run" in capsys.readouterr().err
 
 
-def test_eval_image_errors(tmp_path, tiny_flags, capsys):
+def test_eval_image_errors(tmp_path, tiny_flags, capsys, monkeypatch):
     out = str(tmp_path / "r")
     ce_train.main(tiny_flags + ["--steps", "1", "--batch-size", "4", "--out", out])
     (tmp_path / "bad.jpg").write_text("not an image")
+    monkeypatch.chdir(tmp_path)                          # where the default output folder, inpainted/, would go
     for photo, words in ((tmp_path / "missing.jpg", "no such file"), (tmp_path / "bad.jpg", "not a readable image")):
         with pytest.raises(SystemExit) as e:
             ce_cli.run(ce_eval.main, ["--ckpt", out, "--device", "cpu", "--image", str(photo)])
         assert e.value.code == 2 and words in capsys.readouterr().err
+    assert not (tmp_path / "inpainted").exists()         # nothing written, not even an empty folder
 
 
 def test_resume_targets_the_checkpoint_folder_and_refuses_to_rewind(tmp_path, tiny_flags, monkeypatch, capsys):
