@@ -25,7 +25,8 @@ Timing: --warmup steps first (cudnn autotuning, compilation), then --repeats win
 device synchronised at the end of each window; the median window is reported. FLOPs are counted on one real step
 with torch.utils.flop_counter (convolutions and matrix products, forward and backward), not assumed. --profile
 (CUDA) adds, per configuration, torch.profiler's account of 10 steps: GPU busy time against wall time (the rest
-is the GPU waiting for launches) and GPU operations (kernels, copies, memsets) per step.
+is the GPU waiting for launches) and GPU operations (kernels, copies, memsets) per step; with --mask, the GPU time
+by kernel of ours-MASK minus that of ours-MASK-fixed (the masks' own kernels).
 """
 import json
 import os
@@ -172,9 +173,10 @@ def profile(step, next_batch, device, n=10):
     for s, e in spans:                                   # union of intervals, microseconds
         busy += max(0.0, e - max(s, end))
         end = max(end, e)
+    by_name = {name: us / 1000 / n for name, us in by_name.items()}   # ms per step
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:5]
     return {"kernel_ms": busy / 1000 / n, "kernels": len(spans) / n,
-            "top_kernels": [(name, round(us / 1000 / n, 3)) for name, us in top]}
+            "top_kernels": [(name, round(ms, 3)) for name, ms in top], "_by_kernel": by_name}
 
 
 def measure(name, a, device, batch, dtype="fp32", channels_last=False, compile_=False, mask="center", graph=False,
@@ -248,7 +250,8 @@ def report(results, a, device):
     if a.json:
         for r in results:
             print(json.dumps({"device": name, "torch": str(torch.__version__), "batch_size": a.batch_size,
-                              **{k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in r.items()}}))
+                              **{k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in r.items()
+                                 if not k.startswith("_")}}))
         return
     print(f"{name} | torch {torch.__version__} | {a.data} | batch {a.batch_size} | G width {a.width}, bottleneck "
           f"{a.bottleneck} | {results[0]['gflop_per_img']:.2f} GFLOP per image per step | median of {a.repeats} x "
@@ -268,6 +271,14 @@ def report(results, a, device):
         print(f"{r['config']:<18}{r['ms_per_step']:>10.2f}{r['kernel_ms']:>11.2f}{idle:>10.0%}{r['kernels']:>14.0f}")
     for r in (r for r in profiled if r["config"] == "ours-graph"):   # where its time goes: the longest kernels
         print(f"{r['config']}: " + "; ".join(f"{ms:.2f} {name}" for name, ms in r["top_kernels"]))
+    by_config = {r["config"]: r for r in profiled}
+    for r in profiled:              # ours-region against ours-region-fixed: what the masks' own kernels take
+        fixed = by_config.get(r["config"] + "-fixed")
+        if fixed:
+            extra = {k: ms - fixed["_by_kernel"].get(k, 0.0) for k, ms in r["_by_kernel"].items()}
+            top = [(k, ms) for k, ms in sorted(extra.items(), key=lambda kv: -kv[1])[:8] if ms > 0]
+            print(f"{r['config']} minus {fixed['config']}, GPU ms per step by kernel (the masks'): "
+                  + "; ".join(f"{ms:.3f} {k}" for k, ms in top))
 
 
 def main(argv=None):

@@ -78,3 +78,21 @@ def test_bench_times_random_masks_beside_the_centre_model(tmp_path, capsys):
     # the whole-image model does more work per image than the centre model (one more up-conv, D on 128 px)
     assert rows["ours-region"]["gflop_per_img"] > rows["ours"]["gflop_per_img"]
     assert rows["region-masks-only"]["ms_per_step"] > 0
+
+
+def test_profile_report_names_the_masks_own_kernels(capsys):
+    """With --profile and --mask, the report subtracts the fixed-mask step's GPU time per kernel from the
+    random-mask step's: what is left is the masks' own kernels, longest first (the profile itself needs CUDA; its
+    results are made up here)."""
+    import torch
+    a = ce_bench.parse_args(["--device", "cpu", "--batch-size", "512"])
+
+    def row(config, by_kernel):
+        return {"config": config, "img_per_s": 512.0, "ms_per_step": 1000.0, "tflops": 0.0, "gflop_per_img": 1.0,
+                "peak_gib": None, "kernel_ms": sum(by_kernel.values()), "kernels": 3, "top_kernels": [],
+                "_by_kernel": by_kernel}
+    ce_bench.report([row("ours-region", {"conv": 20.0, "bmm": 0.4, "lt": 0.25, "adam": 1.0}),
+                     row("ours-region-fixed", {"conv": 20.1, "adam": 1.0})], a, torch.device("cpu"))
+    line = [s for s in capsys.readouterr().out.splitlines() if "minus" in s]
+    assert line == ["ours-region minus ours-region-fixed, GPU ms per step by kernel (the masks'): 0.400 bmm; "
+                    "0.250 lt"]
