@@ -52,6 +52,18 @@ def setup_distributed(args):
     return dist.get_rank(), world
 
 
+def ddp_wrapper(device, world):
+    """module -> DistributedDataParallel(module) with several ranks; None with one. broadcast_buffers=False:
+    BatchNorm's running statistics are already the global batch's on CUDA (SyncBatchNorm) and are rank 0's own on
+    a CPU, and rank 0 is the one that evaluates and saves; broadcasting them at every forward changed them in
+    place between D's two forwards of a step (real, then fake), which autograd refused in the backward with torch
+    2.11 on a CPU ("modified by an inplace operation")."""
+    if world == 1:
+        return None
+    ids = [device.index] if device.type == "cuda" else None
+    return lambda module: DDP(module, device_ids=ids, broadcast_buffers=False)
+
+
 def match_grad_strides(params):
     """The fused Adam refuses a gradient whose strides differ from its parameter's, and autograd may return one
     that differs along a dimension of size 1 (PyTorch issue 106951; here D's last conv weight, (1, C, 4, 4), with
@@ -389,10 +401,9 @@ def main(argv=None):
         run = ce_run.RunState(hw.device)
         if args.resume:
             ce_run.resume(args, nets, run, hw.device, master, total)
-        ddp = (lambda m: DDP(m, device_ids=[hw.device.index] if hw.device.type == "cuda" else None)) \
-            if world > 1 else None
         draw_numbers, cut_holes = make_masker(args, W, rank, world)
-        train_step = masked_step(make_train_step(G, D, optG, optD, W, args, hw.ctx, ddp), cut_holes)
+        train_step = masked_step(make_train_step(G, D, optG, optD, W, args, hw.ctx, ddp_wrapper(hw.device, world)),
+                                 cut_holes)
         if args.cuda_graph:                       # CUDA, one device: the same step, masking included, as one graph
             train_step = cuda_graphed(train_step)
         if master:
