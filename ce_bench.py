@@ -141,8 +141,32 @@ def measure_masks(a, device, kind):
         sync(device)
         windows.append((time.perf_counter() - t0) / a.steps)
     sec = statistics.median(windows[1:])                          # the first window warms up
+    ops, gb = mask_work(kind, a.batch_size)
     return {"config": f"{kind}-masks-only", "img_per_s": a.batch_size / sec, "ms_per_step": 1000 * sec,
-            "tflops": 0.0, "gflop_per_img": 0.0, "peak_gib": None}
+            "tflops": 0.0, "gflop_per_img": 0.0, "peak_gib": None, "mask_ops": ops, "mask_gb": gb}
+
+
+def mask_work(kind, n, size=128):
+    """(tensor operations, GB of their inputs and outputs) to build n `kind` masks the GPU's way, counted on the
+    meta device (shapes without values, so any machine can count what a GPU would do). Views are not counted; an
+    operation's whole inputs are, so the GB are an upper bound on the memory traffic.
+    python -c "import ce_bench; print(ce_bench.mask_work('region', 512))" """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops, nbytes = 0, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view and not func.__name__.startswith("empty"):
+                tensors = [t for t in torch.utils._pytree.tree_flatten((args, kwargs, out))[0]
+                           if isinstance(t, torch.Tensor)]
+                Count.ops, Count.nbytes = Count.ops + 1, Count.nbytes + sum(t.nbytes for t in tensors)
+            return out
+    numbers = [t.to("meta") for t in ce_data.mask_numbers(kind, n, (0, "work"), size)]
+    with Count():
+        ce_data.random_masks(kind, n, None, size, "meta", numbers=numbers)
+    return Count.ops, Count.nbytes / 1e9
 
 
 def step_flops(step, batch):
@@ -262,6 +286,9 @@ def report(results, a, device):
         vs = f"{r['vs_reference']:.2f}x" if r["vs_reference"] else "-"
         print(f"{r['config']:<18}{r['img_per_s']:>10,.0f}{r['ms_per_step']:>10.2f}{r['tflops']:>9.2f}{peak:>10}"
               f"{vs:>14}")
+    for r in (r for r in results if "mask_ops" in r):
+        print(f"{r['config']}: built the GPU's way, {r['mask_ops']} tensor operations with {r['mask_gb']:.2f} GB of "
+              f"inputs and outputs per batch (counted on the meta device: ce_bench.mask_work)")
     profiled = [r for r in results if "kernel_ms" in r]
     if profiled:
         print(f"profile (torch.profiler, 10 steps)\n{'config':<18}{'ms/step':>10}{'kernel ms':>11}{'GPU idle':>10}"

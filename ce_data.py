@@ -162,23 +162,29 @@ def to_device(device, *tensors):
     return tuple(t.to(device) if t.is_cuda else t.pin_memory().to(device, non_blocking=True) for t in tensors)
 
 
-def _cubic(t, a=-0.75):
-    """The bicubic convolution kernel (Keys, a = -0.75: PyTorch's and OpenCV's bicubic) at 0 <= t <= 2 (it is 0
-    beyond, where _upsample_rows never evaluates it)."""
-    near = ((a + 2) * t - (a + 3)) * t * t + 1                   # t <= 1
-    far = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a               # 1 <= t <= 2; both are 0 at t = 1, this at t = 2
-    return torch.where(t <= 1, near, far)
+def _tap_weights(t, a=-0.75):
+    """The bicubic convolution kernel (Keys, a = -0.75: PyTorch's and OpenCV's bicubic) at the distances t (..., 4)
+    of the 4 cells around a row (_upsample_rows). Its two pieces are cubics: ((a+2)t - (a+3))t^2 + 1 for t <= 1,
+    and ((at - 5a)t + 8a)t - 4a for 1 <= t <= 2 (both are 0 at t = 1, the second at t = 2). The inner two cells
+    lie at t <= 1 and the outer two at 1 <= t <= 2, so each cell takes its own piece, written ((At + B)t + C)t + D
+    with (A, B, C, D) per cell: six operations, the same numbers bit for bit as either piece written out."""
+    abcd = torch.empty(4, 4, dtype=t.dtype, device=t.device)              # rows A, B, C, D; columns the 4 cells
+    for row, (outer, inner) in enumerate(((a, a + 2), (-5 * a, -(a + 3)), (8 * a, 0.0), (-4 * a, 1.0))):
+        abcd[row].fill_(outer)
+        abcd[row, 1:3].fill_(inner)
+    A, B, C, D = abcd
+    return ((A * t + B) * t + C) * t + D
 
 
 def _upsample_rows(size, cells, scale, start):
     """(..., size, cells) bicubic weights, for phases start (...): row i of an image upsampled by `scale` sits at
     source coordinate x = start + (i + 0.5) / scale - 0.5 of a `cells`-long noise line (align_corners=False, as
     F.interpolate). Only the 4 cells floor(x) - 1 .. floor(x) + 2 can have a weight (every other cell is 2 or more
-    away, where the kernel is 0): the kernel is evaluated at those and scattered into zeros, a third of the work of
-    evaluating it at every cell, for the same numbers."""
+    away, where the kernel is 0): the kernel is evaluated at those and scattered into zeros, a fraction of the work
+    of evaluating it at every cell, for the same numbers."""
     x = start[..., None] + (torch.arange(size, device=start.device, dtype=start.dtype) + 0.5) / scale - 0.5
     taps = x.floor()[..., None] + torch.arange(-1, 3, device=start.device, dtype=start.dtype)  # (..., size, 4)
-    weights = _cubic((x[..., None] - taps).abs())                          # exact differences, in [0, 2]
+    weights = _tap_weights((x[..., None] - taps).abs())                    # exact differences, in [0, 2]
     return torch.zeros(*x.shape, cells, device=start.device, dtype=start.dtype).scatter_(-1, taps.long(), weights)
 
 

@@ -96,3 +96,12 @@ def test_profile_report_names_the_masks_own_kernels(capsys):
     line = [s for s in capsys.readouterr().out.splitlines() if "minus" in s]
     assert line == ["ours-region minus ours-region-fixed, GPU ms per step by kernel (the masks'): 0.400 bmm; "
                     "0.250 lt"]
+
+
+def test_mask_work_counts_the_device_operations_of_a_batch():
+    """ce_bench.mask_work counts, on the meta device, what building masks the GPU's way does: the same operations
+    whatever the batch size, and inputs and outputs that grow with it."""
+    for kind in ("block", "region"):
+        ops, gb = ce_bench.mask_work(kind, 64)
+        ops2, gb2 = ce_bench.mask_work(kind, 128)
+        assert ops == ops2 > 10 and 1.9 < gb2 / gb < 2.1
