@@ -148,8 +148,9 @@ def measure_masks(a, device, kind):
 
 def mask_work(kind, n, size=128):
     """(tensor operations, GB of their inputs and outputs) to build n `kind` masks the GPU's way, counted on the
-    meta device (shapes without values, so any machine can count what a GPU would do). Views are not counted; an
-    operation's whole inputs are, so the GB are an upper bound on the memory traffic.
+    meta device (shapes without values, so any machine can count what a GPU would do). Views and reshapes are not
+    counted; an operation's whole inputs are, and an in-place one's tensor twice, so the GB are an upper bound on
+    the memory traffic.
     python -c "import ce_bench; print(ce_bench.mask_work('region', 512))" """
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -158,7 +159,7 @@ def mask_work(kind, n, size=128):
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if not func.is_view and not func.__name__.startswith("empty"):
+            if not (func.is_view or "view" in func.__name__ or func.__name__.startswith("empty")):   # _unsafe_view
                 tensors = [t for t in torch.utils._pytree.tree_flatten((args, kwargs, out))[0]
                            if isinstance(t, torch.Tensor)]
                 Count.ops, Count.nbytes = Count.ops + 1, Count.nbytes + sum(t.nbytes for t in tensors)
