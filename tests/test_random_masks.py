@@ -346,3 +346,20 @@ def test_region_masks_the_same_whether_rounds_compact_or_not():
     assert (~ok.any(dim=1)).sum() >= 8                                      # 8+ of the 64 images fall back
     gpu_way = ce_data.region_masks(None, numbers=numbers, window=narrow, compact=False)
     assert torch.equal(gpu_way, ce_data.region_masks(None, numbers=numbers, window=narrow, compact=True))
+    # 200 images: the second half of the candidates is for the first max(64, 200 // 4) = 64 images left, which the
+    # narrow window overflows (the default window never does): both ways still agree
+    numbers = ce_data.mask_numbers("region", 200, (1, "compact"))
+    *_, ok = ce_data._region_candidates(numbers[0][:, :8], numbers[1][:, :, :8], 128, ce_data.REGION_SCALE,
+                                        ce_data.REGION_DENSITY, narrow)
+    assert (~ok.any(dim=1)).sum() > 64
+    gpu_way = ce_data.region_masks(None, numbers=numbers, window=narrow, compact=False)
+    assert torch.equal(gpu_way, ce_data.region_masks(None, numbers=numbers, window=narrow, compact=True))
+
+
+def test_the_first_images_left_are_found_without_a_host_sync():
+    """_first_left: the first k images not found, in order, padded with image 0 when fewer are left."""
+    found = torch.tensor([False, True, False, True, True, False, False])
+    assert ce_data._first_left(found, 3).tolist() == [0, 2, 5]
+    assert ce_data._first_left(found, 6).tolist() == [0, 2, 5, 6, 0, 0]
+    assert ce_data._first_left(~found, 2).tolist() == [1, 3]
+    assert ce_data._first_left(torch.ones(4, dtype=torch.bool), 2).tolist() == [0, 0]
