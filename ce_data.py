@@ -221,9 +221,9 @@ def region_masks(n, size=128, g=None, device="cpu", rows=None, candidates=REGION
     bicubically by `scale`, generated at that scale for the crop alone: a few low-resolution cells and a random
     sub-cell phase, which is what a crop of the big pattern at a random position sees), thresholded at `density`
     (below = hole); the first candidate whose hole fraction lies strictly inside `window` is used (official
-    train_random.lua:316-327 retries crops the same way). When none does (about 0.5 % of images with 16
-    candidates: ~72 % of crops are rejected), the first candidate is thresholded at its own 25th percentile
-    instead, which keeps the fraction inside the window.
+    train_random.lua:316-327 retries crops the same way, without a limit). DEVIATION (bounded work): when none
+    does (about 0.5 % of images with 16 candidates: ~72 % of crops are rejected), the first candidate is
+    thresholded at its own 25th percentile instead, which keeps the fraction inside the window.
     All random numbers are drawn up front, so the result does not depend on how candidates are evaluated. The
     first half of the candidates is tried for every image; about 7 % of images have none accepted there, and the
     second half is tried for the first max(64, n / 4) of those (in order: 11 or more standard deviations above the
