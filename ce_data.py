@@ -232,8 +232,8 @@ def region_masks(n, size=128, g=None, device="cpu", rows=None, candidates=REGION
     its CUDA graph; at batch 512 the fields of the first half take 256 MiB for that moment): 5,120 fields at batch
     512, not 8,192. With compact (the default on a CPU), `per_round` candidates at a time, only for the images
     still without a mask, stopping once every image has one. The masks are the same either way.
-    rows: build only these of the n images (their masks are the same as when all n are built, but for the same
-    beyond-11-sigma case). numbers: what _region_numbers drew for them, if drawn already (mask_numbers)."""
+    rows: build only these of the n images (the same masks as when all n are built, unless that limit binds).
+    numbers: what _region_numbers drew for them, if drawn already (mask_numbers)."""
     noise, start = _region_numbers(n, size, g, rows, candidates, scale) if numbers is None else numbers
     noise, start = to_device(device, noise, start)
     n, half = len(noise), noise.shape[1] // 2
