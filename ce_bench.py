@@ -148,9 +148,10 @@ def measure_masks(a, device, kind):
 
 def mask_work(kind, n, size=128):
     """(tensor operations, GB of their inputs and outputs) to build n `kind` masks the GPU's way, counted on the
-    meta device (shapes without values, so any machine can count what a GPU would do). Views and reshapes are not
-    counted; an operation's whole inputs are, and an in-place one's tensor twice, so the GB are an upper bound on
-    the memory traffic.
+    meta device (shapes without values, so any machine can count what a GPU would do). Views and reshapes without
+    a copy are not counted. The GB are the sum of the operands' sizes, a proxy for the memory traffic: an
+    operation that reads part of an input (an index) counts all of it, one that reads its inputs several times
+    (a matrix product, kthvalue's radix passes) once.
     python -c "import ce_bench; print(ce_bench.mask_work('region', 512))" """
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -193,7 +194,7 @@ def profile(step, next_batch, device, n=10):
     spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
     by_name = {}
     for e in kernels:
-        by_name[e.name[:60]] = by_name.get(e.name[:60], 0.0) + e.time_range.elapsed_us()
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.time_range.elapsed_us()
     busy, end = 0.0, -float("inf")
     for s, e in spans:                                   # union of intervals, microseconds
         busy += max(0.0, e - max(s, end))
@@ -201,7 +202,7 @@ def profile(step, next_batch, device, n=10):
     by_name = {name: us / 1000 / n for name, us in by_name.items()}   # ms per step
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:5]
     return {"kernel_ms": busy / 1000 / n, "kernels": len(spans) / n,
-            "top_kernels": [(name, round(ms, 3)) for name, ms in top], "_by_kernel": by_name}
+            "top_kernels": [(name[:60], round(ms, 3)) for name, ms in top], "_by_kernel": by_name}
 
 
 def measure(name, a, device, batch, dtype="fp32", channels_last=False, compile_=False, mask="center", graph=False,
@@ -302,11 +303,12 @@ def report(results, a, device):
     by_config = {r["config"]: r for r in profiled}
     for r in profiled:              # ours-region against ours-region-fixed: what the masks' own kernels take
         fixed = by_config.get(r["config"] + "-fixed")
-        if fixed:
+        if fixed:       # (kernels that cuDNN's autotuning chose differently in the two runs would show up too)
             extra = {k: ms - fixed["_by_kernel"].get(k, 0.0) for k, ms in r["_by_kernel"].items()}
             top = [(k, ms) for k, ms in sorted(extra.items(), key=lambda kv: -kv[1])[:8] if ms > 0]
-            print(f"{r['config']} minus {fixed['config']}, GPU ms per step by kernel (the masks'): "
-                  + "; ".join(f"{ms:.3f} {k}" for k, ms in top))
+            print(f"{r['config']}: {r['kernel_ms'] - fixed['kernel_ms']:.3f} GPU ms per step more than "
+                  f"{fixed['config']}; the kernels with the most more: "
+                  + ("; ".join(f"{ms:.3f} {k[:90]}" for k, ms in top) or "none"))
 
 
 def main(argv=None):

@@ -152,8 +152,8 @@ def to_device(device, *tensors):
     """The masks' random numbers (drawn on the CPU: the same on every device) to `device`. On CUDA through pinned
     memory and without waiting: a copy from ordinary memory waits for every kernel queued before it, which would
     stall the CPU once per step instead of letting it go on to the next step while the GPU trains. Tensors already
-    on the GPU stay where they are: ce_train copies the numbers there before its CUDA graph builds the masks, and a
-    graph capture forbids the pinned copy."""
+    on a GPU are moved with .to (a no-op on `device` itself): ce_train copies the numbers there before its CUDA
+    graph builds the masks, and a graph capture forbids the pinned copy."""
     if torch.device(device).type != "cuda":
         return tuple(t.to(device) for t in tensors)
     if torch.cuda.is_current_stream_capturing() and not all(t.is_cuda for t in tensors):
@@ -164,14 +164,16 @@ def to_device(device, *tensors):
 
 def _tap_weights(t, a=-0.75):
     """The bicubic convolution kernel (Keys, a = -0.75: PyTorch's and OpenCV's bicubic) at the distances t (..., 4)
-    of the 4 cells around a row (_upsample_rows). Its two pieces are cubics: ((a+2)t - (a+3))t^2 + 1 for t <= 1,
-    and ((at - 5a)t + 8a)t - 4a for 1 <= t <= 2 (both are 0 at t = 1, the second at t = 2). The inner two cells
-    lie at t <= 1 and the outer two at 1 <= t <= 2, so each cell takes its own piece, written ((At + B)t + C)t + D
-    with (A, B, C, D) per cell: six operations, the same numbers bit for bit as either piece written out."""
+    of the 4 cells around a row (_upsample_rows). Its two pieces are cubics: near, ((a+2)t - (a+3))t^2 + 1 for
+    t <= 1, and far, ((at - 5a)t + 8a)t - 4a for 1 <= t <= 2 (both are 0 at t = 1, far at t = 2). The inner two
+    cells lie at t <= 1 and the outer two at 1 <= t <= 2, so each cell takes its own piece, written
+    ((At + B)t + C)t + D with (A, B, C, D) per cell: six operations on t (and 8 tiny fills for the table), the
+    same numbers bit for bit as either piece written out."""
+    near, far = (a + 2, -(a + 3), 0.0, 1.0), (a, -5 * a, 8 * a, -4 * a)      # (A, B, C, D) of each piece
     abcd = torch.empty(4, 4, dtype=t.dtype, device=t.device)              # rows A, B, C, D; columns the 4 cells
-    for row, (outer, inner) in enumerate(((a, a + 2), (-5 * a, -(a + 3)), (8 * a, 0.0), (-4 * a, 1.0))):
-        abcd[row].fill_(outer)
-        abcd[row, 1:3].fill_(inner)
+    for row in range(4):          # fills, not torch.tensor(...): no copy from the host (a CUDA graph forbids it)
+        abcd[row].fill_(far[row])
+        abcd[row, 1:3].fill_(near[row])
     A, B, C, D = abcd
     return ((A * t + B) * t + C) * t + D
 
@@ -222,37 +224,45 @@ def region_masks(n, size=128, g=None, device="cpu", rows=None, candidates=REGION
     sub-cell phase, which is what a crop of the big pattern at a random position sees), thresholded at `density`
     (below = hole); the first candidate whose hole fraction lies strictly inside `window` is used (official
     train_random.lua:316-327 retries crops the same way, without a limit). DEVIATION (bounded work): when none
-    does (about 0.5 % of images with 16 candidates: ~72 % of crops are rejected), the first candidate is
-    thresholded at its own 25th percentile instead, which keeps the fraction inside the window.
+    does, the first candidate is thresholded at its own 25th percentile instead, which keeps the fraction inside
+    the window. At 128 px 69 % of crops are rejected and 0.4 % of images fall back (at 227 px: 79 %, 2.2 %).
     All random numbers are drawn up front, so the result does not depend on how candidates are evaluated. The
-    first half of the candidates is tried for every image; about 7 % of images have none accepted there, and the
-    second half is tried for the first max(64, n / 4) of those (in order: 11 or more standard deviations above the
-    expected count at any n, and all of them when n <= 64); an image beyond that would take the fallback. On a
-    GPU each half is one pass, the images left found on the device, with no host sync (ce_train captures this in
-    its CUDA graph; at batch 512 the fields of the first half take 256 MiB for that moment): 5,120 fields at batch
-    512, not 8,192. With compact (the default on a CPU), `per_round` candidates at a time, only for the images
-    still without a mask, stopping once every image has one. The masks are the same either way.
+    first half of the candidates is tried for every image; the second half for the first max(64, m / 2) of the
+    images still without a mask (in order; m = the number of images built here). About 5 % of images are left
+    after 8 candidates at 128 px, 14 % at 227 px, 28 % at 32 px: that limit is 11 or more standard deviations above
+    the expected count at 128 and 227 px, whatever m (5.5 at 32 px), and every image when m <= 64. An image beyond
+    it would take the fallback. On a GPU each half is one pass, the images left found on the device, with
+    no host sync (ce_train captures this in its CUDA graph): 6,144 fields at batch 512, not 8,192; the first half's
+    take 256 MiB at 128 px while its holes are picked. With compact (the default on a CPU), `per_round` candidates
+    at a time, only for the images still without a mask, stopping once every image has one. The masks are the same
+    either way.
     rows: build only these of the n images (the same masks as when all n are built, unless that limit binds).
     numbers: what _region_numbers drew for them, if drawn already (mask_numbers)."""
     noise, start = _region_numbers(n, size, g, rows, candidates, scale) if numbers is None else numbers
     noise, start = to_device(device, noise, start)
-    n, half = len(noise), noise.shape[1] // 2
-    late = min(n, max(64, n // 4))                     # how many images may try the second half
-    if not (noise.device.type == "cpu" if compact is None else compact):
+    m, k = noise.shape[:2]
+    if k < 2 or k % (2 * per_round):
+        raise ValueError(f"region_masks: {k} candidates; need a multiple of 2 * per_round = {2 * per_round}")
+    half, late = k // 2, min(m, max(64, m // 2))          # late: how many images may try the second half
+    gpu_way = noise.device.type != "cpu" if compact is None else not compact
+    if gpu_way:
         fields, below, ok = _region_candidates(noise[:, :half], start[:, :, :half], size, scale, density, window)
         found = ok.any(dim=1)
-        chosen = below[torch.arange(n, device=below.device), ok.float().argmax(dim=1)]   # first accepted
-        idx = _first_left(found, late)
-        _, below, ok = _region_candidates(noise[idx, half:], start[:, idx, half:], size, scale, density, window)
-        take = ok.any(dim=1) & ~found[idx]
-        pick = below[torch.arange(late, device=below.device), ok.float().argmax(dim=1)]
+        chosen = below[torch.arange(m, device=below.device), ok.float().argmax(dim=1)]   # first accepted
+        fallback = _region_fallback(fields[:, 0], density)
+        del fields, below                                  # (the graph's memory pool holds the largest moment)
+        idx = _first_left(found, late)                     # may repeat image 0: see _first_left
+        _, below2, ok2 = _region_candidates(noise[idx, half:], start[:, idx, half:], size, scale, density, window)
+        take = ok2.any(dim=1) & ~found[idx]
+        pick = below2[torch.arange(late, device=below2.device), ok2.float().argmax(dim=1)]
+        # a repeated index writes the same value each time, so the order of the writes does not matter
         chosen[idx] = torch.where(take[:, None, None], pick, chosen[idx])
         found[idx] |= take
-        return torch.where(found[:, None, None], chosen, _region_fallback(fields[:, 0], density))[:, None]
-    assert half % per_round == 0, "per_round must divide half of the candidates"
-    chosen = torch.zeros(n, size, size, dtype=torch.bool, device=noise.device)
-    todo, skipped = torch.arange(n, device=noise.device), []               # the images still without a mask
-    for r in range(0, noise.shape[1], per_round):
+        return torch.where(found[:, None, None], chosen, fallback)[:, None]
+    chosen = torch.zeros(m, size, size, dtype=torch.bool, device=noise.device)
+    todo = torch.arange(m, device=noise.device)                            # the images still without a mask
+    skipped = todo[:0]                                                     # beyond `late` at the second half
+    for r in range(0, k, per_round):
         if r == half:
             todo, skipped = todo[:late], todo[late:]
         _, below, ok = _region_candidates(noise[todo, r:r + per_round], start[:, todo, r:r + per_round], size,
@@ -262,7 +272,7 @@ def region_masks(n, size=128, g=None, device="cpu", rows=None, candidates=REGION
         todo = todo[~done]
         if len(todo) == 0:
             break
-    left = torch.cat([todo, torch.as_tensor(skipped, dtype=torch.long, device=noise.device)])
+    left = torch.cat([todo, skipped])
     if len(left):
         chosen[left] = _region_fallback(_fields(noise[left, 0], start[:, left, 0], size, scale), density)
     return chosen[:, None]
@@ -273,7 +283,9 @@ def _first_left(found, k):
     them: padded with image 0 when fewer are left, which is then either done (its result is not taken) or listed
     already (it gets the same result twice)."""
     left = ~found
-    slot = torch.where(left, left.cumsum(0) - 1, k).clamp_(max=k)          # rank among the images left; k: unused
+    # each image left goes to slot (its rank among the images left); the others, and the images left from rank k
+    # on, to the extra slot k, which is dropped
+    slot = torch.where(left, left.cumsum(0) - 1, k).clamp_(max=k)
     every = torch.arange(len(found), device=found.device)
     return torch.zeros(k + 1, dtype=torch.long, device=found.device).scatter_(0, slot, every)[:k]
 
