@@ -44,6 +44,7 @@ import ce_cli
 import ce_config
 import ce_data
 import ce_datasets
+import ce_masks
 import ce_train
 
 
@@ -118,7 +119,7 @@ def batch_maker(batches, t, W, fixed=False):
     step's first part (graphed with it). fixed: the first step's masks at every step (nothing drawn or built; W
     still is)."""
     k = iter(range(10**9))
-    once = ce_data.random_masks(t.mask, batches.batch_size, (0, "mask", 0), 128, batches.device) if fixed else None
+    once = ce_masks.random_masks(t.mask, batches.batch_size, (0, "mask", 0), 128, batches.device) if fixed else None
     draw_numbers, cut_holes = ce_train.make_masker(t, W, fixed=once)
 
     def next_batch():
@@ -137,7 +138,7 @@ def measure_masks(a, device, kind):
         sync(device)
         t0 = time.perf_counter()
         for s in range(a.steps):
-            ce_data.random_masks(kind, a.batch_size, (0, "bench", r, s), 128, device)
+            ce_masks.random_masks(kind, a.batch_size, (0, "bench", r, s), 128, device)
         sync(device)
         windows.append((time.perf_counter() - t0) / a.steps)
     sec = statistics.median(windows[1:])                          # the first window warms up
@@ -165,9 +166,9 @@ def mask_work(kind, n, size=128):
                            if isinstance(t, torch.Tensor)]
                 Count.ops, Count.nbytes = Count.ops + 1, Count.nbytes + sum(t.nbytes for t in tensors)
             return out
-    numbers = [t.to("meta") for t in ce_data.mask_numbers(kind, n, (0, "work"), size)]
+    numbers = [t.to("meta") for t in ce_masks.mask_numbers(kind, n, (0, "work"), size)]
     with Count():
-        ce_data.random_masks(kind, n, None, size, "meta", numbers=numbers)
+        ce_masks.random_masks(kind, n, None, size, "meta", numbers=numbers)
     return Count.ops, Count.nbytes / 1e9
 
 

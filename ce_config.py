@@ -13,7 +13,7 @@ import torch
 
 import ce_checkpoint
 import ce_cli
-import ce_data
+import ce_masks
 import ce_model
 
 # The three variants (README "Variants"): --variant sets these defaults; any flag given explicitly wins.
@@ -52,7 +52,7 @@ def build_parser(doc=None):
     add("--shapes-n", type=int, default=10000, help="training images of the embedded shapes data")
     add("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flip (official: on; seed: off)")
     # masks, paper 3.3
-    add("--mask", default="center", choices=ce_data.MASKS,
+    add("--mask", default="center", choices=ce_masks.MASKS,
         help="center: the central 64x64 square (Fig. 2); block: random rectangles covering <= 1/4; region: random "
              "smooth regions, 20-30 %% of the image (official train_random.lua). block/region train the whole-image "
              "model")

@@ -5,7 +5,6 @@ from a uint8 array (ce_datasets.py turns files on disk into that array).
     python -c "import torch, ce_data as d; m, y = d.mask_batch(torch.zeros(2, 3, 128, 128)); print(m.shape, y.shape)"
 """
 import hashlib
-import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -93,252 +92,14 @@ def eval_batch(images_u8, size=128):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Random masks (paper 3.3): random blocks and random regions for the whole-image model. A mask is a bool tensor
-# (N, 1, S, S), True = hidden. The few random numbers come from a CPU generator seeded by a key such as
-# (seed, "mask", step), so that a resumed run and every device draw the same ones; the masks themselves are built
-# from them on the device, for the whole batch at once.
+# Stateless randomness, and the holes of random masks (made by ce_masks.py) applied to a batch
 
-def _seeded(*key):
+def seeded(*key):
     """A CPU generator seeded from a tuple: stateless randomness, so a resumed run repeats exactly, and the same
     on any device (CPU and CUDA generators give different numbers; the data order must not depend on that)."""
     g = torch.Generator()
     g.manual_seed(int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:7], "little"))
     return g
-
-
-MASKS = ("center", "block", "region")
-# official train_random.lua: 600x600 uniform noise (res 0.06 x MAX_SIZE 10000) upsampled bicubically to 10000x10000,
-# thresholded at density 0.25; a crop is used only if 20 % < hole fraction < 30 %.
-REGION_SCALE = 10000 / 600
-REGION_DENSITY = 0.25
-REGION_WINDOW = (0.20, 0.30)
-REGION_CANDIDATES = 16
-
-
-def block_masks(n, size=128, g=None, device="cpu", rows=None, blocks=8, side=None, max_cover=0.25, numbers=None):
-    """Random blocks (paper 3.3: "a number of smaller possibly overlapping masks, covering up to 1/4 of the image").
-    DEVIATION (choice): no count or size is given and no official code exists, so the rule is this project's:
-    `blocks` rectangles per image, each side uniform in [side[0], side[1]] px, top-left corner uniform over the
-    positions that keep it inside the image; they are added in turn, a rectangle is skipped when it would take the
-    union above `max_cover` of the image. The first always fits, so the coverage lies in [side[0]^2 / size^2,
-    max_cover] (1.6 % .. 25 % at the defaults). side: default (size // 8, size // 4), i.e. 16-32 px at 128 px.
-    rows: build only these of the n images. numbers: what _block_numbers drew for them, if drawn already
-    (mask_numbers)."""
-    hw, yx = _block_numbers(n, size, g, rows, blocks, side) if numbers is None else numbers
-    n = hw.shape[1]
-    hw, yx = to_device(device, hw, yx)
-    ar = torch.arange(size, device=device)
-    inside = (ar >= yx[..., None]) & (ar < (yx + hw)[..., None])            # (2, n, blocks, size): rows, columns
-    rects = inside[0][..., :, None] & inside[1][..., None, :]               # (n, blocks, size, size)
-    union = torch.zeros(n, size, size, dtype=torch.bool, device=device)
-    for j in range(blocks):   # a loop over the few blocks, vectorised over images
-        grown = union | rects[:, j]
-        fits = grown.float().mean(dim=(1, 2)) <= max_cover
-        union = torch.where(fits[:, None, None], grown, union)
-    return union[:, None]
-
-
-def _block_numbers(n, size, g, rows=None, blocks=8, side=None):
-    """block_masks' random numbers, on the CPU: each block's height and width, and its top-left corner."""
-    side = side or (size // 8, size // 4)
-    hw = torch.randint(side[0], side[1] + 1, (2, n, blocks), generator=g)
-    yx = (torch.rand(2, n, blocks, generator=g) * (size - hw + 1)).long()
-    if rows is not None:                     # all n images' numbers are drawn; only these images are built
-        hw, yx = hw[:, rows], yx[:, rows]
-    return hw, yx
-
-
-def to_device(device, *tensors):
-    """The masks' random numbers (drawn on the CPU: the same on every device) to `device`. On CUDA through pinned
-    memory and without waiting: a copy from ordinary memory waits for every kernel queued before it, which would
-    stall the CPU once per step instead of letting it go on to the next step while the GPU trains. Tensors already
-    on a GPU are moved with .to (a no-op on `device` itself): ce_train copies the numbers there before its CUDA
-    graph builds the masks, and a graph capture forbids the pinned copy."""
-    if torch.device(device).type != "cuda":
-        return tuple(t.to(device) for t in tensors)
-    if torch.cuda.is_current_stream_capturing() and not all(t.is_cuda for t in tensors):
-        raise RuntimeError("mask numbers on the CPU during a CUDA graph capture: copy them to the GPU first "
-                           "(ce_train.make_masker's draw_numbers does)")
-    return tuple(t.to(device) if t.is_cuda else t.pin_memory().to(device, non_blocking=True) for t in tensors)
-
-
-def _tap_weights(t, a=-0.75):
-    """The bicubic convolution kernel (Keys, a = -0.75: PyTorch's and OpenCV's bicubic) at the distances t (..., 4)
-    of the 4 cells around a row (_upsample_rows). Its two pieces are cubics: near, ((a+2)t - (a+3))t^2 + 1 for
-    t <= 1, and far, ((at - 5a)t + 8a)t - 4a for 1 <= t <= 2 (both are 0 at t = 1, far at t = 2). The inner two
-    cells lie at t <= 1 and the outer two at 1 <= t <= 2, so each cell takes its own piece, written
-    ((At + B)t + C)t + D with (A, B, C, D) per cell: six operations on t (and 8 tiny fills for the table), the
-    same numbers bit for bit as either piece written out."""
-    near, far = (a + 2, -(a + 3), 0.0, 1.0), (a, -5 * a, 8 * a, -4 * a)      # (A, B, C, D) of each piece
-    abcd = torch.empty(4, 4, dtype=t.dtype, device=t.device)              # rows A, B, C, D; columns the 4 cells
-    for row in range(4):          # fills, not torch.tensor(...): no copy from the host (a CUDA graph forbids it)
-        abcd[row].fill_(far[row])
-        abcd[row, 1:3].fill_(near[row])
-    A, B, C, D = abcd
-    return ((A * t + B) * t + C) * t + D
-
-
-def _upsample_rows(size, cells, scale, start):
-    """(..., size, cells) bicubic weights, for phases start (...): row i of an image upsampled by `scale` sits at
-    source coordinate x = start + (i + 0.5) / scale - 0.5 of a `cells`-long noise line (align_corners=False, as
-    F.interpolate). Only the 4 cells floor(x) - 1 .. floor(x) + 2 can have a weight (every other cell is 2 or more
-    away, where the kernel is 0): the kernel is evaluated at those and scattered into zeros, a fraction of the work
-    of evaluating it at every cell, for the same numbers."""
-    x = start[..., None] + (torch.arange(size, device=start.device, dtype=start.dtype) + 0.5) / scale - 0.5
-    taps = x.floor()[..., None] + torch.arange(-1, 3, device=start.device, dtype=start.dtype)  # (..., size, 4)
-    weights = _tap_weights((x[..., None] - taps).abs())                    # exact differences, in [0, 2]
-    return torch.zeros(*x.shape, cells, device=start.device, dtype=start.dtype).scatter_(-1, taps.long(), weights)
-
-
-def _fields(noise, start, size, scale):
-    """Smooth fields (M, size, size) from noise (M, cells, cells) and phases (2, M): separable bicubic, 2 matmuls,
-    in full float32 also on CUDA (where ce_cli.Hardware allows TF32, whose 10-bit mantissa would move many pixels
-    across the threshold). A GPU's masks are then the CPU's but for the last bit of rounding: measured on an H200,
-    2 of 512 region masks differed, in 2.4e-7 of their pixels."""
-    cells = noise.shape[-1]
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        rows, columns = _upsample_rows(size, cells, scale, start)
-        return rows @ noise @ columns.mT
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def _region_numbers(n, size, g, rows=None, candidates=REGION_CANDIDATES, scale=REGION_SCALE):
-    """region_masks' random numbers, on the CPU: each candidate's low-resolution noise and its sub-cell phase."""
-    cells = int(math.floor((size - 0.5) / scale + 2.5)) + 3               # the low-res cells a crop's taps reach
-    noise = torch.rand(n, candidates, cells, cells, generator=g)
-    start = 2 + torch.rand(2, n, candidates, generator=g)                   # sub-cell phase; >= 2 keeps taps >= 0
-    if rows is not None:
-        noise, start = noise[rows], start[:, rows]
-    return noise, start
-
-
-def region_masks(n, size=128, g=None, device="cpu", rows=None, candidates=REGION_CANDIDATES, scale=REGION_SCALE,
-                 density=REGION_DENSITY, window=REGION_WINDOW, numbers=None, compact=None, per_round=4):
-    """Random regions, the official recipe without its 10000x10000 pattern.
-    DEVIATION: the paper pastes deformed PASCAL VOC segmentation shapes (not public); this follows the official
-    code's smooth thresholded noise. Each image has `candidates` crops of a smooth field (uniform noise upsampled
-    bicubically by `scale`, generated at that scale for the crop alone: a few low-resolution cells and a random
-    sub-cell phase, which is what a crop of the big pattern at a random position sees), thresholded at `density`
-    (below = hole); the first candidate whose hole fraction lies strictly inside `window` is used (official
-    train_random.lua:316-327 retries crops the same way, without a limit). DEVIATION (bounded work): when none
-    does, the first candidate is thresholded at its own 25th percentile instead, which keeps the fraction inside
-    the window. At 128 px 69 % of crops are rejected and 0.4 % of images fall back (at 227 px: 79 %, 2.2 %).
-    All random numbers are drawn up front, so the result does not depend on how candidates are evaluated. The
-    first half of the candidates is tried for every image; the second half for the first max(64, m / 2) of the
-    images still without a mask (in order; m = the number of images built here). About 5 % of images are left
-    after 8 candidates at 128 px, 14 % at 227 px, 28 % at 32 px: that limit is 11 or more standard deviations above
-    the expected count at 128 and 227 px, whatever m (5.5 at 32 px), and every image when m <= 64. An image beyond
-    it would take the fallback. On a GPU each half is one pass, the images left found on the device, with
-    no host sync (ce_train captures this in its CUDA graph): 6,144 fields at batch 512, not 8,192; the first half's
-    take 256 MiB at 128 px while its holes are picked. With compact (the default on a CPU), `per_round` candidates
-    at a time, only for the images still without a mask, stopping once every image has one. The masks are the same
-    either way.
-    rows: build only these of the n images (the same masks as when all n are built, unless that limit binds).
-    numbers: what _region_numbers drew for them, if drawn already (mask_numbers)."""
-    noise, start = _region_numbers(n, size, g, rows, candidates, scale) if numbers is None else numbers
-    noise, start = to_device(device, noise, start)
-    m, k = noise.shape[:2]
-    if k < 2 or k % (2 * per_round):
-        raise ValueError(f"region_masks: {k} candidates; need a multiple of 2 * per_round = {2 * per_round}")
-    half, late = k // 2, min(m, max(64, m // 2))          # late: how many images may try the second half
-    gpu_way = noise.device.type != "cpu" if compact is None else not compact
-    if gpu_way:
-        fields, below, ok = _region_candidates(noise[:, :half], start[:, :, :half], size, scale, density, window)
-        found = ok.any(dim=1)
-        chosen = below[torch.arange(m, device=below.device), ok.float().argmax(dim=1)]   # first accepted
-        fallback = _region_fallback(fields[:, 0], density)
-        del fields, below                                  # (the graph's memory pool holds the largest moment)
-        idx = _first_left(found, late)                     # may repeat image 0: see _first_left
-        _, below2, ok2 = _region_candidates(noise[idx, half:], start[:, idx, half:], size, scale, density, window)
-        take = ok2.any(dim=1) & ~found[idx]
-        pick = below2[torch.arange(late, device=below2.device), ok2.float().argmax(dim=1)]
-        # a repeated index writes the same value each time, so the order of the writes does not matter
-        chosen[idx] = torch.where(take[:, None, None], pick, chosen[idx])
-        found[idx] |= take
-        return torch.where(found[:, None, None], chosen, fallback)[:, None]
-    chosen = torch.zeros(m, size, size, dtype=torch.bool, device=noise.device)
-    todo = torch.arange(m, device=noise.device)                            # the images still without a mask
-    skipped = todo[:0]                                                     # beyond `late` at the second half
-    for r in range(0, k, per_round):
-        if r == half:
-            todo, skipped = todo[:late], todo[late:]
-        _, below, ok = _region_candidates(noise[todo, r:r + per_round], start[:, todo, r:r + per_round], size,
-                                          scale, density, window)
-        done = ok.any(dim=1)
-        chosen[todo[done]] = below[done, ok[done].float().argmax(dim=1)]
-        todo = todo[~done]
-        if len(todo) == 0:
-            break
-    left = torch.cat([todo, skipped])
-    if len(left):
-        chosen[left] = _region_fallback(_fields(noise[left, 0], start[:, left, 0], size, scale), density)
-    return chosen[:, None]
-
-
-def _first_left(found, k):
-    """Indices of the first k images not `found` (in order), found on the device with no host sync. Always k of
-    them: padded with image 0 when fewer are left, which is then either done (its result is not taken) or listed
-    already (it gets the same result twice)."""
-    left = ~found
-    # each image left goes to slot (its rank among the images left); the others, and the images left from rank k
-    # on, to the extra slot k, which is dropped
-    slot = torch.where(left, left.cumsum(0) - 1, k).clamp_(max=k)
-    every = torch.arange(len(found), device=found.device)
-    return torch.zeros(k + 1, dtype=torch.long, device=found.device).scatter_(0, slot, every)[:k]
-
-
-def _region_candidates(noise, start, size, scale, density, window):
-    """Each candidate's field and hole (n, k, size, size), and whether its hole fraction lies inside the window
-    (n, k)."""
-    n, k = noise.shape[:2]
-    fields = _fields(noise.flatten(0, 1), start.flatten(1, 2), size, scale).view(n, k, size, size)
-    below = fields < density
-    # the count of hidden pixels, as byte sums along rows (<= 255 px, so no overflow) then one sum of those: a sum
-    # of the bool map itself would first copy it to a float or int64 map 4 or 8 times its size
-    count = below.view(torch.uint8).sum(dim=3, dtype=torch.uint8).sum(dim=2) if size < 256 else below.sum(dim=(2, 3))
-    frac = count.float() / (size * size)                                    # exact: counts < 2^24
-    return fields, below, (frac > window[0]) & (frac < window[1])
-
-
-def _region_fallback(first, density):
-    """Each image's first candidate's field (n, size, size) thresholded at its own `density` quantile."""
-    own = first.flatten(1).kthvalue(round(density * first.shape[-2] * first.shape[-1]), dim=1).values
-    return first < own[:, None, None]
-
-
-def random_masks(kind, n, key, size=128, device="cpu", per_batch=False, rows=None, numbers=None):
-    """n masks of `kind` (block or region) drawn from the seed `key`, e.g. (seed, "mask", step), on `device`.
-    per_batch: one mask shared by the whole batch (official train_random.lua:330). rows: keep only these images
-    (a DDP rank's slice of the global batch, so each rank sees what a one-process run of the global batch sees).
-    numbers: mask_numbers(kind, n, key, size, per_batch, rows), if drawn already: only the building is left."""
-    numbers = mask_numbers(kind, n, key, size, per_batch, rows) if numbers is None else numbers
-    masks = {"block": block_masks, "region": region_masks}[kind](None, size, device=device, numbers=numbers)
-    return masks.expand(len(range(n)[rows or slice(None)]), -1, -1, -1) if per_batch else masks
-
-
-def mask_numbers(kind, n, key, size=128, per_batch=False, rows=None):
-    """Every random number random_masks(kind, n, key, size, per_batch=, rows=) uses, drawn on the CPU (the same on
-    every device). Apart from the building so that a training run can draw the next step's numbers in a worker
-    thread while the GPU trains (ce_train.make_masker): at batch 512 drawing them takes several milliseconds."""
-    draw = {"block": _block_numbers, "region": _region_numbers}[kind]
-    return draw(1, size, _seeded(*key)) if per_batch else draw(n, size, _seeded(*key), rows)
-
-
-EVAL_CHUNK = 256
-
-
-def eval_masks(kind, start, n, device="cpu", size=128):
-    """The fixed held-out masks of images start .. start+n-1: chunk c of EVAL_CHUNK images always comes from the key
-    ("eval-masks", kind, c), so every method, every run and every batch size sees the same mask on an image."""
-    first, last = start // EVAL_CHUNK, (start + n - 1) // EVAL_CHUNK
-    parts = []
-    for c in range(first, last + 1):
-        rows = slice(max(start - c * EVAL_CHUNK, 0), min(start + n - c * EVAL_CHUNK, EVAL_CHUNK))
-        parts.append(random_masks(kind, EVAL_CHUNK, ("eval-masks", kind, c), size, device, rows=rows))
-    return torch.cat(parts)
 
 
 def apply_mask(images, mask, fill="mean"):
@@ -403,7 +164,7 @@ class Batches:
     def indices(self, step):
         epoch, i = divmod(step, self.steps_per_epoch)
         if self._perm_epoch != epoch:
-            self._perm = self._to_data(torch.randperm(self.n, generator=_seeded(self.seed, "perm", epoch)))
+            self._perm = self._to_data(torch.randperm(self.n, generator=seeded(self.seed, "perm", epoch)))
             self._perm_epoch = epoch
         start = (i * self.world + self.rank) * self.batch_size
         return self._perm[start:start + self.batch_size]
@@ -414,7 +175,7 @@ class Batches:
         x = self.images[idx]                                               # (B, S, S, 3) uint8
         # random numbers are drawn for the whole global batch and sliced, so a rank's images are augmented
         # exactly as the same images are in a one-process run with world * B per batch
-        g = _seeded(self.seed, "aug", step)
+        g = seeded(self.seed, "aug", step)
         B, c, mine = len(idx), self.crop, slice(self.rank * len(idx), (self.rank + 1) * len(idx))
         if self.size > c:  # official: random 128 crop of a 350px image (--load-size 350)
             off = self._to_data(torch.randint(0, self.size - c + 1, (2, B * self.world, 1), generator=g)[:, mine])

@@ -31,6 +31,7 @@ import ce_cli
 import ce_data
 import ce_datasets
 import ce_figures
+import ce_masks
 import ce_model
 import ce_photo
 
@@ -85,11 +86,11 @@ def official_region_crops(n, seed=0, pattern=2000, size=128):
     bicubically to pattern^2 and thresholded, then random crops kept only inside the hole-fraction window
     (train_random.lua:273-283, 316-327). Returns (n accepted crops (n, size, size) bool, acceptance rate)."""
     g = torch.Generator().manual_seed(seed)
-    low = round(pattern / ce_data.REGION_SCALE)
+    low = round(pattern / ce_masks.REGION_SCALE)
     field = torch.nn.functional.interpolate(torch.rand(1, 1, low, low, generator=g), size=(pattern, pattern),
                                             mode="bicubic", align_corners=False)[0, 0]
-    holes, kept, tried = field < ce_data.REGION_DENSITY, [], 0
-    lo, hi = ce_data.REGION_WINDOW
+    holes, kept, tried = field < ce_masks.REGION_DENSITY, [], 0
+    lo, hi = ce_masks.REGION_WINDOW
     while len(kept) < n:
         y, x = torch.randint(0, pattern - size + 1, (2,), generator=g).tolist()
         crop, tried = holes[y:y + size, x:x + size], tried + 1
@@ -122,7 +123,7 @@ def eval_task(x, kind, start, overlap, ring, fill):
                                compose=lambda p: ce_data.paste(masked, p, overlap, ring)[..., lo:hi, lo:hi],
                                picture=lambda p: ce_data.paste(masked, p, overlap, ring),
                                baseline=lambda name: ce_baselines.baseline_region(name, masked, overlap, ring))
-    mask = ce_data.eval_masks(kind, start, len(x), x.device, x.shape[-1])
+    mask = ce_masks.eval_masks(kind, start, len(x), x.device, x.shape[-1])
     masked = ce_data.apply_mask(x, mask, fill)
     return SimpleNamespace(masked=masked, target=x, hole=mask, compose=lambda p: ce_data.paste_image(masked, p, mask),
                            picture=lambda p: ce_figures.outline(ce_data.paste_image(masked, p, mask), mask),
@@ -166,7 +167,7 @@ class Progress:
 def evaluate(G, images_u8, overlap=7, ring="visible", fill="mean", methods=("model",), batch_size=256, dtype=None,
              mask="center", size=128):
     """Mean metrics of each method over uint8 (N, S, S, 3) images (S >= size, centre-cropped to size), with the
-    central hole (mask="center") or the fixed held-out block/region masks (ce_data.eval_masks).
+    central hole (mask="center") or the fixed held-out block/region masks (ce_masks.eval_masks).
 
     Returns {method: {"psnr", "l1", "l2", "psnr_region", "l1_region", "l2_region", "n_images"}}: hole metrics over
     the hidden pixels; region metrics over the 64x64 centre (centre masks) or the whole image (random masks).
@@ -308,7 +309,7 @@ def inpaint_photo(G, photo, a, dtype, mask_path=None):
                                                  ce_data.hole_bounds(size, a["overlap"], a["ring"]))
         return masked, filled, x, full, f"only the {hs}x{hs} hole at ({hx}, {hy}) replaced"
     hole = (ce_photo.read_user_mask(mask_path, photo, square, size) if mask_path
-            else ce_data.eval_masks(kind, 0, 1, size=size)).to(x.device)
+            else ce_masks.eval_masks(kind, 0, 1, size=size)).to(x.device)
     masked = ce_data.apply_mask(x, hole, a["fill"])
     filled = ce_data.paste_image(masked, predict(G, masked, dtype=dtype).to(x.device), hole)
     full, n = ce_photo.paste_full_mask(photo, ce_figures.to_uint8(filled)[0], square, hole)
@@ -362,8 +363,8 @@ def held_out(args, a):
 
 
 def print_mask_stats(kind, n):
-    """--mask-stats: ours (ce_data.random_masks) against the official recipe's crops (region only)."""
-    rows = [("ours", mask_statistics(ce_data.random_masks(kind, n, (0, "mask-stats"))), None)]
+    """--mask-stats: ours (ce_masks.random_masks) against the official recipe's crops (region only)."""
+    rows = [("ours", mask_statistics(ce_masks.random_masks(kind, n, (0, "mask-stats"))), None)]
     if kind == "region":
         crops, rate = official_region_crops(n, seed=0, pattern=4000)
         rows.append(("official recipe", mask_statistics(crops), rate))

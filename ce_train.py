@@ -33,6 +33,7 @@ import ce_datasets
 import ce_eval
 import ce_figures
 import ce_losses
+import ce_masks
 import ce_model
 import ce_run
 
@@ -134,7 +135,7 @@ def make_masker(args, W, rank=0, world=1, fixed=None):
         return (lambda real, step: ()), cut_centre
 
     def on_cpu(step, B, size):             # every random number of the step; no CUDA call (see below)
-        return ce_data.mask_numbers(args.mask, B * world, (args.seed, "mask", step), size, args.mask_per_batch,
+        return ce_masks.mask_numbers(args.mask, B * world, (args.seed, "mask", step), size, args.mask_per_batch,
                                     slice(rank * B, (rank + 1) * B))
     # The worker thread only draws: the copy to the GPU is draw_numbers' (in the calling thread), so that the
     # numbers are on the GPU before cuda_graphed's capture, which forbids that copy.
@@ -143,11 +144,11 @@ def make_masker(args, W, rank=0, world=1, fixed=None):
     def draw_numbers(real, step):
         if fixed is not None:
             return ()
-        return ce_data.to_device(real.device, *ahead(step, len(real), real.shape[-1]))
+        return ce_masks.to_device(real.device, *ahead(step, len(real), real.shape[-1]))
 
     def cut_holes(real, *numbers):
         B, size = len(real), real.shape[-1]
-        hole = fixed if fixed is not None else ce_data.random_masks(
+        hole = fixed if fixed is not None else ce_masks.random_masks(
             args.mask, B * world, None, size, real.device, args.mask_per_batch, slice(rank * B, (rank + 1) * B),
             numbers)                                                                              # (B, 1, S, S)
         if args.rec_loss == "hole":

@@ -165,10 +165,10 @@ def test_a_graphed_run_trains_evaluates_and_resumes(tmp_path, shapes_root, capsy
 def test_masks_are_the_same_on_the_gpu_as_on_a_cpu(kind, deterministic_cudnn):
     """Random masks are drawn on the CPU and built on the device. Blocks are integer work: the same exactly. A
     region is a smooth field thresholded: the last bit of float rounding may put a rare pixel on the other side."""
-    import ce_data
+    import ce_masks
     ce_cli.Hardware("cuda")                           # as in a run: TF32 allowed for matrix products
-    gpu = ce_data.random_masks(kind, 512, (0, "mask", 7), 128, "cuda").cpu()
-    cpu = ce_data.random_masks(kind, 512, (0, "mask", 7), 128, "cpu")
+    gpu = ce_masks.random_masks(kind, 512, (0, "mask", 7), 128, "cuda").cpu()
+    cpu = ce_masks.random_masks(kind, 512, (0, "mask", 7), 128, "cpu")
     differ = (gpu != cpu).flatten(1).any(1)
     print(f"\n{kind}: {int(differ.sum())} of 512 masks differ, {(gpu != cpu).float().mean():.2e} of pixels")
     if kind == "block":

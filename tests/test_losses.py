@@ -80,8 +80,8 @@ def test_hole_weights_rim_is_a_square_neighbourhood():
     """The rim of hole_weights (hidden pixels within --overlap px of a visible one, chessboard distance), computed as
     a row pass and a column pass, equals one square max-pool over the visible map."""
     import torch.nn.functional as F
-    import ce_data
-    mask = ce_data.random_masks("region", 8, (0, "rim"))
+    import ce_masks
+    mask = ce_masks.random_masks("region", 8, (0, "rim"))
     hole = mask.float()
     square = F.max_pool2d(1 - hole, 15, stride=1, padding=7) > 0
     assert torch.equal(L.hole_weights(mask, 7, 10.0), hole * torch.where(square, 10.0, 1.0))

@@ -7,20 +7,21 @@ import torch
 import torch.nn.functional as F
 
 import ce_baselines
+import ce_checkpoint
 import ce_data
 import ce_losses
-import ce_checkpoint
+import ce_masks
 import ce_model
 
 
 @pytest.fixture(scope="module")
 def region_1000():
-    return ce_data.random_masks("region", 1000, (0, "test-region"))
+    return ce_masks.random_masks("region", 1000, (0, "test-region"))
 
 
 @pytest.fixture(scope="module")
 def block_1000():
-    return ce_data.random_masks("block", 1000, (0, "test-block"))
+    return ce_masks.random_masks("block", 1000, (0, "test-block"))
 
 
 def test_region_masks_hole_fraction_in_the_official_window(region_1000):
@@ -44,12 +45,12 @@ def test_block_masks_cover_at_most_a_quarter_and_at_least_one_block(block_1000):
 
 def test_masks_depend_only_on_the_key():
     for kind in ("block", "region"):
-        a = ce_data.random_masks(kind, 8, (3, "mask", 17))
-        assert torch.equal(a, ce_data.random_masks(kind, 8, (3, "mask", 17)))
-        assert not torch.equal(a, ce_data.random_masks(kind, 8, (3, "mask", 18)))
+        a = ce_masks.random_masks(kind, 8, (3, "mask", 17))
+        assert torch.equal(a, ce_masks.random_masks(kind, 8, (3, "mask", 17)))
+        assert not torch.equal(a, ce_masks.random_masks(kind, 8, (3, "mask", 18)))
         # a DDP rank's slice is what a one-process run of the global batch gives those images
-        assert torch.equal(ce_data.random_masks(kind, 8, (3, "mask", 17), rows=slice(4, 8)), a[4:])
-        one = ce_data.random_masks(kind, 8, (3, "mask", 17), per_batch=True)
+        assert torch.equal(ce_masks.random_masks(kind, 8, (3, "mask", 17), rows=slice(4, 8)), a[4:])
+        one = ce_masks.random_masks(kind, 8, (3, "mask", 17), per_batch=True)
         assert one.shape == (8, 1, 128, 128) and all(torch.equal(one[0], one[i]) for i in range(8))
 
 
@@ -63,7 +64,7 @@ def test_region_field_is_a_crop_of_a_bicubically_upsampled_noise_pattern():
         c0, c1 = int(Y / scale) - 2, int(X / scale) - 2
         cells = 13
         start = torch.tensor([[Y / scale - c0], [X / scale - c1]])
-        ours = ce_data._fields(noise[0, :, c0:c0 + cells, c1:c1 + cells], start, 128, scale)[0]
+        ours = ce_masks._fields(noise[0, :, c0:c0 + cells, c1:c1 + cells], start, 128, scale)[0]
         assert torch.allclose(ours, big[Y:Y + 128, X:X + 128], atol=1e-5)
 
 
@@ -76,18 +77,18 @@ def test_bicubic_weights_from_four_cells_equal_the_kernel_at_every_cell():
         near, far = ((a + 2) * t - (a + 3)) * t * t + 1, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
         return torch.where(t <= 1, near, torch.where(t < 2, far, 0.0))
     start = torch.cat([2 + torch.rand(20000, generator=torch.Generator().manual_seed(0)),
-                       torch.tensor([2.0, 2.5, 3 - 2**-22, 3.0, 2 + 0.5 / ce_data.REGION_SCALE])])   # 2 + rand can round to 3
+                       torch.tensor([2.0, 2.5, 3 - 2**-22, 3.0, 2 + 0.5 / ce_masks.REGION_SCALE])])   # 2 + rand can round to 3
     for size in (128, 227):
-        cells = ce_data._region_numbers(1, size, torch.Generator())[0].shape[-1]
-        x = start[:, None] + (torch.arange(size) + 0.5) / ce_data.REGION_SCALE - 0.5
+        cells = ce_masks._region_numbers(1, size, torch.Generator())[0].shape[-1]
+        x = start[:, None] + (torch.arange(size) + 0.5) / ce_masks.REGION_SCALE - 0.5
         want = keys(x[..., None] - torch.arange(cells, dtype=torch.float32))
-        assert torch.equal(ce_data._upsample_rows(size, cells, ce_data.REGION_SCALE, start), want)
+        assert torch.equal(ce_masks._upsample_rows(size, cells, ce_masks.REGION_SCALE, start), want)
         assert (want != 0).sum(dim=-1).max() == 4 and want[:, :, :1].abs().max() > 0   # the first cell is reached
 
 
 def test_apply_mask_and_paste_image_touch_only_hidden_pixels():
     x = torch.rand(2, 3, 128, 128) * 2 - 1
-    mask = ce_data.random_masks("block", 2, (0, "t"))
+    mask = ce_masks.random_masks("block", 2, (0, "t"))
     masked = ce_data.apply_mask(x, mask)
     assert torch.equal(masked[~mask.expand_as(x)], x[~mask.expand_as(x)])
     for c in range(3):
@@ -159,15 +160,15 @@ def test_region_statistics_close_to_the_official_pattern():
     """Hole fraction of accepted crops: ours vs crops of one big pattern made the official way (reduced size, same
     scale), both through the 20-30 % window. Means agree within a point."""
     g = torch.Generator().manual_seed(1)
-    scale = ce_data.REGION_SCALE
+    scale = ce_masks.REGION_SCALE
     low = 120
     big = F.interpolate(torch.rand(1, 1, low, low, generator=g), scale_factor=scale, mode="bicubic",
-                        align_corners=False)[0, 0] < ce_data.REGION_DENSITY
+                        align_corners=False)[0, 0] < ce_masks.REGION_DENSITY
     ys, xs = torch.randint(0, big.shape[0] - 128, (2, 4000), generator=g)
     crops = torch.stack([big[y:y + 128, x:x + 128] for y, x in zip(ys.tolist(), xs.tolist())]).float()
     frac = crops.mean(dim=(1, 2))
     official = frac[(frac > 0.2) & (frac < 0.3)]
-    ours = ce_data.random_masks("region", 400, (0, "stats")).float().mean(dim=(1, 2, 3))
+    ours = ce_masks.random_masks("region", 400, (0, "stats")).float().mean(dim=(1, 2, 3))
     assert len(official) > 200
     assert abs(official.mean().item() - ours.mean().item()) < 0.01
     assert math.isclose(big.float().mean().item(), 0.17, abs_tol=0.03)   # the pattern itself is ~17 % holes
@@ -190,7 +191,7 @@ def test_irregular_hole_harmonic_solution_is_harmonic_and_bounded():
     the maximum principle it stays within the range of the visible values."""
     torch.manual_seed(1)
     x = torch.rand(1, 3, 128, 128) * 2 - 1
-    mask = ce_data.random_masks("region", 1, (0, "harmonic"))
+    mask = ce_masks.random_masks("region", 1, (0, "harmonic"))
     u = ce_baselines.harmonic_fill_mask(ce_data.apply_mask(x, mask), mask).double()
     deg = ce_baselines._neighbour_sum(torch.ones(1, 1, 128, 128, dtype=torch.float64))
     residual = (deg * u - ce_baselines._neighbour_sum(u))[mask.expand_as(u)]
@@ -204,7 +205,7 @@ def test_harmonic_solver_in_chunks_equals_one_solve(monkeypatch):
     mask (batch 1) shared by every image."""
     torch.manual_seed(2)
     x = torch.rand(3, 3, 32, 32) * 2 - 1
-    mask = ce_data.random_masks("region", 1, (0, "chunks"), size=32)
+    mask = ce_masks.random_masks("region", 1, (0, "chunks"), size=32)
     masked = ce_data.apply_mask(x, mask.expand(3, -1, -1, -1))
     monkeypatch.setattr(ce_baselines, "CG_CHUNK_ELEMENTS", 1 << 30)
     whole = ce_baselines.harmonic_fill_mask(masked, mask)
@@ -215,10 +216,10 @@ def test_harmonic_solver_in_chunks_equals_one_solve(monkeypatch):
 
 
 def test_evaluation_masks_are_fixed_and_independent_of_batching():
-    a = ce_data.eval_masks("region", 0, 300)
-    b = torch.cat([ce_data.eval_masks("region", 0, 100), ce_data.eval_masks("region", 100, 200)])
+    a = ce_masks.eval_masks("region", 0, 300)
+    b = torch.cat([ce_masks.eval_masks("region", 0, 100), ce_masks.eval_masks("region", 100, 200)])
     assert torch.equal(a, b)
-    assert torch.equal(ce_data.eval_masks("block", 250, 10), ce_data.eval_masks("block", 0, 260)[250:])
+    assert torch.equal(ce_masks.eval_masks("block", 250, 10), ce_masks.eval_masks("block", 0, 260)[250:])
 
 
 @pytest.mark.parametrize("kind", ["block", "region"])
@@ -295,7 +296,7 @@ def test_masks_drawn_a_step_ahead_are_the_masks_of_their_step():
         real = torch.rand(4, 3, 32, 32) * 2 - 1
         for step in (0, 1, 2, 7, 8):
             masked, _, _ = cut_holes(real, *draw_numbers(real, step))
-            want = ce_data.random_masks(kind, 4 * world, (3, "mask", step), 32, rows=slice(4 * rank, 4 * rank + 4))
+            want = ce_masks.random_masks(kind, 4 * world, (3, "mask", step), 32, rows=slice(4 * rank, 4 * rank + 4))
             assert torch.equal(masked, ce_data.apply_mask(real, want, args.fill))
 
 
@@ -337,23 +338,23 @@ def test_region_masks_the_same_whether_rounds_compact_or_not():
     """A GPU evaluates every candidate of every image at once (no host sync); a CPU a few candidates at a time, only
     for the images still without a mask, and stops early: the masks must be the same, also for the images that fall
     back to their first candidate's own quantile (a narrow window makes those common)."""
-    numbers = ce_data.mask_numbers("region", 64, (0, "compact"))
-    gpu_way = ce_data.region_masks(None, numbers=numbers, compact=False)
-    assert torch.equal(gpu_way, ce_data.region_masks(None, numbers=numbers, compact=True))
-    assert torch.equal(gpu_way, ce_data.random_masks("region", 64, (0, "compact")))
+    numbers = ce_masks.mask_numbers("region", 64, (0, "compact"))
+    gpu_way = ce_masks.region_masks(None, numbers=numbers, compact=False)
+    assert torch.equal(gpu_way, ce_masks.region_masks(None, numbers=numbers, compact=True))
+    assert torch.equal(gpu_way, ce_masks.random_masks("region", 64, (0, "compact")))
     narrow = (0.245, 0.255)
-    *_, ok = ce_data._region_candidates(*numbers, 128, ce_data.REGION_SCALE, ce_data.REGION_DENSITY, narrow)
+    *_, ok = ce_masks._region_candidates(*numbers, 128, ce_masks.REGION_SCALE, ce_masks.REGION_DENSITY, narrow)
     assert (~ok.any(dim=1)).sum() >= 8                                      # 8+ of the 64 images fall back
-    gpu_way = ce_data.region_masks(None, numbers=numbers, window=narrow, compact=False)
-    assert torch.equal(gpu_way, ce_data.region_masks(None, numbers=numbers, window=narrow, compact=True))
+    gpu_way = ce_masks.region_masks(None, numbers=numbers, window=narrow, compact=False)
+    assert torch.equal(gpu_way, ce_masks.region_masks(None, numbers=numbers, window=narrow, compact=True))
     # 200 images: the second half of the candidates is for the first max(64, 200 // 2) = 100 images left, which the
     # narrow window overflows (158 are left; the default window leaves about 10): both ways still agree
-    numbers = ce_data.mask_numbers("region", 200, (1, "compact"))
-    *_, ok = ce_data._region_candidates(numbers[0][:, :8], numbers[1][:, :, :8], 128, ce_data.REGION_SCALE,
-                                        ce_data.REGION_DENSITY, narrow)
+    numbers = ce_masks.mask_numbers("region", 200, (1, "compact"))
+    *_, ok = ce_masks._region_candidates(numbers[0][:, :8], numbers[1][:, :, :8], 128, ce_masks.REGION_SCALE,
+                                        ce_masks.REGION_DENSITY, narrow)
     assert (~ok.any(dim=1)).sum() > 100
-    gpu_way = ce_data.region_masks(None, numbers=numbers, window=narrow, compact=False)
-    assert torch.equal(gpu_way, ce_data.region_masks(None, numbers=numbers, window=narrow, compact=True))
+    gpu_way = ce_masks.region_masks(None, numbers=numbers, window=narrow, compact=False)
+    assert torch.equal(gpu_way, ce_masks.region_masks(None, numbers=numbers, window=narrow, compact=True))
 
 
 @pytest.mark.parametrize("size, n, per_batch, rows", [(227, 96, False, None), (32, 300, False, None),
@@ -362,9 +363,9 @@ def test_region_masks_the_same_whether_rounds_compact_or_not():
 def test_region_masks_the_gpu_way_at_other_sizes_and_shapes(size, n, per_batch, rows):
     """The GPU's way and a CPU's agree at the AlexNet's 227 px and at 32 px (where 28 % of images are left after 8
     candidates), for one image, one mask per batch and a DDP rank's rows."""
-    numbers = ce_data.mask_numbers("region", n, (2, "ways", size), size, per_batch, rows)
-    gpu_way = ce_data.region_masks(None, size, numbers=numbers, compact=False)
-    assert torch.equal(gpu_way, ce_data.region_masks(None, size, numbers=numbers, compact=True))
+    numbers = ce_masks.mask_numbers("region", n, (2, "ways", size), size, per_batch, rows)
+    gpu_way = ce_masks.region_masks(None, size, numbers=numbers, compact=False)
+    assert torch.equal(gpu_way, ce_masks.region_masks(None, size, numbers=numbers, compact=True))
     frac = gpu_way.float().mean(dim=(1, 2, 3))
     assert ((frac > 0.2) & (frac < 0.3)).all()
 
@@ -372,7 +373,7 @@ def test_region_masks_the_gpu_way_at_other_sizes_and_shapes(size, n, per_batch, 
 def test_the_first_images_left_are_found_without_a_host_sync():
     """_first_left: the first k images not found, in order, padded with image 0 when fewer are left."""
     found = torch.tensor([False, True, False, True, True, False, False])
-    assert ce_data._first_left(found, 3).tolist() == [0, 2, 5]
-    assert ce_data._first_left(found, 6).tolist() == [0, 2, 5, 6, 0, 0]
-    assert ce_data._first_left(~found, 2).tolist() == [1, 3]
-    assert ce_data._first_left(torch.ones(4, dtype=torch.bool), 2).tolist() == [0, 0]
+    assert ce_masks._first_left(found, 3).tolist() == [0, 2, 5]
+    assert ce_masks._first_left(found, 6).tolist() == [0, 2, 5, 6, 0, 0]
+    assert ce_masks._first_left(~found, 2).tolist() == [1, 3]
+    assert ce_masks._first_left(torch.ones(4, dtype=torch.bool), 2).tolist() == [0, 0]
