@@ -119,6 +119,24 @@ def paste_image(images, pred, mask):
 # ----------------------------------------------------------------------------------------------------------------
 # Training batches: slices of a per-epoch permutation, augmented and normalised on the device.
 
+def one_step_ahead(fn):
+    """fn(step, *rest), with fn(step + 1, *rest) started at once in a worker thread, so that it is ready when
+    asked for: the next streamed batch (Batches), the next step's mask numbers (ce_train.make_masker), prepared on
+    the CPU while the GPU trains on this step. Any other step than the one prepared (the first, a resumed run's
+    first) is computed on the spot. Only when the work is done changes: the result is fn's."""
+    pool, pending = ThreadPoolExecutor(1, thread_name_prefix="one-step-ahead"), {}
+
+    def get(step, *rest):
+        job = pending.pop((step, *rest), None)
+        result = job.result() if job else fn(step, *rest)
+        pending.clear()
+        pending[(step + 1, *rest)] = pool.submit(fn, step + 1, *rest)
+        return result
+
+    get.pending = pending                  # {(step, *rest): future} of the work under way (for the tests)
+    return get
+
+
 class Batches:
     """Training batches from a uint8 (N, S, S, 3) array: random 128 crop (if S > 128), horizontal flip, [-1, 1].
 
@@ -148,8 +166,7 @@ class Batches:
         if resident:
             self.images = self.images.to(self.device)
         else:
-            self._thread = ThreadPoolExecutor(1)
-            self._ahead = None   # (step, future of the batch for that step)
+            self._prepared = one_step_ahead(self._prepare)   # batch k + 1 made while batch k trains
             self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.data_device = self.images.device
         self._perm_epoch, self._perm = None, None
@@ -203,10 +220,7 @@ class Batches:
         """(B, 3, 128, 128) batch in [-1, 1] on the device (channels_last if asked: NHWC storage needs no copy)."""
         if not self.streaming:
             return to_float(self.augmented(step), self.dtype, self.channels_last)
-        if self._ahead is None or self._ahead[0] != step:   # first call, or a jump (resume)
-            self._ahead = (step, self._thread.submit(self._prepare, step))
-        x, done = self._ahead[1].result()
-        self._ahead = (step + 1, self._thread.submit(self._prepare, step + 1))   # overlaps this step's training
+        x, done = self._prepared(step)
         if done is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(done)      # a device-side wait: the host does not block

@@ -19,7 +19,6 @@ import os
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -102,23 +101,6 @@ def build_training(args, hw, world=1, fused=None):
     return G, D, optG, optD, W
 
 
-def one_step_ahead(fn):
-    """fn(step, *rest), with fn(step + 1, *rest) started at once in a worker thread: while the GPU trains on step
-    s, the CPU draws the masks' random numbers for step s + 1 (torch's random functions release the GIL). Any other
-    step than the one prepared (the first, a resumed run's first) is computed on the spot. Only when the work is
-    done changes: the result is fn's, so the masks are the same with or without it."""
-    pool, pending = ThreadPoolExecutor(1, thread_name_prefix="mask-numbers"), {}
-
-    def get(step, *rest):
-        job = pending.pop((step, *rest), None)
-        result = job.result() if job else fn(step, *rest)
-        pending.clear()
-        pending[(step + 1, *rest)] = pool.submit(fn, step + 1, *rest)
-        return result
-
-    return get
-
-
 def make_masker(args, W, rank=0, world=1, fixed=None):
     """The masks of paper 3.3, as two functions. draw_numbers(real, step) -> the step's random numbers, a tuple of
     tensors on real's device (empty for the centre). cut_holes(real, *numbers) -> (masked input, target, weight map
@@ -126,8 +108,8 @@ def make_masker(args, W, rank=0, world=1, fixed=None):
     training step. centre: the square hole, the 64x64 target and the constant W. block/region: fresh masks at every
     step, from (--seed, step) (so a resumed run repeats them; with several ranks, each takes its slice of the global
     batch's masks), the whole image as target, and W from the mask (ce_losses.hole_weights or context_weights, by
-    --rec-loss). The numbers are drawn on the CPU one step ahead in a worker thread (one_step_ahead) and copied to
-    the device by draw_numbers. fixed: one (B, 1, S, S) mask for every step instead (ce_bench times the step with
+    --rec-loss). The numbers are drawn on the CPU one step ahead in a worker thread (ce_data.one_step_ahead) and
+    copied to the device by draw_numbers. fixed: one (B, 1, S, S) mask for every step instead (ce_bench times the step with
     it, to see what making masks costs)."""
     if args.mask == "center":
         def cut_centre(real):
@@ -139,7 +121,7 @@ def make_masker(args, W, rank=0, world=1, fixed=None):
                                     slice(rank * B, (rank + 1) * B))
     # The worker thread only draws: the copy to the GPU is draw_numbers' (in the calling thread), so that the
     # numbers are on the GPU before cuda_graphed's capture, which forbids that copy.
-    ahead = one_step_ahead(on_cpu)
+    ahead = ce_data.one_step_ahead(on_cpu)
 
     def draw_numbers(real, step):
         if fixed is not None:

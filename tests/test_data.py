@@ -256,4 +256,4 @@ def test_streaming_batches_equal_resident_and_prefetch_ahead():
     assert st.streaming and not res.streaming
     for step in (0, 1, 2, 7, 3):   # in order, then a jump (as after --resume) and back
         assert torch.equal(st.get(step), res.get(step))
-        assert st._ahead[0] == step + 1      # the next batch is already being prepared
+        assert list(st._prepared.pending) == [(step + 1,)]      # the next batch is already being prepared
