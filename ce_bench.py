@@ -164,12 +164,12 @@ def mask_work(kind, n, size=128):
             if not (func.is_view or "view" in func.__name__ or func.__name__.startswith("empty")):   # _unsafe_view
                 tensors = [t for t in torch.utils._pytree.tree_flatten((args, kwargs, out))[0]
                            if isinstance(t, torch.Tensor)]
-                Count.ops, Count.nbytes = Count.ops + 1, Count.nbytes + sum(t.nbytes for t in tensors)
+                self.ops, self.nbytes = self.ops + 1, self.nbytes + sum(t.nbytes for t in tensors)
             return out
     numbers = [t.to("meta") for t in ce_masks.mask_numbers(kind, n, (0, "work"), size)]
-    with Count():
+    with Count() as count:
         ce_masks.random_masks(kind, n, None, size, "meta", numbers=numbers)
-    return Count.ops, Count.nbytes / 1e9
+    return count.ops, count.nbytes / 1e9
 
 
 def step_flops(step, batch):

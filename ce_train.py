@@ -109,8 +109,8 @@ def make_masker(args, W, rank=0, world=1, fixed=None):
     step, from (--seed, step) (so a resumed run repeats them; with several ranks, each takes its slice of the global
     batch's masks), the whole image as target, and W from the mask (ce_losses.hole_weights or context_weights, by
     --rec-loss). The numbers are drawn on the CPU one step ahead in a worker thread (ce_data.one_step_ahead) and
-    copied to the device by draw_numbers. fixed: one (B, 1, S, S) mask for every step instead (ce_bench times the step with
-    it, to see what making masks costs)."""
+    copied to the device by draw_numbers. fixed: one (B, 1, S, S) mask for every step instead (ce_bench times the
+    step with it, to see what making masks costs)."""
     if args.mask == "center":
         def cut_centre(real):
             return (*ce_data.mask_batch(real, args.overlap, args.ring, args.fill), W)
@@ -121,7 +121,7 @@ def make_masker(args, W, rank=0, world=1, fixed=None):
                                     slice(rank * B, (rank + 1) * B))
     # The worker thread only draws: the copy to the GPU is draw_numbers' (in the calling thread), so that the
     # numbers are on the GPU before cuda_graphed's capture, which forbids that copy.
-    ahead = ce_data.one_step_ahead(on_cpu)
+    ahead = ce_data.one_step_ahead(on_cpu) if fixed is None else None
 
     def draw_numbers(real, step):
         if fixed is not None:
