@@ -375,6 +375,10 @@ def print_mask_stats(kind, n):
               f"{100 * r['hole_fraction_max']:.1f}] | {r['blobs_mean']:.2f} ({r['blobs_median']:.0f}) | "
               f"{r['blob_px_median']:.0f} ({r['blob_px_mean']:.0f})"
               + (f" | {100 * rate:.0f} % of crops accepted" if rate else ""))
+    for size in (128, 227) if kind == "region" else ():   # how often ours falls through (227 px: the AlexNet's)
+        rejected, after_half, fallback = ce_masks.region_acceptance(n, size)
+        print(f"  ours at {size} px: {100 * rejected:.1f} % of crops rejected; {100 * after_half:.1f} % of images "
+              f"with none of the first 8 accepted, {100 * fallback:.2f} % with none of 16 (fallback)")
 
 
 def main(argv=None):

@@ -377,3 +377,16 @@ def test_the_first_images_left_are_found_without_a_host_sync():
     assert ce_masks._first_left(found, 6).tolist() == [0, 2, 5, 6, 0, 0]
     assert ce_masks._first_left(~found, 2).tolist() == [1, 3]
     assert ce_masks._first_left(torch.ones(4, dtype=torch.bool), 2).tolist() == [0, 0]
+
+
+def test_mask_stats_report_how_often_the_region_rule_falls_through(capsys):
+    """--mask-stats region prints, for ours at 128 and 227 px, the share of crops rejected and of images with no
+    crop accepted among the first 8 candidates and among all 16 (the fallback); more images fall through the
+    first half than all of it."""
+    import ce_eval
+    ce_eval.main(["--mask-stats", "region", "--n", "64"])
+    lines = [s for s in capsys.readouterr().out.splitlines() if s.strip().startswith("ours at")]
+    assert [s.split()[2] for s in lines] == ["128", "227"]
+    rejected, after_half, fallback = ce_masks.region_acceptance(64, 128)
+    assert f"{100 * rejected:.1f} % of crops rejected" in lines[0]
+    assert 0.5 < rejected < 0.9 and 0 <= fallback <= after_half < 0.5
