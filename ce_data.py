@@ -137,6 +137,31 @@ def one_step_ahead(fn):
     return get
 
 
+def copy_ahead(stream, *tensors):
+    """In a worker thread (one_step_ahead): CPU tensors -> `stream`'s GPU through pinned memory, queued on that side
+    stream so that the copy overlaps the training step instead of waiting its turn behind it. Returns (the GPU
+    tensors, the event that marks the copy's end) for arrived; with stream None (no GPU), (tensors, None)."""
+    if stream is None:
+        return tensors, None
+    pinned = [t.pin_memory() for t in tensors]
+    with torch.cuda.stream(stream):
+        moved = tuple(t.to(stream.device, non_blocking=True) for t in pinned)
+        done = torch.cuda.Event()
+        done.record(stream)
+    return moved, done
+
+
+def arrived(tensors, done):
+    """In the training thread: copy_ahead's tensors, once the current stream has waited for their copy (a device-side
+    wait: the host does not block), and marked as used on it (so their memory is not reused before it has)."""
+    if done is not None:
+        current = torch.cuda.current_stream(tensors[0].device)
+        current.wait_event(done)
+        for t in tensors:
+            t.record_stream(current)
+    return tensors
+
+
 class Batches:
     """Training batches from a uint8 (N, S, S, 3) array: random 128 crop (if S > 128), horizontal flip, [-1, 1].
 
@@ -206,24 +231,12 @@ class Batches:
 
     def _prepare(self, step):
         """Streaming, in the background thread: gather + augment in host memory, then copy on the side stream."""
-        x = self.augmented(step)
-        if self._copy_stream is None:
-            return x, None
-        x = x.pin_memory()
-        with torch.cuda.stream(self._copy_stream):
-            x = x.to(self.device, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self._copy_stream)
-        return x, done
+        return copy_ahead(self._copy_stream, self.augmented(step))
 
     def get(self, step):
         """(B, 3, 128, 128) batch in [-1, 1] on the device (channels_last if asked: NHWC storage needs no copy)."""
         if not self.streaming:
             return to_float(self.augmented(step), self.dtype, self.channels_last)
-        x, done = self._prepared(step)
-        if done is not None:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(done)      # a device-side wait: the host does not block
-            x.record_stream(current)
+        x, = arrived(*self._prepared(step))
         return to_float(x, self.dtype, self.channels_last)
 

@@ -21,6 +21,14 @@ REGION_SCALE = 10000 / 600
 REGION_DENSITY = 0.25
 REGION_WINDOW = (0.20, 0.30)
 REGION_CANDIDATES = 16
+# How region_masks bounds its work: the first 8 candidates are tried for every image, the last 8 only for the first
+# m // 4 + 32 of the m images still without a mask, the fallback only for the first m // 8 + 32 left after that
+# (REGION_ROOM: those divisors; a smaller batch tries everything). Images left (measured, 6,000 each): after 8
+# candidates 5.3 % at 128 px and 15 % at 227 px, after 16 0.4 % and 2.0 %: each room is 10 or more standard
+# deviations above the expected number, whatever m. An image a room leaves out goes on to the fallback; the few
+# left out of the fallback's room (never seen at these sizes) take the central square. At 32 px (26 % left after
+# 8) the room of the last 8 can bind.
+REGION_ROOM = (4, 8)
 
 
 def block_masks(n, size=128, g=None, device="cpu", rows=None, blocks=8, side=None, max_cover=0.25, numbers=None):
@@ -66,27 +74,33 @@ def to_device(device, *tensors):
         return tuple(t.to(device) for t in tensors)
     if torch.cuda.is_current_stream_capturing() and not all(t.is_cuda for t in tensors):
         raise RuntimeError("mask numbers on the CPU during a CUDA graph capture: copy them to the GPU first "
-                           "(ce_train.make_masker's draw_numbers does)")
+                           "(ce_train.make_masker does, ahead of the step)")
     return tuple(t.to(device) if t.is_cuda else t.pin_memory().to(device, non_blocking=True) for t in tensors)
 
 
-def _tap_weights(t, a=-0.75):
-    """The bicubic convolution kernel (Keys, a = -0.75: PyTorch's and OpenCV's bicubic) at the distances t (..., 4)
-    of the 4 cells around a row (_upsample_rows). Its two pieces are cubics: near, ((a+2)t - (a+3))t^2 + 1 for
-    t <= 1, and far, ((at - 5a)t + 8a)t - 4a for 1 <= t <= 2 (both are 0 at t = 1, far at t = 2). The inner two
-    cells lie at t <= 1 and the outer two at 1 <= t <= 2, so each cell takes its own piece, written
-    ((At + B)t + C)t + D with (A, B, C, D) per cell: six operations on t (and 8 tiny fills for the table), the
-    same numbers bit for bit as either piece written out."""
+def _keys_table(device, dtype=torch.float32, a=-0.75):
+    """The bicubic convolution kernel (Keys, a = -0.75: PyTorch's and OpenCV's bicubic) as a 4x4 table for
+    _tap_weights. Its two pieces are cubics: near, ((a+2)t - (a+3))t^2 + 1 for t <= 1, and far,
+    ((at - 5a)t + 8a)t - 4a for 1 <= t <= 2 (both are 0 at t = 1, far at t = 2). Of the 4 cells around a row
+    (_upsample_rows) the inner two lie at t <= 1 and the outer two at 1 <= t <= 2, so each cell takes its own piece,
+    written ((At + B)t + C)t + D: rows A, B, C, D, one column per cell."""
     near, far = (a + 2, -(a + 3), 0.0, 1.0), (a, -5 * a, 8 * a, -4 * a)      # (A, B, C, D) of each piece
-    abcd = torch.empty(4, 4, dtype=t.dtype, device=t.device)              # rows A, B, C, D; columns the 4 cells
+    abcd = torch.empty(4, 4, dtype=dtype, device=device)
     for row in range(4):          # fills, not torch.tensor(...): no copy from the host (a CUDA graph forbids it)
         abcd[row].fill_(far[row])
         abcd[row, 1:3].fill_(near[row])
-    A, B, C, D = abcd
+    return abcd
+
+
+def _tap_weights(t, abcd=None):
+    """The bicubic kernel at the distances t (..., 4) of the 4 cells around a row, each cell with its own piece
+    (_keys_table, built once per batch of masks): six operations on t, the same numbers bit for bit as either piece
+    written out."""
+    A, B, C, D = _keys_table(t.device, t.dtype) if abcd is None else abcd
     return ((A * t + B) * t + C) * t + D
 
 
-def _upsample_rows(size, cells, scale, start):
+def _upsample_rows(size, cells, scale, start, abcd=None):
     """(..., size, cells) bicubic weights, for phases start (...): row i of an image upsampled by `scale` sits at
     source coordinate x = start + (i + 0.5) / scale - 0.5 of a `cells`-long noise line (align_corners=False, as
     F.interpolate). Only the 4 cells floor(x) - 1 .. floor(x) + 2 can have a weight (every other cell is 2 or more
@@ -94,100 +108,106 @@ def _upsample_rows(size, cells, scale, start):
     of evaluating it at every cell, for the same numbers."""
     x = start[..., None] + (torch.arange(size, device=start.device, dtype=start.dtype) + 0.5) / scale - 0.5
     taps = x.floor()[..., None] + torch.arange(-1, 3, device=start.device, dtype=start.dtype)  # (..., size, 4)
-    weights = _tap_weights((x[..., None] - taps).abs())                    # exact differences, in [0, 2]
+    weights = _tap_weights((x[..., None] - taps).abs(), abcd)              # exact differences, in [0, 2]
     return torch.zeros(*x.shape, cells, device=start.device, dtype=start.dtype).scatter_(-1, taps.long(), weights)
 
 
-def _fields(noise, start, size, scale):
+def _fields(noise, start, size, scale, abcd=None):
     """Smooth fields (M, size, size) from noise (M, cells, cells) and phases (2, M): separable bicubic, 2 matmuls,
     in full float32 also on CUDA (where ce_cli.Hardware allows TF32, whose 10-bit mantissa would move many pixels
     across the threshold). A GPU's masks are then the CPU's but for the last bit of rounding: measured on an H200,
-    2 of 512 region masks differed, in 2.4e-7 of their pixels."""
+    2 of 512 region masks differed, in 2.4e-7 of their pixels. abcd: _keys_table, if built already."""
     cells = noise.shape[-1]
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        rows, columns = _upsample_rows(size, cells, scale, start)
+        rows, columns = _upsample_rows(size, cells, scale, start, abcd)
         return rows @ noise @ columns.mT
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _region_numbers(n, size, g, rows=None, candidates=REGION_CANDIDATES, scale=REGION_SCALE):
+def _region_numbers(n, size, g, rows=None, scale=REGION_SCALE):
     """region_masks' random numbers, on the CPU: each candidate's low-resolution noise and its sub-cell phase."""
     cells = int(math.floor((size - 0.5) / scale + 2.5)) + 3               # the low-res cells a crop's taps reach
-    noise = torch.rand(n, candidates, cells, cells, generator=g)
-    start = 2 + torch.rand(2, n, candidates, generator=g)                   # sub-cell phase; >= 2 keeps taps >= 0
+    noise = torch.rand(n, REGION_CANDIDATES, cells, cells, generator=g)
+    start = 2 + torch.rand(2, n, REGION_CANDIDATES, generator=g)            # sub-cell phase; >= 2 keeps taps >= 0
     if rows is not None:
         noise, start = noise[rows], start[:, rows]
     return noise, start
 
 
-def region_masks(n, size=128, g=None, device="cpu", rows=None, candidates=REGION_CANDIDATES, scale=REGION_SCALE,
-                 density=REGION_DENSITY, window=REGION_WINDOW, numbers=None, compact=None, per_round=4):
+def region_masks(n, size=128, g=None, device="cpu", rows=None, scale=REGION_SCALE, density=REGION_DENSITY,
+                 window=REGION_WINDOW, numbers=None, compact=None, per_round=4):
     """Random regions, the official recipe without its 10000x10000 pattern.
     DEVIATION: the paper pastes deformed PASCAL VOC segmentation shapes (not public); this follows the official
-    code's smooth thresholded noise. Each image has `candidates` crops of a smooth field (uniform noise upsampled
-    bicubically by `scale`, generated at that scale for the crop alone: a few low-resolution cells and a random
-    sub-cell phase, which is what a crop of the big pattern at a random position sees), thresholded at `density`
-    (below = hole); the first candidate whose hole fraction lies strictly inside `window` is used (official
-    train_random.lua:316-327 retries crops the same way, without a limit). DEVIATION (bounded work): when none
-    does, the first candidate is thresholded at its own 25th percentile instead, which keeps the fraction inside
-    the window. At 128 px 69 % of crops are rejected and 0.3 % of images fall back (at 227 px: 78 %, 2.1 %;
+    code's smooth thresholded noise. Each image has REGION_CANDIDATES crops of a smooth field (uniform noise
+    upsampled bicubically by `scale`, generated at that scale for the crop alone: a few low-resolution cells and a
+    random sub-cell phase, which is what a crop of the big pattern at a random position sees), thresholded at
+    `density` (below = hole); the first candidate whose hole fraction lies strictly inside `window` is used
+    (official train_random.lua:316-327 retries crops the same way, without a limit). DEVIATION (bounded work):
+    when none does, the first candidate is thresholded at its own 25th percentile instead, which keeps the fraction
+    inside the window. At 128 px 69 % of crops are rejected and 0.3 % of images fall back (at 227 px: 78 %, 2.1 %;
     region_acceptance, over 6,000 images).
-    All random numbers are drawn up front, so the result does not depend on how candidates are evaluated. The
-    first half of the candidates is tried for every image; the second half for the first max(64, m / 2) of the
-    images still without a mask (in order; m = the number of images built here). About 6 % of images are left
-    after 8 candidates at 128 px, 14 % at 227 px, 28 % at 32 px: that limit is 11 or more standard deviations above
-    the expected count at 128 and 227 px, whatever m (5.5 at 32 px), and every image when m <= 64. An image beyond
-    it would take the fallback. On a GPU each half is one pass, the images left found on the device, with
-    no host sync (ce_train captures this in its CUDA graph): 6,144 fields at batch 512, not 8,192; the first half's
-    take 256 MiB at 128 px while its holes are picked. With compact (the default on a CPU), `per_round` candidates
-    at a time, only for the images still without a mask, stopping once every image has one. The masks are the same
-    either way.
-    rows: build only these of the n images (the same masks as when all n are built, unless that limit binds).
+    All random numbers are drawn up front, so the result does not depend on how candidates are evaluated; the work
+    is bounded (REGION_ROOM): the second half of the candidates is for a limited number of the images still without
+    a mask, and so is the fallback: for 512 images a GPU evaluates 5,472 fields (8 each, 8 more for 160 of
+    them, 1 for 96), not 8,192. On a GPU each
+    half is one pass, the images left found on the device, with no host sync (ce_train captures this in its CUDA
+    graph). With compact (the default on a CPU), `per_round` candidates at a time, only for the images still
+    without a mask, stopping once every image has one. The masks are the same either way.
+    rows: build only these of the n images (the same masks as when all n are built, unless a limit binds).
     numbers: what _region_numbers drew for them, if drawn already (mask_numbers)."""
-    noise, start = _region_numbers(n, size, g, rows, candidates, scale) if numbers is None else numbers
+    noise, start = _region_numbers(n, size, g, rows, scale) if numbers is None else numbers
     noise, start = to_device(device, noise, start)
-    m, k = noise.shape[:2]
-    if k < 2 or k % (2 * per_round):
-        raise ValueError(f"region_masks: {k} candidates; need a multiple of 2 * per_round = {2 * per_round}")
-    late = min(m, max(64, m // 2))                         # how many images may try the second half
+    if noise.shape[1] % (2 * per_round):
+        raise ValueError(f"region_masks: {noise.shape[1]} candidates; need a multiple of 2 * per_round = "
+                         f"{2 * per_round}")
     rule = (size, scale, density, window)
     if noise.device.type != "cpu" if compact is None else not compact:
-        return _regions_in_two_passes(noise, start, late, *rule)[:, None]
-    return _regions_compact(noise, start, late, per_round, *rule)[:, None]
+        return _regions_in_two_passes(noise, start, *rule)[:, None]
+    return _regions_compact(noise, start, per_round, *rule)[:, None]
 
 
-def _regions_in_two_passes(noise, start, late, size, scale, density, window):
-    """region_masks the GPU's way: the first half of every image's candidates in one pass, the second half for the
-    first `late` images left in another, all on the device without a host sync."""
-    m, half = len(noise), noise.shape[1] // 2
-    fields, below, ok = _region_candidates(noise[:, :half], start[:, :, :half], size, scale, density, window)
+def _room(m, share):
+    """How many of m images the last candidates (or the fallback) are for: the first m // share + 32 left."""
+    return min(m, m // share + 32)
+
+
+def _regions_in_two_passes(noise, start, size, scale, density, window):
+    """region_masks the GPU's way: the first half of every image's candidates in one pass; the second half for the
+    first images left in another, found on the device (no host sync); then the fallback for the first ones still
+    left, and the central square for any left beyond."""
+    m, half, device = len(noise), noise.shape[1] // 2, noise.device
+    rule = (size, scale, density, window, _keys_table(device))
+    _, below, ok = _region_candidates(noise[:, :half], start[:, :, :half], *rule)
     found = ok.any(dim=1)
-    chosen = below[torch.arange(m, device=below.device), ok.float().argmax(dim=1)]   # first accepted
-    fallback = _region_fallback(fields[:, 0], density)
-    del fields, below                                      # (the graph's memory pool holds the largest moment)
-    idx = _first_left(found, late)                         # may repeat image 0: see _first_left
-    _, below2, ok2 = _region_candidates(noise[idx, half:], start[:, idx, half:], size, scale, density, window)
-    take = ok2.any(dim=1) & ~found[idx]
-    pick = below2[torch.arange(late, device=below2.device), ok2.float().argmax(dim=1)]
+    first = below[torch.arange(m, device=device), ok.float().argmax(dim=1)]           # first accepted
+    chosen = torch.where(found[:, None, None], first, _square(size, device))
+    del below, first                                       # (the graph's memory pool holds the largest moment)
+    idx = _first_left(found, _room(m, REGION_ROOM[0]))     # may repeat image 0: see _first_left
+    _, below, ok = _region_candidates(noise[idx, half:], start[:, idx, half:], *rule)
+    take = ok.any(dim=1) & ~found[idx]
+    pick = below[torch.arange(len(idx), device=device), ok.float().argmax(dim=1)]
     # a repeated index writes the same value each time, so the order of the writes does not matter
     chosen[idx] = torch.where(take[:, None, None], pick, chosen[idx])
     found[idx] |= take
-    return torch.where(found[:, None, None], chosen, fallback)
+    idx = _first_left(found, _room(m, REGION_ROOM[1]))
+    fallback = _region_fallback(_fields(noise[idx, 0], start[:, idx, 0], size, scale, rule[-1]), density)
+    chosen[idx] = torch.where(found[idx, None, None], chosen[idx], fallback)
+    return chosen
 
 
-def _regions_compact(noise, start, late, per_round, size, scale, density, window):
+def _regions_compact(noise, start, per_round, size, scale, density, window):
     """region_masks a CPU's way: `per_round` candidates at a time, only for the images still without a mask (the
-    second half for the first `late` of them), stopping once every image has one."""
+    second half for the first of them, as on a GPU), stopping once every image has one."""
     (m, k), half = noise.shape[:2], noise.shape[1] // 2
     chosen = torch.zeros(m, size, size, dtype=torch.bool, device=noise.device)
     todo = torch.arange(m, device=noise.device)                            # the images still without a mask
-    skipped = todo[:0]                                                     # beyond `late` at the second half
+    skipped = todo[:0]                                                     # left out of the second half's room
     for r in range(0, k, per_round):
         if r == half:
-            todo, skipped = todo[:late], todo[late:]
+            todo, skipped = todo[:_room(m, REGION_ROOM[0])], todo[_room(m, REGION_ROOM[0]):]
         _, below, ok = _region_candidates(noise[todo, r:r + per_round], start[:, todo, r:r + per_round], size,
                                           scale, density, window)
         done = ok.any(dim=1)
@@ -195,10 +215,21 @@ def _regions_compact(noise, start, late, per_round, size, scale, density, window
         todo = todo[~done]
         if len(todo) == 0:
             break
-    left = torch.cat([todo, skipped])
-    if len(left):
-        chosen[left] = _region_fallback(_fields(noise[left, 0], start[:, left, 0], size, scale), density)
+    left = torch.cat([todo, skipped]).sort().values
+    fall, rest = left[:_room(m, REGION_ROOM[1])], left[_room(m, REGION_ROOM[1]):]
+    if len(fall):
+        chosen[fall] = _region_fallback(_fields(noise[fall, 0], start[:, fall, 0], size, scale), density)
+    chosen[rest] = _square(size, noise.device)
     return chosen
+
+
+def _square(size, device):
+    """The last resort of region_masks, for images left out of the fallback's room (REGION_ROOM): the central
+    square of side size // 2, 25 % of the image (24.8 % at 227 px), inside the window."""
+    side, at = size // 2, (size - size // 2) // 2
+    square = torch.zeros(size, size, dtype=torch.bool, device=device)
+    square[at:at + side, at:at + side] = True
+    return square
 
 
 def region_acceptance(n, size=128, key=(0, "acceptance"), chunk=256):
@@ -224,15 +255,16 @@ def _first_left(found, k):
     return torch.zeros(k + 1, dtype=torch.long, device=found.device).scatter_(0, slot, every)[:k]
 
 
-def _region_candidates(noise, start, size, scale, density, window):
+def _region_candidates(noise, start, size, scale, density, window, abcd=None):
     """Each candidate's field and hole (n, k, size, size), and whether its hole fraction lies inside the window
-    (n, k)."""
+    (n, k). abcd: _keys_table, if built already."""
     n, k = noise.shape[:2]
-    fields = _fields(noise.flatten(0, 1), start.flatten(1, 2), size, scale).view(n, k, size, size)
+    fields = _fields(noise.flatten(0, 1), start.flatten(1, 2), size, scale, abcd).view(n, k, size, size)
     below = fields < density
-    # the count of hidden pixels, as byte sums along rows (<= 255 px, so no overflow) then one sum of those: a sum
-    # of the bool map itself would first copy it to a float or int64 map 4 or 8 times its size
-    count = below.view(torch.uint8).sum(dim=3, dtype=torch.uint8).sum(dim=2) if size < 256 else below.sum(dim=(2, 3))
+    # the count of hidden pixels, as byte sums down columns (<= 255 px, so no overflow) then one sum of those: a sum
+    # of the bool map itself would first copy it to a float or int64 map 4 or 8 times its size; down columns, not
+    # along rows: neighbouring threads then read neighbouring bytes
+    count = below.view(torch.uint8).sum(dim=2, dtype=torch.uint8).sum(dim=2) if size < 256 else below.sum(dim=(2, 3))
     frac = count.float() / (size * size)                                    # exact: counts < 2^24
     return fields, below, (frac > window[0]) & (frac < window[1])
 

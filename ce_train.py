@@ -108,25 +108,30 @@ def make_masker(args, W, rank=0, world=1, fixed=None):
     training step. centre: the square hole, the 64x64 target and the constant W. block/region: fresh masks at every
     step, from (--seed, step) (so a resumed run repeats them; with several ranks, each takes its slice of the global
     batch's masks), the whole image as target, and W from the mask (ce_losses.hole_weights or context_weights, by
-    --rec-loss). The numbers are drawn on the CPU one step ahead in a worker thread (ce_data.one_step_ahead) and
-    copied to the device by draw_numbers. fixed: one (B, 1, S, S) mask for every step instead (ce_bench times the
-    step with it, to see what making masks costs)."""
+    --rec-loss). The numbers are drawn on the CPU one step ahead in a worker thread (ce_data.one_step_ahead), which
+    also copies them to the device (ce_data.copy_ahead). fixed: one (B, 1, S, S) mask for every step instead
+    (ce_bench times the step with it, to see what making masks costs)."""
     if args.mask == "center":
         def cut_centre(real):
             return (*ce_data.mask_batch(real, args.overlap, args.ring, args.fill), W)
         return (lambda real, step: ()), cut_centre
 
-    def on_cpu(step, B, size):             # every random number of the step; no CUDA call (see below)
-        return ce_masks.mask_numbers(args.mask, B * world, (args.seed, "mask", step), size, args.mask_per_batch,
-                                    slice(rank * B, (rank + 1) * B))
-    # The worker thread only draws: the copy to the GPU is draw_numbers' (in the calling thread), so that the
-    # numbers are on the GPU before cuda_graphed's capture, which forbids that copy.
-    ahead = ce_data.one_step_ahead(on_cpu) if fixed is None else None
+    streams = {}                                 # the side stream per GPU that the numbers are copied on
+
+    def ahead_of_time(step, B, size, device):   # every random number of the step, then its copy to the device
+        numbers = ce_masks.mask_numbers(args.mask, B * world, (args.seed, "mask", step), size, args.mask_per_batch,
+                                        slice(rank * B, (rank + 1) * B))
+        if device.type == "cuda" and device not in streams:
+            streams[device] = torch.cuda.Stream(device)
+        return ce_data.copy_ahead(streams.get(device), *numbers)
+    # In the worker thread, the copy too, on its own stream: it overlaps the step instead of queueing behind it
+    # (thread_local capture lets it go on during cuda_graphed's capture, which would forbid it in this thread).
+    ahead = ce_data.one_step_ahead(ahead_of_time) if fixed is None else None
 
     def draw_numbers(real, step):
         if fixed is not None:
             return ()
-        return ce_masks.to_device(real.device, *ahead(step, len(real), real.shape[-1]))
+        return ce_data.arrived(*ahead(step, len(real), real.shape[-1], real.device))
 
     def cut_holes(real, *numbers):
         B, size = len(real), real.shape[-1]
@@ -207,8 +212,8 @@ def cuda_graphed(train_step, warmup=GRAPH_WARMUP):
     batch copied into the graph's static inputs, then replayed; after that each call copies its batch (the real
     images and the masks' random numbers) into those inputs and replays. The batch must keep its shapes (Batches
     drops the last partial batch). Needs Adam(capturable=True) (build_training) and, under autocast, no cast cache
-    (ce_cli.Hardware(cuda_graph=True)). Other threads' CUDA calls (Batches' streaming thread) do not disturb the
-    capture; make_masker's worker makes none. The eager make_train_step stays the reference the graph is tested
+    (ce_cli.Hardware(cuda_graph=True)). Other threads' CUDA calls (the copies of Batches' streaming thread and of
+    make_masker's worker, on their own streams) do not disturb the capture. The eager make_train_step stays the reference the graph is tested
     against (tests/test_cuda_graph.py)."""
     side, graph, static, out, calls = torch.cuda.Stream(), None, None, None, 0
 

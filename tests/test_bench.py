@@ -47,25 +47,29 @@ def test_full_size_step_flops_counted_equal_hand_count():
 
 
 def test_speed_switches_do_not_change_the_numbers():
-    """channels_last and bf16 autocast (the CPU-available switches) give the same losses as plain fp32 NCHW:
-    equal up to float rounding for channels_last, within bf16 tolerance for autocast."""
+    """channels_last and bf16 autocast (the CPU-available switches) give the first step's losses (G's after D's
+    update) of plain fp32 NCHW: up to float rounding for channels_last, within bf16 tolerance for autocast. Later
+    steps are not compared: Adam turns rounding-level differences of near-zero gradients into full-size updates,
+    so the second step's losses differed by 0.4 % with channels_last, and with bf16 left the tolerance for 4 of 20
+    random initialisations (this test, unseeded, failed now and then on whichever one it drew)."""
     import contextlib
     import torch
     import ce_data
     import ce_train
     a = ce_bench.parse_args(["--device", "cpu", "--width", "8", "--bottleneck", "16"])
-    images = torch.rand(4, 3, 128, 128) * 2 - 1
+    images = torch.rand(4, 3, 128, 128, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
-    def two_steps(channels_last, dtype):
+    def first_losses(channels_last, dtype):
+        torch.manual_seed(0)                                    # the same initial networks for every variant
         G, D, optG, optD, W, t = ce_bench.build(a, torch.device("cpu"), channels_last)
         ctx = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
         step = ce_train.make_train_step(G, D, optG, optD, W, t, ctx)
         x = images.contiguous(memory_format=torch.channels_last) if channels_last else images
-        return torch.stack([step(*ce_data.mask_batch(x)) for _ in range(2)])
+        return step(*ce_data.mask_batch(x)).clone()
 
-    plain = two_steps(False, None)
-    assert torch.allclose(two_steps(True, None), plain, rtol=1e-4, atol=1e-5)
-    assert torch.allclose(two_steps(False, torch.bfloat16), plain, rtol=5e-2, atol=1e-2)
+    plain = first_losses(False, None)
+    assert torch.allclose(first_losses(True, None), plain, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(first_losses(False, torch.bfloat16), plain, rtol=5e-2, atol=1e-2)
 
 
 def test_bench_times_random_masks_beside_the_centre_model(tmp_path, capsys):
@@ -100,8 +104,8 @@ def test_profile_report_names_the_masks_own_kernels(capsys):
 
 def test_mask_work_counts_the_device_operations_of_a_batch():
     """ce_bench.mask_work counts, on the meta device, what building masks the GPU's way does: the same operations
-    whatever the batch size, and inputs and outputs in proportion to it (from 128 images up, where the second half
-    of the region candidates is for half of the images)."""
+    whatever the batch size, and inputs and outputs about in proportion to it (the last 8 region candidates are
+    for the first n/4 + 32 images left, so a little less than in proportion)."""
     for kind in ("block", "region"):
         ops, gb = ce_bench.mask_work(kind, 512)
         ops2, gb2 = ce_bench.mask_work(kind, 1024)

@@ -185,3 +185,23 @@ def test_a_cpu_runs_checkpoint_resumes_graphed_on_the_gpu(tmp_path, tiny_flags, 
     ce_train.main(["--resume", str(out), "--steps", "8", "--data-root", shapes_root, "--device", "cuda"])
     assert "done: 8 steps" in capsys.readouterr().out
     assert json.loads((out / "args.json").read_text())["cuda_graph"] is True
+
+
+@cuda
+def test_streamed_batches_reach_the_gpu_and_feed_a_captured_step():
+    """On a GPU a streamed batch is copied by the worker thread on its own stream (ce_data.copy_ahead), also while
+    cuda_graphed captures: the batches equal the resident ones, and a graphed function of them its eager result."""
+    import ce_data
+    import ce_shapes
+    imgs = ce_shapes.make_shapes(24, seed=4, size=144)
+    res = ce_data.Batches(imgs, 4, "cuda", seed=1, resident=True)
+    st = ce_data.Batches(imgs, 4, "cuda", seed=1, resident=False)
+    assert st.streaming
+
+    def energy(x):
+        return x.square().mean(dim=(1, 2, 3))
+    graphed = ce_train.cuda_graphed(energy)
+    for step in range(ce_train.GRAPH_WARMUP + 4):                  # eager, captured, then replayed
+        x = st.get(step)
+        assert torch.equal(x, res.get(step))
+        assert torch.equal(graphed(x), energy(x))

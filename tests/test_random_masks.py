@@ -347,14 +347,18 @@ def test_region_masks_the_same_whether_rounds_compact_or_not():
     assert (~ok.any(dim=1)).sum() >= 8                                      # 8+ of the 64 images fall back
     gpu_way = ce_masks.region_masks(None, numbers=numbers, window=narrow, compact=False)
     assert torch.equal(gpu_way, ce_masks.region_masks(None, numbers=numbers, window=narrow, compact=True))
-    # 200 images: the second half of the candidates is for the first max(64, 200 // 2) = 100 images left, which the
-    # narrow window overflows (158 are left; the default window leaves about 10): both ways still agree
+    # 200 images: the passes take the first 132, then 82 images still without a mask, the fallback 82 (REGION_PASSES);
+    # the narrow window overflows each (the default one leaves about 46, then 11, then 1): both ways still agree, and
+    # the images beyond the fallback's room take the central square
     numbers = ce_masks.mask_numbers("region", 200, (1, "compact"))
-    *_, ok = ce_masks._region_candidates(numbers[0][:, :8], numbers[1][:, :, :8], 128, ce_masks.REGION_SCALE,
-                                        ce_masks.REGION_DENSITY, narrow)
-    assert (~ok.any(dim=1)).sum() > 100
+    *_, ok = ce_masks._region_candidates(*numbers, 128, ce_masks.REGION_SCALE, ce_masks.REGION_DENSITY, narrow)
+    assert (~ok[:, :4].any(dim=1)).sum() > 132 and (~ok.any(dim=1)).sum() > 82
     gpu_way = ce_masks.region_masks(None, numbers=numbers, window=narrow, compact=False)
     assert torch.equal(gpu_way, ce_masks.region_masks(None, numbers=numbers, window=narrow, compact=True))
+    square = (gpu_way[:, 0] == ce_masks._square(128, "cpu")).all(dim=(1, 2))
+    assert square.sum() > 0 and not square[:82].any()          # rooms go to the first images left, in order
+    frac = gpu_way.float().mean(dim=(1, 2, 3))
+    assert ((frac > 0.2) & (frac < 0.3)).all()
 
 
 @pytest.mark.parametrize("size, n, per_batch, rows", [(227, 96, False, None), (32, 300, False, None),
