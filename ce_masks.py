@@ -151,11 +151,11 @@ def region_masks(n, size=128, g=None, device="cpu", rows=None, scale=REGION_SCAL
     region_acceptance, over 6,000 images).
     All random numbers are drawn up front, so the result does not depend on how candidates are evaluated; the work
     is bounded (REGION_ROOM): the second half of the candidates is for a limited number of the images still without
-    a mask, and so is the fallback: for 512 images a GPU evaluates 5,472 fields (8 each, 8 more for 160 of
-    them, 1 for 96), not 8,192. On a GPU each
-    half is one pass, the images left found on the device, with no host sync (ce_train captures this in its CUDA
-    graph). With compact (the default on a CPU), `per_round` candidates at a time, only for the images still
-    without a mask, stopping once every image has one. The masks are the same either way.
+    a mask, and so is the fallback: for 512 images a GPU evaluates 5,472 fields (8 each, 8 more for 160 of them, 1
+    for 96), not 8,192. On a GPU each half is one pass, the images left found on the device, with no host sync
+    (ce_train captures this in its CUDA graph). With compact (the default on a CPU), `per_round` candidates at a
+    time, only for the images still without a mask, stopping once every image has one. The masks are the same either
+    way.
     rows: build only these of the n images (the same masks as when all n are built, unless a limit binds).
     numbers: what _region_numbers drew for them, if drawn already (mask_numbers)."""
     noise, start = _region_numbers(n, size, g, rows, scale) if numbers is None else numbers
