@@ -23,11 +23,12 @@ REGION_WINDOW = (0.20, 0.30)
 REGION_CANDIDATES = 16
 # How region_masks bounds its work: the first 8 candidates are tried for every image, the last 8 only for the first
 # m // 4 + 32 of the m images still without a mask, the fallback only for the first m // 8 + 32 left after that
-# (REGION_ROOM: those divisors; a smaller batch tries everything). Images left (measured, 6,000 each): after 8
-# candidates 5.3 % at 128 px and 15 % at 227 px, after 16 0.4 % and 2.0 %: each room is 10 or more standard
-# deviations above the expected number, whatever m. An image a room leaves out goes on to the fallback; the few
-# left out of the fallback's room (never seen at these sizes) take the central square. At 32 px (26 % left after
-# 8) the room of the last 8 can bind.
+# (REGION_ROOM: those divisors; every image tries all 16 when m <= 42, and may fall back when m <= 36). Images left
+# (region_acceptance, 6,000 images): after 8 candidates 5.9 % at 128 px and 13.7 % at 227 px, after 16 0.32 % and
+# 2.1 %: each room is 10 or more standard deviations above the expected number at these sizes, whatever m (the
+# closest: the last 8 at 227 px, 10.9 at m = 279). An image a room leaves out goes on to the fallback; the few left
+# out of the fallback's room (never seen) take the central square. At 32 px (25 % left after 8) the room of the
+# last 8 can bind.
 REGION_ROOM = (4, 8)
 
 
@@ -225,7 +226,7 @@ def _regions_compact(noise, start, per_round, size, scale, density, window):
 
 def _square(size, device):
     """The last resort of region_masks, for images left out of the fallback's room (REGION_ROOM): the central
-    square of side size // 2, 25 % of the image (24.8 % at 227 px), inside the window."""
+    square of side size // 2, 25 % of the image (24.8 % at 227 px), inside the default window."""
     side, at = size // 2, (size - size // 2) // 2
     square = torch.zeros(size, size, dtype=torch.bool, device=device)
     square[at:at + side, at:at + side] = True

@@ -121,8 +121,8 @@ def make_masker(args, W, rank=0, world=1, fixed=None):
     def ahead_of_time(step, B, size, device):   # every random number of the step, then its copy to the device
         numbers = ce_masks.mask_numbers(args.mask, B * world, (args.seed, "mask", step), size, args.mask_per_batch,
                                         slice(rank * B, (rank + 1) * B))
-        if device.type == "cuda" and device not in streams:
-            streams[device] = torch.cuda.Stream(device)
+        if device.type == "cuda" and device not in streams:   # (setdefault: one stream even if two threads race)
+            streams.setdefault(device, torch.cuda.Stream(device))
         return ce_data.copy_ahead(streams.get(device), *numbers)
     # In the worker thread, the copy too, on its own stream: it overlaps the step instead of queueing behind it
     # (thread_local capture lets it go on during cuda_graphed's capture, which would forbid it in this thread).
@@ -213,8 +213,8 @@ def cuda_graphed(train_step, warmup=GRAPH_WARMUP):
     images and the masks' random numbers) into those inputs and replays. The batch must keep its shapes (Batches
     drops the last partial batch). Needs Adam(capturable=True) (build_training) and, under autocast, no cast cache
     (ce_cli.Hardware(cuda_graph=True)). Other threads' CUDA calls (the copies of Batches' streaming thread and of
-    make_masker's worker, on their own streams) do not disturb the capture. The eager make_train_step stays the reference the graph is tested
-    against (tests/test_cuda_graph.py)."""
+    make_masker's worker, on their own streams) do not disturb the capture. The eager make_train_step stays the
+    reference the graph is tested against (tests/test_cuda_graph.py)."""
     side, graph, static, out, calls = torch.cuda.Stream(), None, None, None, 0
 
     def step(*batch):

@@ -60,8 +60,9 @@ def test_speed_switches_do_not_change_the_numbers():
     images = torch.rand(4, 3, 128, 128, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
     def first_losses(channels_last, dtype):
-        torch.manual_seed(0)                                    # the same initial networks for every variant
-        G, D, optG, optD, W, t = ce_bench.build(a, torch.device("cpu"), channels_last)
+        with torch.random.fork_rng():                           # the same initial networks for every variant
+            torch.manual_seed(0)
+            G, D, optG, optD, W, t = ce_bench.build(a, torch.device("cpu"), channels_last)
         ctx = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
         step = ce_train.make_train_step(G, D, optG, optD, W, t, ctx)
         x = images.contiguous(memory_format=torch.channels_last) if channels_last else images
