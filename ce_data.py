@@ -137,15 +137,28 @@ def one_step_ahead(fn):
     return get
 
 
+def to_device(device, *tensors):
+    """Small CPU tensors (random numbers, indices: drawn on the CPU, the same on every device) to `device`. On CUDA
+    through pinned memory and without waiting: a copy from ordinary memory waits for every kernel queued before it,
+    which would stall the CPU once per step instead of letting it go on to the next step while the GPU trains.
+    Tensors already on a GPU are moved with .to (a no-op on `device` itself): a CUDA graph's inputs are there
+    already, and a capture forbids the pinned copy."""
+    if torch.device(device).type != "cuda":
+        return tuple(t.to(device) for t in tensors)
+    if torch.cuda.is_current_stream_capturing() and not all(t.is_cuda for t in tensors):
+        raise RuntimeError("CPU tensors to copy during a CUDA graph capture: copy them to the GPU first, ahead of "
+                           "the step (as ce_train.make_masker does with the mask numbers)")
+    return tuple(t.to(device) if t.is_cuda else t.pin_memory().to(device, non_blocking=True) for t in tensors)
+
+
 def copy_ahead(stream, *tensors):
     """In a worker thread (one_step_ahead): CPU tensors -> `stream`'s GPU through pinned memory, queued on that side
     stream so that the copy overlaps the training step instead of waiting its turn behind it. Returns (the GPU
     tensors, the event that marks the copy's end) for arrived; with stream None (no GPU), (tensors, None)."""
     if stream is None:
         return tensors, None
-    pinned = [t.pin_memory() for t in tensors]
     with torch.cuda.stream(stream):
-        moved = tuple(t.to(stream.device, non_blocking=True) for t in pinned)
+        moved = to_device(stream.device, *tensors)
         done = torch.cuda.Event()
         done.record(stream)
     return moved, done
@@ -198,7 +211,7 @@ class Batches:
 
     def _to_data(self, t):
         """A small CPU tensor (indices, random draws) to where the data lives, without a host sync."""
-        return t.pin_memory().to(self.data_device, non_blocking=True) if self.data_device.type == "cuda" else t
+        return to_device(self.data_device, t)[0]
 
     def epoch_of(self, step):
         return step // self.steps_per_epoch

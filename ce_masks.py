@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from ce_data import seeded
+from ce_data import seeded, to_device
 
 # A mask is a bool tensor (N, 1, S, S), True = hidden. The few random numbers come from a CPU generator seeded by a
 # key such as (seed, "mask", step), so that a resumed run and every device draw the same ones; the masks themselves
@@ -63,20 +63,6 @@ def _block_numbers(n, size, g, rows=None, blocks=8, side=None):
     if rows is not None:                     # all n images' numbers are drawn; only these images are built
         hw, yx = hw[:, rows], yx[:, rows]
     return hw, yx
-
-
-def to_device(device, *tensors):
-    """The masks' random numbers (drawn on the CPU: the same on every device) to `device`. On CUDA through pinned
-    memory and without waiting: a copy from ordinary memory waits for every kernel queued before it, which would
-    stall the CPU once per step instead of letting it go on to the next step while the GPU trains. Tensors already
-    on a GPU are moved with .to (a no-op on `device` itself): ce_train copies the numbers there before its CUDA
-    graph builds the masks, and a graph capture forbids the pinned copy."""
-    if torch.device(device).type != "cuda":
-        return tuple(t.to(device) for t in tensors)
-    if torch.cuda.is_current_stream_capturing() and not all(t.is_cuda for t in tensors):
-        raise RuntimeError("mask numbers on the CPU during a CUDA graph capture: copy them to the GPU first "
-                           "(ce_train.make_masker does, ahead of the step)")
-    return tuple(t.to(device) if t.is_cuda else t.pin_memory().to(device, non_blocking=True) for t in tensors)
 
 
 def _keys_table(device, dtype=torch.float32, a=-0.75):
