@@ -40,12 +40,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-import ce_cli
-import ce_config
 import ce_data
-import ce_datasets
 import ce_masks
 import ce_train
+from ce_utils import cli, config, datasets
 
 
 class ReferenceDataset(torch.utils.data.Dataset):
@@ -68,7 +66,7 @@ class ReferenceDataset(torch.utils.data.Dataset):
 
 
 def parse_args(argv=None):
-    p = ce_cli.Parser(__doc__)
+    p = cli.Parser(__doc__)
     p.add_argument("--data", default="shapes", choices=("shapes", "tiny", "imagenet", "folder"),
                    help="training images to benchmark on (shapes: the embedded data, generated on first use)")
     p.add_argument("--data-root", default="data", help="dataset folder, as for ce_train.py")
@@ -94,7 +92,7 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if min(a.batch_size, a.steps, a.repeats, a.width, a.bottleneck, a.shapes_n) <= 0 or a.warmup < 0 or a.workers < 0:
         p.error("sizes and counts must be positive")
-    a.device = ce_cli.resolve_device(a.device, p)
+    a.device = cli.resolve_device(a.device, p)
     return a
 
 
@@ -107,8 +105,8 @@ def build(a, device, channels_last, dtype="fp32", mask="center", graph=False, fu
     """ce_train's networks, optimisers and loss weights (its builder, paper defaults) at this benchmark's sizes;
     mask block/region: the whole-image model; graph: optimisers ready for CUDA-graph capture."""
     torch.manual_seed(0)
-    hw = ce_cli.Hardware(device, dtype, channels_last)
-    t = ce_config.default_args(device=str(device), width=a.width, bottleneck=a.bottleneck, mask=mask,
+    hw = cli.Hardware(device, dtype, channels_last)
+    t = config.default_args(device=str(device), width=a.width, bottleneck=a.bottleneck, mask=mask,
                                cuda_graph=graph)
     return (*ce_train.build_training(t, hw, fused=fused), t)
 
@@ -185,7 +183,8 @@ def profile(step, next_batch, device, n=10):
     ms of GPU time (the union of the intervals of its operations: kernels, copies, memsets) and the number of those
     operations (graph replays' included where CUPTI reports them); the wall time it compares with is the timed
     windows' ms_per_step."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
     sync(device)
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
@@ -212,7 +211,7 @@ def measure(name, a, device, batch, dtype="fp32", channels_last=False, compile_=
     (next_batch, cut_holes) as batch_maker's, for the run arguments t and centre weights W that build gives."""
     G, D, optG, optD, W, t = build(a, device, channels_last, dtype, mask, graph, fused)
     next_batch, cut_holes = batch(t, W)
-    ctx = ce_cli.Hardware(device, dtype, channels_last, graph).ctx
+    ctx = cli.Hardware(device, dtype, channels_last, graph).ctx
     flops = step_flops(ce_train.make_train_step(G, D, optG, optD, W, t, ctx), cut_holes(*next_batch()))
     t.compile = compile_
     step = ce_train.masked_step(ce_train.make_train_step(G, D, optG, optD, W, t, ctx), cut_holes)
@@ -240,7 +239,7 @@ def measure(name, a, device, batch, dtype="fp32", channels_last=False, compile_=
 def reference_files(a, images, tmp):
     """The image files the reference loop decodes: the dataset's own, or the embedded images written as PNGs."""
     if a.data != "shapes":
-        return ce_datasets.dataset_files(a.data, a.data_root, "train")
+        return datasets.dataset_files(a.data, a.data_root, "train")
     files = []
     for i, im in enumerate(images[: max(a.batch_size * 4, 256)]):
         files.append(os.path.join(tmp, f"{i:05d}.png"))
@@ -315,8 +314,8 @@ def report(results, a, device):
 def main(argv=None):
     a = parse_args(argv)
     device = torch.device(a.device)
-    train_u8 = ce_datasets.load_split(a.data, a.data_root, "train", 128, a.shapes_n)
-    t = ce_config.default_args()
+    train_u8 = datasets.load_split(a.data, a.data_root, "train", 128, a.shapes_n)
+    t = config.default_args()
     cuda = device.type == "cuda"
     # (name, autocast dtype, channels_last, torch.compile, mask, CUDA graph, fused Adam, one fixed mask): the
     # eager step, the graphed one (ce_train.py's default on one GPU), then each speed switch off alone
@@ -345,4 +344,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    ce_cli.run(main)
+    cli.run(main)

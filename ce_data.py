@@ -1,6 +1,6 @@
 """Masked batches for Context Encoders (Pathak et al., CVPR 2016, paper 3.3): the central-square hole with its
 overlap ring (Fig. 2 right, Fig. 3a), and 128x128 training batches sliced, augmented and normalised on the device
-from a uint8 array (ce_datasets.py turns files on disk into that array).
+from a uint8 array (ce_utils/datasets.py turns files on disk into that array).
 
     python -c "import torch, ce_data as d; m, y = d.mask_batch(torch.zeros(2, 3, 128, 128)); print(m.shape, y.shape)"
 """
@@ -10,7 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from ce_cli import DataError
+
+class DataError(Exception):
+    """Bad or missing data: the message says which file, what is wrong and what to do (one line, exit 2)."""
+
 
 # official train.lua: the hole is filled with the ImageNet mean, 2*{117,104,123}/255 - 1 on the [-1, 1] scale
 MEAN_FILL = (2 * 117.0 / 255 - 1, 2 * 104.0 / 255 - 1, 2 * 123.0 / 255 - 1)

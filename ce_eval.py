@@ -1,7 +1,7 @@
 """Evaluate a Context Encoder (Pathak et al., CVPR 2016, section 5.1 / Table 1): PSNR, mean L1 %, mean L2 % of
-the model against classical baselines (ce_baselines.py) on held-out images; figures; inpainting your own photos.
+the model against classical baselines (ce_utils/baselines.py) on held-out images; figures; inpainting your own photos.
 This file holds the parts that need the model or the metrics: the drawing (grids, curves, GIF, figure notes) is
-in ce_figures.py, a photo's image side (inputs, the square the model sees, your mask, pasting back) in ce_photo.py.
+in ce_utils/figures.py, a photo's image side (inputs, the square the model sees, your mask, pasting back) in ce_utils/photos.py.
 
     python ce_eval.py --ckpt runs/shapes/best.pt                 # table: model vs baselines
     python ce_eval.py --ckpt runs/shapes/best.pt --json          # one JSON line
@@ -25,18 +25,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-import ce_baselines
-import ce_checkpoint
-import ce_cli
 import ce_data
-import ce_datasets
-import ce_figures
 import ce_masks
 import ce_model
-import ce_photo
+from ce_utils import baselines, checkpoints, cli, datasets, figures, photos
 
 # ----------------------------------------------------------------------------------------------------------------
-# Metrics (the baselines: ce_baselines.py)
+# Metrics (the baselines: ce_utils/baselines.py)
 
 def image_metrics(pred, target, mask):
     """Per-image PSNR (dB), L1 %, L2 % over the pixels where `mask` ((1 or B), 1, H, W) is 1. Inputs in [-1, 1].
@@ -122,12 +117,12 @@ def eval_task(x, kind, start, overlap, ring, fill):
         return SimpleNamespace(masked=masked, target=target, hole=ce_data.hole_mask(overlap, ring),
                                compose=lambda p: ce_data.paste(masked, p, overlap, ring)[..., lo:hi, lo:hi],
                                picture=lambda p: ce_data.paste(masked, p, overlap, ring),
-                               baseline=lambda name: ce_baselines.baseline_region(name, masked, overlap, ring))
+                               baseline=lambda name: baselines.baseline_region(name, masked, overlap, ring))
     mask = ce_masks.eval_masks(kind, start, len(x), x.device, x.shape[-1])
     masked = ce_data.apply_mask(x, mask, fill)
     return SimpleNamespace(masked=masked, target=x, hole=mask, compose=lambda p: ce_data.paste_image(masked, p, mask),
-                           picture=lambda p: ce_figures.outline(ce_data.paste_image(masked, p, mask), mask),
-                           baseline=lambda name: ce_baselines.baseline_image(name, masked, mask))
+                           picture=lambda p: figures.outline(ce_data.paste_image(masked, p, mask), mask),
+                           baseline=lambda name: baselines.baseline_image(name, masked, mask))
 
 
 @torch.no_grad()
@@ -190,7 +185,7 @@ def evaluate(G, images_u8, overlap=7, ring="visible", fill="mean", methods=("mod
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Pictures of the model's predictions (the drawing: ce_figures.py)
+# Pictures of the model's predictions (the drawing: ce_utils/figures.py)
 
 def inpaint(G, images, overlap, ring, fill, dtype=None, mask="center"):
     """images (B, 3, 128, 128) in [-1, 1] -> (masked, filled): the prediction pasted into the hole only. Random
@@ -203,9 +198,9 @@ def comparison_figure(models, images, path, dtype=None, notes=()):
     """masked | each model | each baseline | original for N held-out images, the hole's PSNR under each.
 
     models: [(short label, G, args)], all with the same mask (overlap, ring, fill) as the first; notes: lines
-    under the figure saying what each label is (ce_figures.run_labels gives both).
+    under the figure saying what each label is (figures.run_labels gives both).
     """
-    plt = ce_figures.pyplot()
+    plt = figures.pyplot()
     a = models[0][2]
     t = eval_task(images, a.get("mask", "center"), 0, a["overlap"], a["ring"], a["fill"])
     target, hole = t.target, t.hole
@@ -213,7 +208,7 @@ def comparison_figure(models, images, path, dtype=None, notes=()):
     for label, G, _ in models:
         pred = predict(G, t.masked.to(next(G.parameters()).device), dtype=dtype).cpu()
         cols.append((label, t.picture(pred), pred))
-    for m in ce_baselines.BASELINES[1:]:
+    for m in baselines.BASELINES[1:]:
         pred = t.baseline(m)
         cols.append((m.replace("_", " "), t.picture(pred), pred))
     cols.append(("original", images, None))
@@ -222,13 +217,13 @@ def comparison_figure(models, images, path, dtype=None, notes=()):
     # row, the PSNR under each row, the notes at the bottom.
     side, gap, title, label, margin = 1.5, 0.08, 0.25, 0.2, 0.05
     width = k * side + (k - 1) * gap + 2 * margin
-    lines, foot = ce_figures.note_lines(notes, width)
+    lines, foot = figures.note_lines(notes, width)
     height = title + n * (side + label) + (n - 1) * gap + margin + foot
     fig, axes = plt.subplots(n, k, figsize=(width, height), squeeze=False)
     fig.subplots_adjust(left=margin / width, right=1 - margin / width, top=1 - title / height,
                         bottom=(label + margin + foot) / height, wspace=gap / side, hspace=(label + gap) / side)
     for j, (name, full, pred) in enumerate(cols):
-        pics = ce_figures.to_uint8(full)
+        pics = figures.to_uint8(full)
         psnr = image_metrics(pred, target, hole)["psnr"] if pred is not None else None
         for i in range(n):
             ax = axes[i, j]
@@ -238,14 +233,14 @@ def comparison_figure(models, images, path, dtype=None, notes=()):
                 ax.set_title(name, fontsize=9)
             if psnr is not None:
                 ax.set_xlabel(f"{psnr[i]:.1f} dB", fontsize=7, labelpad=2)
-    return ce_figures.finish_figure(fig, path, lines)
+    return figures.finish_figure(fig, path, lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
 def parse_args(argv=None):
-    p = ce_cli.Parser(__doc__)
+    p = cli.Parser(__doc__)
     p.add_argument("--ckpt", nargs="+", help="checkpoint(s) written by ce_train.py: OUT/best.pt, OUT/ckpt.pt or the "
                                              "run folder OUT; with --figure, several side by side")
     p.add_argument("--data", choices=("shapes", "tiny", "imagenet", "folder"), help="dataset (default: the checkpoint's)")
@@ -278,7 +273,7 @@ def parse_args(argv=None):
         p.error("--mask MASK.png goes with --image PHOTO")
     if a.plot and a.out and os.path.splitext(a.out)[1].lower() not in ("", ".png") and not os.path.isdir(a.out):
         p.error(f"--out {a.out}: with --plot, give a .png file or a folder")
-    a.device = ce_cli.resolve_device(a.device, p)
+    a.device = cli.resolve_device(a.device, p)
     return a
 
 
@@ -301,20 +296,20 @@ def inpaint_photo(G, photo, a, dtype, mask_path=None):
     """One photo through G: (masked, filled, input) batches of one and the full-size result with a description.
     Centre models fill the central square; random-mask models the user's mask, or held-out mask 0 without one."""
     size, kind = ce_model.INPUT_SIZE[a.get("arch", "dcgan")], a.get("mask", "center")
-    arr, square = ce_photo.photo_square(photo, size)
+    arr, square = photos.photo_square(photo, size)
     x = ce_data.to_float(torch.from_numpy(arr[None].copy())).to(next(G.parameters()).device)
     if kind == "center":
         masked, filled = inpaint(G, x, a["overlap"], a["ring"], a["fill"], dtype)
-        full, (hx, hy, hs) = ce_photo.paste_full(photo, ce_figures.to_uint8(filled)[0], square,
+        full, (hx, hy, hs) = photos.paste_full(photo, figures.to_uint8(filled)[0], square,
                                                  ce_data.hole_bounds(size, a["overlap"], a["ring"]))
         return masked, filled, x, full, f"only the {hs}x{hs} hole at ({hx}, {hy}) replaced"
-    hole = (ce_photo.read_user_mask(mask_path, photo, square, size) if mask_path
+    hole = (photos.read_user_mask(mask_path, photo, square, size) if mask_path
             else ce_masks.eval_masks(kind, 0, 1, size=size)).to(x.device)
     masked = ce_data.apply_mask(x, hole, a["fill"])
     filled = ce_data.paste_image(masked, predict(G, masked, dtype=dtype).to(x.device), hole)
-    full, n = ce_photo.paste_full_mask(photo, ce_figures.to_uint8(filled)[0], square, hole)
+    full, n = photos.paste_full_mask(photo, figures.to_uint8(filled)[0], square, hole)
     what = "your mask" if mask_path else f"held-out {kind} mask 0 (give --mask MASK.png for your own)"
-    return masked, ce_figures.outline(filled, hole), x, full, f"only the {n} px of {what} replaced"
+    return masked, figures.outline(filled, hole), x, full, f"only the {n} px of {what} replaced"
 
 
 def run_images(G, paths, a, out, dtype, mask_path=None):
@@ -324,31 +319,31 @@ def run_images(G, paths, a, out, dtype, mask_path=None):
     up) and OUT/NAME_compare.png (masked | filled | original). A file that cannot be read is skipped and counted
     in one line at the end; the exit is an error only if no photo could be inpainted."""
     if mask_path and a.get("mask", "center") == "center":
-        raise ce_cli.DataError(f"--mask {mask_path}: this checkpoint was trained with the central square "
+        raise cli.DataError(f"--mask {mask_path}: this checkpoint was trained with the central square "
                                "(--mask center) and cannot fill other holes; use a model trained with --mask region "
                                "or --mask block")
-    files, names, bad = ce_photo.photo_inputs(paths)
+    files, names, bad = photos.photo_inputs(paths)
     done, size = 0, ce_model.INPUT_SIZE[a.get("arch", "dcgan")]
     for path, name in zip(files, names):
         try:
-            photo = ce_datasets.read_rgb(path)
-        except ce_cli.DataError as e:
+            photo = datasets.read_rgb(path)
+        except cli.DataError as e:
             bad.append(str(e))
             continue
         os.makedirs(out, exist_ok=True)          # only once there is something to write: no empty folder on errors
         masked, filled, x, full, what = inpaint_photo(G, photo, a, dtype, mask_path)
-        small, stem, shown = (ce_figures.to_uint8(filled)[0], os.path.join(out, name),
-                              ce_photo.shown(os.path.join(out, name)))
-        ce_cli.atomic_write(f"{stem}_filled.png", lambda f: Image.fromarray(small).save(f, format="PNG"))
-        ce_cli.atomic_write(f"{stem}_full.png", lambda f: full.save(f, format="PNG"))
-        ce_figures.save_grid(f"{stem}_compare.png", [masked, filled, x])
+        small, stem, shown = (figures.to_uint8(filled)[0], os.path.join(out, name),
+                              photos.shown(os.path.join(out, name)))
+        cli.atomic_write(f"{stem}_filled.png", lambda f: Image.fromarray(small).save(f, format="PNG"))
+        cli.atomic_write(f"{stem}_full.png", lambda f: full.save(f, format="PNG"))
+        figures.save_grid(f"{stem}_compare.png", [masked, filled, x])
         (w, h), side = photo.size, min(photo.size)
-        print(f"{ce_photo.shown(path)}: {w}x{h}, centre {side}x{side} crop scaled to {size} px -> "
+        print(f"{photos.shown(path)}: {w}x{h}, centre {side}x{side} crop scaled to {size} px -> "
               f"{shown}_filled.png ({size} px), {shown}_full.png ({w}x{h}, {what}), "
               f"{shown}_compare.png (masked | filled | original)")
         done += 1
     if done == 0:
-        raise ce_cli.DataError(bad[0] if len(bad) == 1 else f"none of the {len(bad)} inputs could be inpainted: "
+        raise cli.DataError(bad[0] if len(bad) == 1 else f"none of the {len(bad)} inputs could be inpainted: "
                                                             f"{'; '.join(bad[:3])}")
     if bad:
         print(f"warning: inpainted {done} photo(s); skipped {len(bad)} input(s) that could not be read, e.g. "
@@ -358,7 +353,7 @@ def run_images(G, paths, a, out, dtype, mask_path=None):
 def held_out(args, a):
     """uint8 held-out images for checkpoint flags `a`, with --data/--data-root/--split/--max-images applied."""
     data, root = args.data or a["data"], args.data_root or a["data_root"]
-    images = ce_datasets.load_split(data, root, args.split, a["load_size"], a.get("shapes_n", 10000))
+    images = datasets.load_split(data, root, args.split, a["load_size"], a.get("shapes_n", 10000))
     return (images[:args.max_images] if args.max_images else images), data
 
 
@@ -384,20 +379,20 @@ def print_mask_stats(kind, n):
 def main(argv=None):
     args = parse_args(argv)
     if args.plot:
-        print(f"wrote {ce_figures.plot_curves(args.plot, plot_path(args.out))}")
+        print(f"wrote {figures.plot_curves(args.plot, plot_path(args.out))}")
         return
     if args.mask_stats:
         return print_mask_stats(args.mask_stats, 1000 if args.n == 6 else args.n)
-    hw = ce_cli.Hardware(args.device)
+    hw = cli.Hardware(args.device)
     dtype = hw.dtype
-    loaded = [ce_checkpoint.load_checkpoint(c, hw.device) for c in args.ckpt]
+    loaded = [checkpoints.load_checkpoint(c, hw.device) for c in args.ckpt]
     a = loaded[0][2]["args"]  # the checkpoint's own flags decide the mask and the network
     if args.image:
         return run_images(loaded[0][0], args.image, a, args.out or "inpainted", dtype, args.mask)
     if args.figure:
         images, data = held_out(args, a)
         x = ce_data.eval_batch(images[:args.n], ce_model.INPUT_SIZE[a.get("arch", "dcgan")])
-        labels, notes = ce_figures.run_labels([s["path"] for _, _, s in loaded]) if len(loaded) > 1 else (["model"], [])
+        labels, notes = figures.run_labels([s["path"] for _, _, s in loaded]) if len(loaded) > 1 else (["model"], [])
         path = comparison_figure([(lab, G, s["args"]) for lab, (G, _, s) in zip(labels, loaded)], x,
                                  os.path.join(args.out or "inpainted", "figure.png"), dtype, notes)
         print(f"wrote {path}: masked | {' | '.join(labels)} | baselines | original, {len(x)} {data}/{args.split} "
@@ -406,7 +401,7 @@ def main(argv=None):
     for G, _, state in loaded:
         a = state["args"]
         images, data = held_out(args, a)
-        results = evaluate(G, images, a["overlap"], a["ring"], a["fill"], ("model",) + ce_baselines.BASELINES,
+        results = evaluate(G, images, a["overlap"], a["ring"], a["fill"], ("model",) + baselines.BASELINES,
                            args.batch_size, dtype, mask=a.get("mask", "center"), size=ce_model.INPUT_SIZE[a.get("arch", "dcgan")])
         if args.json:
             print(json.dumps({"ckpt": state["path"], "step": state.get("step"), "data": data, "split": args.split,
@@ -418,4 +413,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    ce_cli.run(main)
+    cli.run(main)

@@ -101,7 +101,7 @@ def _upsample_rows(size, cells, scale, start, abcd=None):
 
 def _fields(noise, start, size, scale, abcd=None):
     """Smooth fields (M, size, size) from noise (M, cells, cells) and phases (2, M): separable bicubic, 2 matmuls,
-    in full float32 also on CUDA (where ce_cli.Hardware allows TF32, whose 10-bit mantissa would move many pixels
+    in full float32 also on CUDA (where cli.Hardware allows TF32, whose 10-bit mantissa would move many pixels
     across the threshold). A GPU's masks are then the CPU's but for the last bit of rounding: measured on an H200,
     2 of 512 region masks differed, in 2.4e-7 of their pixels. abcd: _keys_table, if built already."""
     cells = noise.shape[-1]

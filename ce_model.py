@@ -1,5 +1,5 @@
 """Context Encoder networks (Pathak et al., CVPR 2016, Fig. 2, centre-region model; the whole-image and AlexNet
-models of 3.3 and 5.2). The checkpoint format that stores them is in ce_checkpoint.py.
+models of 3.3 and 5.2). The checkpoint format that stores them is in ce_utils/checkpoints.py.
 
 Generator = encoder (5 strided 4x4 convs, no pooling, paper 3.1) -> 4000-d bottleneck -> decoder (5 up-convs)
 mapping a masked 3x128x128 image in [-1, 1] to the 3x64x64 centre through tanh. Discriminator = 4 strided
@@ -9,10 +9,6 @@ convs on the 64x64 region, returning one logit per image (paper 3.2, Eq. 2).
 """
 
 import torch.nn as nn
-
-
-class CheckpointError(Exception):
-    """A checkpoint file is missing, truncated, foreign or incompatible (one-line message for the user)."""
 
 
 def _down(cin, cout, bn, bias):
@@ -252,7 +248,7 @@ def build_pair(a, init=None):
             dcgan_init(D)
         return G, D
     if arch != "dcgan":
-        raise CheckpointError(f"unknown arch {arch!r} in the checkpoint's args (expected dcgan or alexnet)")
+        raise ValueError(f"unknown arch {arch!r} in the run's flags (expected dcgan or alexnet)")
     return build_models(**{k: a[k] for k in ARCH_KEYS}, init=init, full_image=a.get("mask", "center") != "center")
 
 

@@ -36,12 +36,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import ce_checkpoint
-import ce_cli
 import ce_data
-import ce_datasets
 import ce_model
-from ce_cli import DataError
+from ce_utils import checkpoints, cli, datasets
+from ce_utils.cli import DataError
 
 # ----------------------------------------------------------------------------------------------------------------
 # Labelled files: [(path, class index)] for the train and held-out splits
@@ -62,7 +60,7 @@ def _progress(desc):
 
 def _by_class(split_dir):
     """{class folder name: [files]} of DIR/<class>/... (recursive inside each class), and the loose files count."""
-    files, _ = ce_datasets.list_images(split_dir)
+    files, _ = datasets.list_images(split_dir)
     classes, loose = {}, 0
     for f in files:
         parts = os.path.relpath(f, split_dir).split(os.sep)
@@ -97,7 +95,7 @@ def _tiny_val(base, names):
     if not ann:
         raise DataError(f"{path}: no 'file<TAB>wnid' lines; the Tiny ImageNet validation labels are missing")
     index = {c: i for i, c in enumerate(names)}
-    files, _ = ce_datasets.list_images(os.path.join(base, "val", "images"))
+    files, _ = datasets.list_images(os.path.join(base, "val", "images"))
     val = [(f, index[ann[os.path.basename(f)]]) for f in files if ann.get(os.path.basename(f)) in index]
     if len(val) < len(files) or bad:
         print(f"note: {base}/val: skipped {len(files) - len(val)} image(s) with no annotation or a class absent "
@@ -175,9 +173,9 @@ def balanced_subset(items, n):
 def _decode_one(job):
     path, size = job
     try:
-        arr, up = ce_datasets.decode_image(path, size)
+        arr, up = datasets.decode_image(path, size)
         return arr, up, None
-    except ce_cli.DataError as e:        # read_rgb's one-line reason (unreadable, special file, bomb)
+    except cli.DataError as e:        # read_rgb's one-line reason (unreadable, special file, bomb)
         return None, False, str(e)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         return None, False, f"{path} ({type(e).__name__}: {e})"
@@ -227,7 +225,7 @@ def load_encoder(spec):
         try:
             G.load_state_dict(spec["weights"])
         except RuntimeError as e:
-            raise ce_model.CheckpointError(f"{spec['ckpt']}: weights do not match the saved flags "
+            raise checkpoints.CheckpointError(f"{spec['ckpt']}: weights do not match the saved flags "
                                            f"({str(e).splitlines()[0]})") from None
     for p in G.parameters():
         p.requires_grad_(False)
@@ -316,7 +314,7 @@ def fit_linear(xtr, ytr, xva, yva, n_classes, epochs=10, lr=1.0, weight_decay=0.
 
 
 def build_parser():
-    p = ce_cli.Parser(__doc__)
+    p = cli.Parser(__doc__)
     add = p.add_argument
     add("--data", default="tiny", choices=("tiny", "imagenet", "folder"), help="labelled data layout (see above)")
     add("--data-root", default="data", help="folder holding the data (tiny: DIR/tiny-imagenet-200/)")
@@ -345,7 +343,7 @@ def build_parser():
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    args.device = ce_cli.resolve_device(args.device, p)
+    args.device = cli.resolve_device(args.device, p)
     if not args.ckpt and not args.random_init:
         p.error("nothing to probe: give --ckpt and/or --random-init dcgan|alexnet")
     for k in ("epochs", "batch_size", "extract_batch", "max_dims", "width", "bottleneck"):
@@ -361,7 +359,7 @@ def model_specs(args):
     inits first; each copies the flags and seed of the first checkpoint of its arch, if any."""
     ckpts = []
     for path in args.ckpt:
-        st = ce_checkpoint.read_checkpoint(path)
+        st = checkpoints.read_checkpoint(path)
         a = dict(st["args"])
         ckpts.append(dict(label=path, arch=a.get("arch", "dcgan"), a=a, weights=st["G"], ckpt=st["path"],
                           step=st.get("step")))
@@ -429,7 +427,7 @@ def main(argv=None):
         try:
             res = probe_model(spec, decoded[size], args, len(names))
         except torch.cuda.OutOfMemoryError:
-            raise ce_cli.UserError("out of GPU memory for the features (about N x 6 x --max-dims floats per model); "
+            raise cli.UserError("out of GPU memory for the features (about N x 6 x --max-dims floats per model); "
                                    "lower --max-train or --max-dims") from None
         n_train, n_val = len(decoded[size][0][1]), len(decoded[size][1][1])
         results.append({"model": spec["label"], "arch": spec["arch"], "ckpt": spec["ckpt"], "step": spec["step"],
@@ -445,4 +443,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    ce_cli.run(main)
+    cli.run(main)

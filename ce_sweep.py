@@ -17,20 +17,16 @@ import time
 
 import torch
 
-import ce_checkpoint
-import ce_cli
 import ce_data
-import ce_datasets
-import ce_baselines
 import ce_eval
-import ce_figures
 import ce_train
+from ce_utils import baselines, checkpoints, cli, datasets, figures
 
 COLUMNS = ("ratio", "lam_rec", "lam_adv", "data", "steps", "psnr", "l1", "l2", "psnr_region", "n_images", "wall_s")
 
 
 def parse_args(argv=None):
-    p = ce_cli.Parser(__doc__, usage="%(prog)s [--ratios R [R ...]] [--out OUT] [--n N] [-- CE_TRAIN_FLAGS ...]")
+    p = cli.Parser(__doc__, usage="%(prog)s [--ratios R [R ...]] [--out OUT] [--n N] [-- CE_TRAIN_FLAGS ...]")
     p.add_argument("--ratios", type=float, nargs="+", default=[1, 100, 200, 1000], metavar="R",
                    help="lambda_rec / lambda_adv ratios, one run each (seed report: 1, 100, 200, 500, 1000)")
     p.add_argument("--out", default=os.path.join("runs", "sweep"),
@@ -54,10 +50,10 @@ def train_and_evaluate(r, run, train_flags, hw, first):
     t0 = time.time()
     ce_train.main((["--resume", run] if resume else ["--out", run]) + lam + train_flags)
     wall = time.time() - t0
-    G, _, state = ce_checkpoint.load_checkpoint(os.path.join(run, "ckpt.pt"), hw.device)
+    G, _, state = checkpoints.load_checkpoint(os.path.join(run, "ckpt.pt"), hw.device)
     a = state["args"]
-    images = ce_datasets.load_split(a["data"], a["data_root"], "val", a["load_size"], a["shapes_n"])
-    methods = ("model",) + (ce_baselines.BASELINES if first else ())
+    images = datasets.load_split(a["data"], a["data_root"], "val", a["load_size"], a["shapes_n"])
+    methods = ("model",) + (baselines.BASELINES if first else ())
     res = ce_eval.evaluate(G, images, a["overlap"], a["ring"], a["fill"], methods, dtype=hw.dtype)
     return G, state, images, res, wall
 
@@ -68,7 +64,7 @@ def write_table(rows, out):
     w = csv.DictWriter(buf, COLUMNS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in rows])
-    ce_cli.atomic_write(os.path.join(out, "sweep.csv"), buf.getvalue())
+    cli.atomic_write(os.path.join(out, "sweep.csv"), buf.getvalue())
     print(f"\n{'ratio':<14}{'steps':>7}{'PSNR dB':>9}{'L1 %':>8}{'L2 %':>8}{'wall s':>9}   "
           f"({rows[-1]['data']}, held-out, hole)")
     for row in rows:
@@ -79,26 +75,26 @@ def write_table(rows, out):
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    hw = ce_cli.Hardware("cuda" if torch.cuda.is_available() else "cpu")
+    hw = cli.Hardware("cuda" if torch.cuda.is_available() else "cpu")
     rows, runs, models = [], [], []
     for r in args.ratios:
         run = os.path.join(args.out, f"ratio{r:g}")
         G, state, images, res, wall = train_and_evaluate(r, run, args.train, hw, first=not rows)
         a = state["args"]
         if not rows:  # the classical baselines do not depend on lambda: one row each, for reference
-            rows += [{"ratio": m, "data": a["data"], **res[m]} for m in ce_baselines.BASELINES]
+            rows += [{"ratio": m, "data": a["data"], **res[m]} for m in baselines.BASELINES]
         rows.append({"ratio": f"x{r:g}", "lam_rec": a["lam_rec"], "lam_adv": a["lam_adv"], "data": a["data"],
                      "steps": state["step"], **res["model"], "wall_s": round(wall, 1)})
         runs.append(run)
         models.append((f"x{r:g}", G, a))
     write_table(rows, args.out)
     labels = [label for label, _, _ in models]
-    ce_figures.plot_curves(runs, os.path.join(args.out, "curves.png"), labels)
+    figures.plot_curves(runs, os.path.join(args.out, "curves.png"), labels)
     x = ce_data.eval_batch(images[:args.n])
-    notes = ce_figures.run_labels(runs, labels)[1]   # "x1000 = runs/sweep/ratio1000: lam_adv=0.000999 lam_rec=0.999"
+    notes = figures.run_labels(runs, labels)[1]   # "x1000 = runs/sweep/ratio1000: lam_adv=0.000999 lam_rec=0.999"
     ce_eval.comparison_figure(models, x, os.path.join(args.out, "figure.png"), hw.dtype, notes)
     print(f"wrote {args.out}/sweep.csv, {args.out}/curves.png, {args.out}/figure.png")
 
 
 if __name__ == "__main__":
-    ce_cli.run(main)
+    cli.run(main)

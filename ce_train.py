@@ -10,8 +10,8 @@
 Each step: one D update on (real centre, detached G(x)), then one G update with the joint loss on the same
 batch, reusing that G(x). Logs to OUT/log.jsonl; evaluates, samples and checkpoints every --eval-every steps.
 Read main() first: it is the whole algorithm; the helpers above it are defined in the order main uses them.
-The flags, their paper values and the variant presets are in ce_config.py; the run's bookkeeping (its state,
-saving and resuming it exactly, its folder, the lines it prints at the start) in ce_run.py.
+The flags, their paper values and the variant presets are in ce_utils/config.py; the run's bookkeeping (its state,
+saving and resuming it exactly, its folder, the lines it prints at the start) in ce_utils/runstate.py.
 """
 import contextlib
 import math
@@ -25,17 +25,12 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import ce_cli
-import ce_config
 import ce_data
-import ce_datasets
 import ce_eval
-import ce_figures
 import ce_losses
 import ce_masks
 import ce_model
-import ce_run
-
+from ce_utils import cli, config, datasets, figures, runstate
 
 # ----------------------------------------------------------------------------------------------------------------
 # Networks, optimisers and the training step
@@ -159,7 +154,7 @@ def make_train_step(G, D, optG, optD, W, args, ctx=contextlib.nullcontext(), ddp
     random-mask model; its W comes with each batch). Returns a (5,) tensor: loss_D, loss_rec,
     loss_adv, D(x), D(G(x)), left on the device (no host sync). With lambda_adv = 0, D is never run.
 
-    ctx is the autocast context (ce_cli.Hardware.ctx; none by default). ddp wraps G and D for
+    ctx is the autocast context (cli.Hardware.ctx; none by default). ddp wraps G and D for
     DistributedDataParallel (gradients averaged across ranks in backward). The G step's pass through D uses the
     plain module: D is frozen there, and DDP would wait for gradients that never come.
     """
@@ -212,7 +207,7 @@ def cuda_graphed(train_step, warmup=GRAPH_WARMUP):
     batch copied into the graph's static inputs, then replayed; after that each call copies its batch (the real
     images and the masks' random numbers) into those inputs and replays. The batch must keep its shapes (Batches
     drops the last partial batch). Needs Adam(capturable=True) (build_training) and, under autocast, no cast cache
-    (ce_cli.Hardware(cuda_graph=True)). Other threads' CUDA calls (the copies of Batches' streaming thread and of
+    (cli.Hardware(cuda_graph=True)). Other threads' CUDA calls (the copies of Batches' streaming thread and of
     make_masker's worker, on their own streams) do not disturb the capture. The eager make_train_step stays the
     reference the graph is tested against (tests/test_cuda_graph.py)."""
     side, graph, static, out, calls = torch.cuda.Stream(), None, None, None, 0
@@ -266,7 +261,7 @@ def log_window(run, stop, args, total, epoch, world, master):
         flags = torch.stack([torch.tensor(int(halt), device=run.acc.device), run.bad_step])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         halt, run.bad_step = bool(flags[0]), flags[1]
-    rec = dict(zip(ce_run.STATS, (run.acc / run.n_acc).tolist()))   # CPU-GPU sync point
+    rec = dict(zip(runstate.STATS, (run.acc / run.n_acc).tolist()))   # CPU-GPU sync point
     run.check_finite()
     dt = time.time() - run.t_log
     ips = run.n_acc * args.batch_size * world / dt
@@ -281,8 +276,8 @@ def log_window(run, stop, args, total, epoch, world, master):
            f"D(x) {rec['D_x']:.2f} | D(G(x)) {rec['D_G_x']:.2f}") if use_d else f"rec {rec['loss_rec']:.4f}"
     if master:   # the ETA: the window's pace (step 1's includes the warm-up)
         print(f"step {run.step}/{total} | epoch {epoch} | {gan} | {ips:,.0f} img/s | "
-              f"ETA {ce_run.fmt_time((total - run.step) * dt / run.n_acc)}{warn}")
-        ce_cli.append_log(os.path.join(args.out, "log.jsonl"), {
+              f"ETA {runstate.fmt_time((total - run.step) * dt / run.n_acc)}{warn}")
+        cli.append_log(os.path.join(args.out, "log.jsonl"), {
             "step": run.step, "epoch": epoch, **{k: round(v, 6) for k, v in rec.items()}, "img_per_s": round(ips, 1),
             "time": round(time.time(), 2), **({"warning": "D wins"} if warn else {})})
     run.acc.zero_()
@@ -301,15 +296,15 @@ def evaluate_and_save(run, nets, args, val_u8, fixed, hw, epoch, total):
     run.check_finite(evaluation=r)
     masked, filled = ce_eval.inpaint(G, fixed, args.overlap, args.ring, args.fill, hw.dtype, args.mask)
     os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-    ce_figures.save_grid(os.path.join(args.out, "samples", f"step_{run.step:07d}.png"), [masked, filled, fixed])
+    figures.save_grid(os.path.join(args.out, "samples", f"step_{run.step:07d}.png"), [masked, filled, fixed])
     is_best = r["psnr"] > run.best
     run.best = max(run.best, r["psnr"])
     # order matters for a kill at any moment: the log record, then best.pt, then ckpt.pt (which resumes)
-    ce_cli.append_log(os.path.join(args.out, "log.jsonl"),
+    cli.append_log(os.path.join(args.out, "log.jsonl"),
                       {"step": run.step, "eval": {k: round(v, 4) for k, v in r.items()}})
     if is_best:
-        ce_run.save(os.path.join(args.out, "best.pt"), nets, args, run, epoch)
-    ce_run.save(os.path.join(args.out, "ckpt.pt"), nets, args, run, epoch)
+        runstate.save(os.path.join(args.out, "best.pt"), nets, args, run, epoch)
+    runstate.save(os.path.join(args.out, "ckpt.pt"), nets, args, run, epoch)
     run.last_good = os.path.join(args.out, "ckpt.pt")
     if run.step == total or time.time() - run.t_pictures >= PICTURES_EVERY_S:
         draw_pictures(run, args)
@@ -325,8 +320,8 @@ def draw_pictures(run, args):
     """OUT/curves.png and OUT/evolution.gif from the log and the sample grids so far. About a second each time
     (matplotlib's text layout), so at an evaluation at most every PICTURES_EVERY_S seconds, and when the run ends
     or is stopped by a signal."""
-    ce_figures.plot_curves([args.out], os.path.join(args.out, "curves.png"))
-    ce_figures.make_gif(args.out)
+    figures.plot_curves([args.out], os.path.join(args.out, "curves.png"))
+    figures.make_gif(args.out)
     run.t_pictures = time.time()
 
 
@@ -346,7 +341,7 @@ def finish(run, nets, args, stop, halt, world, total, epoch, master):
         sig = stop[0] if stop else signal.SIGTERM
         name = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(sig, signal.Signals(sig).name)
         if master:
-            ce_run.save(os.path.join(args.out, "ckpt.pt"), nets, args, run, epoch)
+            runstate.save(os.path.join(args.out, "ckpt.pt"), nets, args, run, epoch)
             print(f"\n{name}: saved {args.out}/ckpt.pt at step {run.step}/{total}. "
                   f"Resume with: python ce_train.py --resume {args.out}")
             try:       # the pictures are a convenience: failing to draw them must not change how the run ends
@@ -365,17 +360,17 @@ def finish(run, nets, args, stop, halt, world, total, epoch, master):
 # ----------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    args = ce_config.parse_args(argv, __doc__)
+    args = config.parse_args(argv, __doc__)
     if hasattr(sys.stdout, "reconfigure"):       # (a notebook's stdout has none)
         sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once, also when piped to a file
     rank, world = setup_distributed(args)
     master = rank == 0                            # only rank 0 prints, logs, samples and checkpoints
-    hw = ce_cli.Hardware(args.device, args.dtype, args.channels_last, args.cuda_graph)
+    hw = cli.Hardware(args.device, args.dtype, args.channels_last, args.cuda_graph)
     torch.manual_seed(args.seed)                  # same initial weights on every rank
-    with ce_run.run_folder(args, master):         # OUT is this run's until it ends: a second run is refused
+    with runstate.run_folder(args, master):         # OUT is this run's until it ends: a second run is refused
         # ---- data: decoded once into uint8 (ce_datasets), batches cut, augmented and masked on the device (ce_data)
-        train_u8 = ce_datasets.load_split(args.data, args.data_root, "train", args.load_size, args.shapes_n)
-        val_u8 = ce_datasets.load_split(args.data, args.data_root, "val", args.load_size,
+        train_u8 = datasets.load_split(args.data, args.data_root, "train", args.load_size, args.shapes_n)
+        val_u8 = datasets.load_split(args.data, args.data_root, "val", args.load_size,
                                         args.shapes_n)[:args.eval_images]
         size = ce_model.INPUT_SIZE[args.arch]                 # 128 px crops (Fig. 2), 227 for AlexNet (5.2)
         batches = ce_data.Batches(train_u8, args.batch_size, hw.device, args.seed, args.flip, size,
@@ -386,21 +381,21 @@ def main(argv=None):
         # ---- networks and optimisers (paper 4); a resumed run takes up all of its state
         G, D, optG, optD, W = build_training(args, hw, world)
         nets = dict(G=G, D=D, optG=optG, optD=optD)
-        run = ce_run.RunState(hw.device)
+        run = runstate.RunState(hw.device)
         if args.resume:
-            ce_run.resume(args, nets, run, hw.device, master, total)
+            runstate.resume(args, nets, run, hw.device, master, total)
         draw_numbers, cut_holes = make_masker(args, W, rank, world)
         train_step = masked_step(make_train_step(G, D, optG, optD, W, args, hw.ctx, ddp_wrapper(hw.device, world)),
                                  cut_holes)
         if args.cuda_graph:                       # CUDA, one device: the same step, masking included, as one graph
             train_step = cuda_graphed(train_step)
         if master:
-            ce_run.announce(args, world, len(train_u8), len(val_u8), G, D, total)
+            runstate.announce(args, world, len(train_u8), len(val_u8), G, D, total)
 
         # ---- train: batch -> D step (Eq. 2) -> G step (Eq. 3) -> log -> evaluate, sample, checkpoint
         G.train(), D.train()
         halt = False
-        with ce_cli.signals_caught() as stop:    # SIGINT/SIGTERM/SIGHUP: finish the step, save, say how to resume
+        with cli.signals_caught() as stop:    # SIGINT/SIGTERM/SIGHUP: finish the step, save, say how to resume
             run.t_log = time.time()
             while run.step < total and not halt:
                 real = batches.get(run.step)                                    # (B, 3, 128, 128) in [-1, 1]
@@ -415,4 +410,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    ce_cli.run(main)
+    cli.run(main)

@@ -16,10 +16,10 @@ def shapes_root(tmp_path_factory):
     """A data folder whose embedded-data cache (64 train images, the 512 held-out ones) is made once per test
     session: generating it takes about a second, and most tests only need some data to train on. Tests that
     are about making or reading the cache use folders of their own."""
-    import ce_datasets
+    from ce_utils import datasets
     root = str(tmp_path_factory.getbasetemp() / "tiny-shapes-data")
     for split in ("train", "val"):
-        ce_datasets.load_split("shapes", root, split, 128, 64)
+        datasets.load_split("shapes", root, split, 128, 64)
     return root
 
 

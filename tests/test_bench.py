@@ -36,6 +36,7 @@ def test_full_size_step_flops_counted_equal_hand_count():
     """The paper network's step, counted by ce_bench on one real step: 3.72 GFLOP per image, equal to the hand
     count (the issue's 3.93 also counted D's weight gradients in the G step, which ce_train skips: D is frozen)."""
     import torch
+
     import ce_data
     import ce_train
     a = ce_bench.parse_args(["--device", "cpu"])
@@ -53,7 +54,9 @@ def test_speed_switches_do_not_change_the_numbers():
     so the second step's losses differed by 0.4 % with channels_last, and with bf16 left the tolerance for 4 of 20
     random initialisations (this test, unseeded, failed now and then on whichever one it drew)."""
     import contextlib
+
     import torch
+
     import ce_data
     import ce_train
     a = ce_bench.parse_args(["--device", "cpu", "--width", "8", "--bottleneck", "16"])

@@ -4,14 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import TINY
 
-import ce_checkpoint
-import ce_cli
-import ce_config
 import ce_eval
 import ce_model
 import ce_train
-from conftest import TINY
+from ce_utils import checkpoints, cli, config
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +32,11 @@ def damaged(run, tmp_path, change):
 
 
 def test_a_new_checkpoint_has_the_format_and_every_training_flag(run):
-    state = ce_checkpoint.read_checkpoint(run, resume=True)
-    assert state["format"] == ce_checkpoint.FORMAT == 2
-    flags = set(vars(ce_config.parse_args(["--device", "cpu", "--out", str(run.parent / "x")])))
-    saved = flags - set(ce_config.RUNTIME) - {"out", "quick"}
-    assert saved == set(ce_checkpoint.EVAL_ARGS) | set(ce_checkpoint.RESUME_ARGS)   # the schema knows every flag
+    state = checkpoints.read_checkpoint(run, resume=True)
+    assert state["format"] == checkpoints.FORMAT == 2
+    flags = set(vars(config.parse_args(["--device", "cpu", "--out", str(run.parent / "x")])))
+    saved = flags - set(config.RUNTIME) - {"out", "quick"}
+    assert saved == set(checkpoints.EVAL_ARGS) | set(checkpoints.RESUME_ARGS)   # the schema knows every flag
 
 
 def test_a_format_1_checkpoint_without_log_window_resumes_with_a_note(run, tmp_path, capsys):
@@ -48,7 +46,7 @@ def test_a_format_1_checkpoint_without_log_window_resumes_with_a_note(run, tmp_p
     ce_train.main(["--resume", str(path), "--steps", "3", "--device", "cpu"])
     err = capsys.readouterr().err
     assert f"note: {path} is a format-1 checkpoint without log_window" in err
-    assert ce_checkpoint.read_checkpoint(path, resume=True)["step"] == 3
+    assert checkpoints.read_checkpoint(path, resume=True)["step"] == 3
 
 
 @pytest.mark.parametrize("change,words", [
@@ -61,11 +59,11 @@ def test_a_format_1_checkpoint_without_log_window_resumes_with_a_note(run, tmp_p
 def test_what_only_a_resume_needs_is_refused_for_resume_and_fine_for_eval(run, tmp_path, capsys, change, words):
     path = damaged(run, tmp_path, change)
     with pytest.raises(SystemExit) as e:
-        ce_cli.run(ce_train.main, ["--resume", str(path), "--steps", "3", "--device", "cpu"])
+        cli.run(ce_train.main, ["--resume", str(path), "--steps", "3", "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1
     assert err.startswith(f"error: {path}: cannot resume from it: {words}")
-    G, _, _ = ce_checkpoint.load_checkpoint(path)          # ce_eval --ckpt needs only G, D and the network/mask flags
+    G, _, _ = checkpoints.load_checkpoint(path)          # ce_eval --ckpt needs only G, D and the network/mask flags
     assert ce_model.count_params(G) > 0
 
 
@@ -88,7 +86,7 @@ def test_broken_layouts_are_refused_in_one_line_by_eval_and_resume(run, tmp_path
     for main, argv in ((ce_eval.main, ["--ckpt", str(path), "--device", "cpu", "--max-images", "4"]),
                        (ce_train.main, ["--resume", str(path), "--steps", "3", "--device", "cpu"])):
         with pytest.raises(SystemExit) as e:
-            ce_cli.run(main, argv)
+            cli.run(main, argv)
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(f"error: {path}: "), err
         assert words in err

@@ -6,19 +6,18 @@ import json
 
 import pytest
 import torch
-
-import ce_cli
-import ce_config
-import ce_train
 from conftest import TINY
+
+import ce_train
+from ce_utils import cli, config
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def test_flag_is_off_on_a_cpu_and_refused_when_asked_for(tmp_path, capsys):
-    assert ce_config.parse_args(["--device", "cpu", "--out", str(tmp_path / "a")]).cuda_graph is False
+    assert config.parse_args(["--device", "cpu", "--out", str(tmp_path / "a")]).cuda_graph is False
     with pytest.raises(SystemExit) as e:
-        ce_config.parse_args(["--device", "cpu", "--cuda-graph", "--out", str(tmp_path / "b")])
+        config.parse_args(["--device", "cpu", "--cuda-graph", "--out", str(tmp_path / "b")])
     assert e.value.code == 2 and "--cuda-graph needs a CUDA device" in capsys.readouterr().err
 
 
@@ -39,7 +38,7 @@ def test_a_graphed_runs_checkpoint_resumes_on_a_cpu(tmp_path, tiny_flags, shapes
 def test_resumed_optimiser_state_takes_its_parameters_layout():
     """A CPU run's Adam moments are NCHW; on a GPU the parameters are channels_last, and the fused Adam of a graphed
     run refuses moments whose strides differ from their parameter's (found resuming a CPU run on an H200)."""
-    import ce_checkpoint
+    from ce_utils import checkpoints
 
     def adam(channels_last):
         torch.manual_seed(0)
@@ -51,7 +50,7 @@ def test_resumed_optimiser_state_takes_its_parameters_layout():
     conv(torch.rand(2, 3, 8, 8)).sum().backward()
     opt.step()
     conv2, opt2 = adam(True)
-    ce_checkpoint.load_weights({"opt": opt2}, {"opt": opt.state_dict(), "path": "x.pt"})
+    checkpoints.load_weights({"opt": opt2}, {"opt": opt.state_dict(), "path": "x.pt"})
     w = conv2.weight
     assert opt2.state[w]["exp_avg"].stride() == w.stride() != opt.state[conv.weight]["exp_avg"].stride()
     assert torch.equal(opt2.state[w]["exp_avg"], opt.state[conv.weight]["exp_avg"])
@@ -102,8 +101,8 @@ def losses(graph, mask, eager_like_graph=True, steps=20):
     those of an ungraphed run. cudnn is made deterministic, so that only the graph can make a difference."""
     torch.manual_seed(0)
     like = graph or eager_like_graph
-    t = ce_config.default_args(device="cuda", width=16, bottleneck=64, mask=mask, cuda_graph=like)
-    hw = ce_cli.Hardware("cuda", "auto", None, like)
+    t = config.default_args(device="cuda", width=16, bottleneck=64, mask=mask, cuda_graph=like)
+    hw = cli.Hardware("cuda", "auto", None, like)
     torch.backends.cudnn.benchmark = False          # Hardware turns autotuning on; the fixture restores it
     G, D, optG, optD, W = ce_train.build_training(t, hw)
     draw_numbers, cut_holes = ce_train.make_masker(t, W)
@@ -121,7 +120,7 @@ def losses(graph, mask, eager_like_graph=True, steps=20):
 
 @pytest.fixture
 def deterministic_cudnn():
-    """cuDNN deterministic for the comparison; it and TF32 (which ce_cli.Hardware turns on) restored after."""
+    """cuDNN deterministic for the comparison; it and TF32 (which cli.Hardware turns on) restored after."""
     b = torch.backends
     saved = b.cudnn.deterministic, b.cudnn.benchmark, b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32
     b.cudnn.deterministic, b.cudnn.benchmark = True, False
@@ -166,7 +165,7 @@ def test_masks_are_the_same_on_the_gpu_as_on_a_cpu(kind, deterministic_cudnn):
     """Random masks are drawn on the CPU and built on the device. Blocks are integer work: the same exactly. A
     region is a smooth field thresholded: the last bit of float rounding may put a rare pixel on the other side."""
     import ce_masks
-    ce_cli.Hardware("cuda")                           # as in a run: TF32 allowed for matrix products
+    cli.Hardware("cuda")                           # as in a run: TF32 allowed for matrix products
     gpu = ce_masks.random_masks(kind, 512, (0, "mask", 7), 128, "cuda").cpu()
     cpu = ce_masks.random_masks(kind, 512, (0, "mask", 7), 128, "cpu")
     differ = (gpu != cpu).flatten(1).any(1)
@@ -179,7 +178,7 @@ def test_masks_are_the_same_on_the_gpu_as_on_a_cpu(kind, deterministic_cudnn):
 @cuda
 def test_a_cpu_runs_checkpoint_resumes_graphed_on_the_gpu(tmp_path, tiny_flags, shapes_root, capsys):
     """NCHW moments and host step counts from a CPU run, taken up by the GPU's fused, capturable Adam (this failed
-    on an H200 before ce_checkpoint.keep_implementation gave the moments their parameters' layout)."""
+    on an H200 before checkpoints.keep_implementation gave the moments their parameters' layout)."""
     out = tmp_path / "run"
     ce_train.main(tiny_flags + ["--steps", "2", "--eval-every", "2", "--batch-size", "4", "--out", str(out)])
     ce_train.main(["--resume", str(out), "--steps", "8", "--data-root", shapes_root, "--device", "cuda"])
@@ -192,8 +191,8 @@ def test_streamed_batches_reach_the_gpu_and_feed_a_captured_step():
     """On a GPU a streamed batch is copied by the worker thread on its own stream (ce_data.copy_ahead), also while
     cuda_graphed captures: the batches equal the resident ones, and a graphed function of them its eager result."""
     import ce_data
-    import ce_shapes
-    imgs = ce_shapes.make_shapes(24, seed=4, size=144)
+    from ce_utils import synthetic
+    imgs = synthetic.make_shapes(24, seed=4, size=144)
     res = ce_data.Batches(imgs, 4, "cuda", seed=1, resident=True)
     st = ce_data.Batches(imgs, 4, "cuda", seed=1, resident=False)
     assert st.streaming

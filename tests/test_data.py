@@ -10,10 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-import ce_cli
 import ce_data
-import ce_datasets
-import ce_shapes
+from ce_utils import cli, datasets, synthetic
 
 
 def jpeg_bytes(color=(200, 30, 30), size=(64, 64), mode="RGB"):
@@ -48,19 +46,19 @@ def test_tiny_download_check_extract_and_cache(tmp_path, monkeypatch):
     root = tmp_path / "data"
     os.makedirs(root)
     (root / "tiny-imagenet-200.zip.part").write_bytes(b"half a download from an earlier run")
-    train = ce_datasets.load_split("tiny", str(root), "train")
+    train = datasets.load_split("tiny", str(root), "train")
     assert train.shape == (6, 128, 128, 3) and train.dtype == np.uint8
     assert (root / "tiny-imagenet-200" / "train").is_dir()
     assert not (root / "tiny-imagenet-200.zip.part").exists()  # the stale part was replaced, then renamed
     assert zipfile.is_zipfile(root / "tiny-imagenet-200.zip")
-    val = ce_datasets.load_split("tiny", str(root), "val")
-    test = ce_datasets.load_split("tiny", str(root), "test")
+    val = datasets.load_split("tiny", str(root), "val")
+    test = datasets.load_split("tiny", str(root), "test")
     assert len(val) == 4 and len(test) == 1
     # colour of val_2 survives decoding + 2x upsampling (JPEG tolerance)
     assert np.abs(val[2].reshape(-1, 3).mean(0) - (10, 40, 30)).max() < 4
     # second call: served from the cache, no decoding
-    monkeypatch.setattr(ce_datasets, "decode_files", lambda *a, **k: pytest.fail("decoded again"))
-    assert np.array_equal(ce_datasets.load_split("tiny", str(root), "train"), train)
+    monkeypatch.setattr(datasets, "decode_files", lambda *a, **k: pytest.fail("decoded again"))
+    assert np.array_equal(datasets.load_split("tiny", str(root), "train"), train)
 
 
 class FlakyServer(http.server.BaseHTTPRequestHandler):
@@ -94,12 +92,12 @@ def test_download_cut_half_way_then_resumed(tmp_path, monkeypatch):
     try:
         monkeypatch.setenv("CE_TINY_URL", f"http://127.0.0.1:{server.server_address[1]}/tiny-imagenet-200.zip")
         root = tmp_path / "data"                  # does not exist yet: created for Tiny ImageNet
-        with pytest.raises(ce_cli.DataError, match="run again to resume"):
-            ce_datasets.load_split("tiny", str(root), "train")
+        with pytest.raises(cli.DataError, match="run again to resume"):
+            datasets.load_split("tiny", str(root), "train")
         part = root / "tiny-imagenet-200.zip.part"
         half = len(FlakyServer.data) // 2
         assert part.stat().st_size == half and not (root / "tiny-imagenet-200.zip").exists()
-        train = ce_datasets.load_split("tiny", str(root), "train")       # the next run resumes from byte `half`
+        train = datasets.load_split("tiny", str(root), "train")       # the next run resumes from byte `half`
         assert FlakyServer.ranges == [None, f"bytes={half}-"]
         assert train.shape == (6, 128, 128, 3) and not part.exists()
         assert (root / "tiny-imagenet-200.zip").read_bytes() == FlakyServer.data
@@ -109,8 +107,8 @@ def test_download_cut_half_way_then_resumed(tmp_path, monkeypatch):
 
 def test_tiny_offline_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("CE_TINY_URL", "http://127.0.0.1:9/tiny-imagenet-200.zip")  # nothing listens on port 9
-    with pytest.raises(ce_cli.DataError, match="could not download.*by hand"):
-        ce_datasets.load_split("tiny", str(tmp_path), "train")
+    with pytest.raises(cli.DataError, match="could not download.*by hand"):
+        datasets.load_split("tiny", str(tmp_path), "train")
     assert not (tmp_path / "tiny-imagenet-200.zip").exists()
 
 
@@ -124,8 +122,8 @@ def test_bad_tiny_archive(tmp_path, damage):
             z.writestr("something/else.txt", "x")
     else:
         arc.write_bytes(bad)
-    with pytest.raises(ce_cli.DataError, match="tiny-imagenet-200.zip"):
-        ce_datasets.load_split("tiny", str(tmp_path), "train")
+    with pytest.raises(cli.DataError, match="tiny-imagenet-200.zip"):
+        datasets.load_split("tiny", str(tmp_path), "train")
     assert not (tmp_path / "tiny-imagenet-200").exists()  # nothing half-extracted is left to be mistaken
 
 
@@ -151,9 +149,9 @@ def make_messy_folder(root):
 def test_messy_folder_converted_skipped_counted(tmp_path, capsys):
     root = tmp_path / "photos"
     make_messy_folder(root)
-    files, other = ce_datasets.list_images(str(root))
+    files, other = datasets.list_images(str(root))
     assert len(files) == 10 and other == 1
-    arr, stats = ce_datasets.decode_files(files, 128, "test")
+    arr, stats = datasets.decode_files(files, 128, "test")
     capsys.readouterr()
     assert arr.shape == (7, 128, 128, 3)
     assert stats["skipped"] == 3 and stats["upsampled"] == 1
@@ -173,20 +171,20 @@ def test_folder_split_cache_and_stale_cache(tmp_path, capsys):
     make_messy_folder(root)
     for i in range(30):
         Image.new("RGB", (128, 128), (i, 2 * i, 3 * i)).save(root / f"img{i:02d}.png")
-    train = ce_datasets.load_split("folder", str(root), "train")
-    val = ce_datasets.load_split("folder", str(root), "val")
+    train = datasets.load_split("folder", str(root), "train")
+    val = datasets.load_split("folder", str(root), "val")
     err = capsys.readouterr().err
     assert "skipped 3 unreadable" in err and "upsampled" in err and "ignored 1 file" in err
     assert len(train) + len(val) == 37 and len(val) >= 1
-    assert np.array_equal(ce_datasets.load_split("folder", str(root), "val"), val)   # deterministic split
+    assert np.array_equal(datasets.load_split("folder", str(root), "val"), val)   # deterministic split
     # a new file changes the file list: the cache is rebuilt, never silently reused
     Image.new("RGB", (128, 128), (1, 2, 3)).save(root / "new.png")
-    assert len(ce_datasets.load_split("folder", str(root), "train")) + len(ce_datasets.load_split("folder", str(root), "val")) == 38
+    assert len(datasets.load_split("folder", str(root), "train")) + len(datasets.load_split("folder", str(root), "val")) == 38
     # a damaged cache file (wrong size) is detected and rebuilt
     cache = [p for p in (root / ".ce_cache").iterdir() if p.name.startswith("folder-train") and p.suffix == ".npy"]
     assert len(cache) == 1                                        # the stale one was removed
     cache[0].write_bytes(cache[0].read_bytes()[:1000])
-    again = ce_datasets.load_split("folder", str(root), "train")
+    again = datasets.load_split("folder", str(root), "train")
     assert "stale or damaged" in capsys.readouterr().err and len(again) == len(train) + (len(again) - len(train))
     assert again.shape[1:] == (128, 128, 3) and len(again) >= len(train)
 
@@ -195,36 +193,36 @@ def test_imagenet_layout_and_errors(tmp_path):
     for split in ("train/n01", "train/n02", "val/n01"):
         os.makedirs(tmp_path / "inet" / split)
         Image.new("RGB", (150, 130), (5, 6, 7)).save(tmp_path / "inet" / split / "a.JPEG")
-    assert ce_datasets.load_split("imagenet", str(tmp_path / "inet"), "train").shape == (2, 128, 128, 3)
-    assert ce_datasets.load_split("imagenet", str(tmp_path / "inet"), "val").shape == (1, 128, 128, 3)
-    with pytest.raises(ce_cli.DataError, match="does not exist"):
-        ce_datasets.load_split("folder", str(tmp_path / "nowhere"), "train")
+    assert datasets.load_split("imagenet", str(tmp_path / "inet"), "train").shape == (2, 128, 128, 3)
+    assert datasets.load_split("imagenet", str(tmp_path / "inet"), "val").shape == (1, 128, 128, 3)
+    with pytest.raises(cli.DataError, match="does not exist"):
+        datasets.load_split("folder", str(tmp_path / "nowhere"), "train")
     os.makedirs(tmp_path / "empty")
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
-    with pytest.raises(ce_cli.DataError, match="no image files"):
-        ce_datasets.load_split("folder", str(tmp_path / "empty"), "train")
-    with pytest.raises(ce_cli.DataError, match="train/<class>"):
-        ce_datasets.load_split("imagenet", str(tmp_path / "empty"), "train")
+    with pytest.raises(cli.DataError, match="no image files"):
+        datasets.load_split("folder", str(tmp_path / "empty"), "train")
+    with pytest.raises(cli.DataError, match="train/<class>"):
+        datasets.load_split("imagenet", str(tmp_path / "empty"), "train")
 
 
 def test_shapes_deterministic_and_cached(tmp_path):
-    a = ce_shapes.make_shapes(5, seed=1)
+    a = synthetic.make_shapes(5, seed=1)
     assert a.shape == (5, 128, 128, 3) and a.dtype == np.uint8
-    assert np.array_equal(a, ce_shapes.make_shapes(5, seed=1)) and not np.array_equal(a, ce_shapes.make_shapes(5, seed=2))
-    assert np.array_equal(ce_datasets.generate_shapes(300, seed=1, workers=2)[:5], a)  # independent of workers/chunks
-    b = ce_shapes.make_shapes(40, seed=1)
-    assert np.array_equal(ce_shapes.make_block((1, 5, 40, 128)), b[5:])   # independent of the batch it is drawn in
+    assert np.array_equal(a, synthetic.make_shapes(5, seed=1)) and not np.array_equal(a, synthetic.make_shapes(5, seed=2))
+    assert np.array_equal(datasets.generate_shapes(300, seed=1, workers=2)[:5], a)  # independent of workers/chunks
+    b = synthetic.make_shapes(40, seed=1)
+    assert np.array_equal(synthetic.make_block((1, 5, 40, 128)), b[5:])   # independent of the batch it is drawn in
     assert a.std() > 30  # not flat: real content crosses the hole
     # colours in [0.03, 0.97] * 255 - 5.5 (floor) plus noise 0..12: never clipped, so 2 <= value <= 241 + 12
     assert b.min() >= 2 and b.max() <= 253
-    train = ce_datasets.load_split("shapes", str(tmp_path), "train", shapes_n=8)
-    val = ce_datasets.load_split("shapes", str(tmp_path), "val", shapes_n=8)
-    assert len(train) == 8 and len(val) == ce_datasets.SHAPES_VAL and not np.array_equal(train[0], val[0])
-    assert np.array_equal(ce_datasets.load_split("shapes", str(tmp_path), "train", shapes_n=8), train)
+    train = datasets.load_split("shapes", str(tmp_path), "train", shapes_n=8)
+    val = datasets.load_split("shapes", str(tmp_path), "val", shapes_n=8)
+    assert len(train) == 8 and len(val) == datasets.SHAPES_VAL and not np.array_equal(train[0], val[0])
+    assert np.array_equal(datasets.load_split("shapes", str(tmp_path), "train", shapes_n=8), train)
 
 
 def test_batches_deterministic_per_step_and_augmented():
-    imgs = ce_shapes.make_shapes(10, seed=3, size=160)       # --load-size 160: random 128 crops
+    imgs = synthetic.make_shapes(10, seed=3, size=160)       # --load-size 160: random 128 crops
     b = ce_data.Batches(imgs, 4, "cpu", seed=7, flip=True)
     assert b.steps_per_epoch == 2
     x = b.get(0)
@@ -244,13 +242,13 @@ def test_batches_deterministic_per_step_and_augmented():
     g = ce_data.Batches(imgs, 4, "cpu", seed=7)
     assert torch.equal(torch.cat([r0.indices(0), r1.indices(0)]), g.indices(0))
     assert torch.equal(torch.cat([r0.get(1), r1.get(1)]), g.get(1))        # same crops and flips too
-    with pytest.raises(ce_cli.DataError, match="fewer than one batch"):
+    with pytest.raises(cli.DataError, match="fewer than one batch"):
         ce_data.Batches(imgs, 64, "cpu")
 
 
 def test_streaming_batches_equal_resident_and_prefetch_ahead():
     """Data that does not fit on the device streams from host memory with batch k+1 prepared while k trains."""
-    imgs = ce_shapes.make_shapes(12, seed=4, size=144)
+    imgs = synthetic.make_shapes(12, seed=4, size=144)
     res = ce_data.Batches(imgs, 4, "cpu", seed=1, resident=True)
     st = ce_data.Batches(imgs, 4, "cpu", seed=1, resident=False)
     assert st.streaming and not res.streaming

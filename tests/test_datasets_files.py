@@ -11,11 +11,9 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
-
-import ce_cli
-import ce_datasets
-import ce_tiny
 from test_data import make_tiny_zip
+
+from ce_utils import cli, datasets, tinyimagenet
 
 
 class Hung(Exception):
@@ -60,11 +58,11 @@ def rotated_jpeg(path):
 
 def test_exif_orientation_is_applied(tmp_path):
     upright = rotated_jpeg(tmp_path / "phone.jpg")
-    got = np.asarray(ce_datasets.read_rgb(tmp_path / "phone.jpg"))
+    got = np.asarray(datasets.read_rgb(tmp_path / "phone.jpg"))
     assert got.shape == upright.shape == (64, 48, 3)
     assert np.abs(got.astype(int) - upright).mean() < 3          # JPEG error only
     assert got[4, 44, 0] > 180 and got[4, 4, 0] < 60             # red at top-right, not top-left
-    arr, _ = ce_datasets.decode_image(tmp_path / "phone.jpg", 32)  # the dataset path: same orientation
+    arr, _ = datasets.decode_image(tmp_path / "phone.jpg", 32)  # the dataset path: same orientation
     assert arr[2, 30, 0] > 180 and arr[2, 1, 0] < 60
 
 
@@ -94,14 +92,14 @@ def test_odd_entries_are_used_or_counted_never_fatal(tmp_path, monkeypatch, caps
     monkeypatch.setattr(os, "scandir", scandir)
     skipped = {}
     with deadline(30):
-        files, other = ce_datasets.list_images(str(root), skipped)
+        files, other = datasets.list_images(str(root), skipped)
         names = sorted(os.path.basename(f) for f in files)
         assert len(files) == 11 and "link.png" in names and "pipe.jpg" not in names and "gone.png" not in names
         assert skipped["special"] == 1 and skipped["dangling"] == 1 and skipped["unreadable"] == 1
-        held_out = ce_datasets._split_files(files)[1]        # the split hashes the names' bytes: no crash
+        held_out = datasets._split_files(files)[1]        # the split hashes the names' bytes: no crash
         assert len(held_out) == 1 and "bomb" not in held_out[0]     # the bomb is in train, where it is skipped
-        train = ce_datasets.load_split("folder", str(root), "train")
-        val = ce_datasets.load_split("folder", str(root), "val")
+        train = datasets.load_split("folder", str(root), "train")
+        val = datasets.load_split("folder", str(root), "val")
     err = capsys.readouterr().err
     assert "skipped 1 special file" in err and "skipped 1 symbolic link" in err and "skipped 1 unreadable folder" in err
     assert "skipped 1 unreadable image" in err and "decompression bomb" in err       # the bomb: a counted skip
@@ -110,12 +108,12 @@ def test_odd_entries_are_used_or_counted_never_fatal(tmp_path, monkeypatch, caps
 
 def test_special_files_and_bombs_are_refused_by_read_rgb(tmp_path):
     os.mkfifo(tmp_path / "pipe.jpg")
-    with deadline(30), pytest.raises(ce_cli.DataError, match="FIFO"):
-        ce_datasets.read_rgb(tmp_path / "pipe.jpg")
-    with pytest.raises(ce_cli.DataError, match="a folder"):
-        ce_datasets.read_rgb(tmp_path)
-    with pytest.raises(ce_cli.DataError, match="decompression bomb"):
-        ce_datasets.read_rgb(bomb_png(tmp_path / "bomb.png"))
+    with deadline(30), pytest.raises(cli.DataError, match="FIFO"):
+        datasets.read_rgb(tmp_path / "pipe.jpg")
+    with pytest.raises(cli.DataError, match="a folder"):
+        datasets.read_rgb(tmp_path)
+    with pytest.raises(cli.DataError, match="decompression bomb"):
+        datasets.read_rgb(bomb_png(tmp_path / "bomb.png"))
 
 
 @pytest.mark.parametrize("data", ["folder", "shapes"])
@@ -125,7 +123,7 @@ def test_damaged_cache_is_detected_and_rebuilt(tmp_path, capsys, data):
     for i in range(24):
         Image.new("RGB", (128, 128), (i, 5 * i, 255 - i)).save(root / f"{i:02d}.png")
     kw = {"shapes_n": 40} if data == "shapes" else {}
-    first = np.array(ce_datasets.load_split(data, str(root), "train", **kw))
+    first = np.array(datasets.load_split(data, str(root), "train", **kw))
     npy = [p for p in (root / ".ce_cache").iterdir() if p.suffix == ".npy" and "train" in p.name]
     assert len(npy) == 1
     raw = bytearray(npy[0].read_bytes())
@@ -133,10 +131,10 @@ def test_damaged_cache_is_detected_and_rebuilt(tmp_path, capsys, data):
     raw[mid:mid + 16] = bytes(b ^ 0xFF for b in raw[mid:mid + 16])     # 16 flipped bytes, same file size
     npy[0].write_bytes(bytes(raw))
     capsys.readouterr()
-    again = ce_datasets.load_split(data, str(root), "train", **kw)
+    again = datasets.load_split(data, str(root), "train", **kw)
     assert "checksum mismatch" in capsys.readouterr().err
     assert np.array_equal(again, first)                                 # rebuilt: equal to a fresh decode
-    assert np.array_equal(ce_datasets.load_split(data, str(root), "train", **kw), first)   # and clean now
+    assert np.array_equal(datasets.load_split(data, str(root), "train", **kw), first)   # and clean now
     assert capsys.readouterr().err.count("checksum") == 0
 
 
@@ -148,48 +146,48 @@ def test_cache_is_written_to_disk_not_built_in_memory(tmp_path):
         Image.new("RGB", (8, 8), (i, 255 - i, 7)).save(root / f"{i:03d}.png")
     (root / "050x.png").write_text("not an image")
     (root / "100x.png").write_bytes(b"")
-    files, _ = ce_datasets.list_images(str(root))
+    files, _ = datasets.list_images(str(root))
     full_bytes = 150 * 128 * 128 * 3
     tracemalloc.start()
     try:
-        arr, meta = ce_datasets.cached_images(files, 128, str(root / ".ce_cache"), "t", str(root), workers=1)
+        arr, meta = datasets.cached_images(files, 128, str(root / ".ce_cache"), "t", str(root), workers=1)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert peak < full_bytes / 4, f"peak {peak} bytes: the split was held in memory"
     assert isinstance(arr, np.memmap) and arr.shape == (150, 128, 128, 3) and meta["skipped"] == 2
-    expected, _ = ce_datasets.decode_files(files, 128, "in memory", workers=1)
+    expected, _ = datasets.decode_files(files, 128, "in memory", workers=1)
     assert np.array_equal(arr, expected)                       # skipped rows compacted, order kept
     npy = root / ".ce_cache" / os.path.basename(arr.filename)
     assert npy.stat().st_size == arr.offset + full_bytes       # shrunk to the rows kept, no gap
-    assert not [p for p in (root / ".ce_cache").iterdir() if ce_cli.TMP_SUFFIX in p.name]
+    assert not [p for p in (root / ".ce_cache").iterdir() if cli.TMP_SUFFIX in p.name]
 
 
 def test_tiny_download_is_checked_against_the_published_md5(tmp_path, monkeypatch):
     src = make_tiny_zip(tmp_path / "served.zip")
     data = src.read_bytes()
     monkeypatch.delenv("CE_TINY_URL", raising=False)
-    monkeypatch.setattr(ce_tiny, "TINY_URL", src.as_uri())          # "the default URL", served locally
-    monkeypatch.setattr(ce_tiny, "TINY_SIZE", len(data))
-    monkeypatch.setattr(ce_tiny, "TINY_MD5", "0" * 32)
+    monkeypatch.setattr(tinyimagenet, "TINY_URL", src.as_uri())          # "the default URL", served locally
+    monkeypatch.setattr(tinyimagenet, "TINY_SIZE", len(data))
+    monkeypatch.setattr(tinyimagenet, "TINY_MD5", "0" * 32)
     root = tmp_path / "data"
-    with pytest.raises(ce_cli.DataError, match=r"tiny-imagenet-200.zip.part: not the published .* MD5") as e:
-        ce_datasets.load_split("tiny", str(root), "train")
+    with pytest.raises(cli.DataError, match=r"tiny-imagenet-200.zip.part: not the published .* MD5") as e:
+        datasets.load_split("tiny", str(root), "train")
     assert hashlib.md5(data).hexdigest() in str(e.value) and "\n" not in str(e.value)
     assert not os.listdir(root)                                         # the wrong file is not kept
-    monkeypatch.setattr(ce_tiny, "TINY_SIZE", len(data) + 1)        # shorter than published: resumable
-    with pytest.raises(ce_cli.DataError, match="run again to resume"):
-        ce_datasets.load_split("tiny", str(root), "train")
+    monkeypatch.setattr(tinyimagenet, "TINY_SIZE", len(data) + 1)        # shorter than published: resumable
+    with pytest.raises(cli.DataError, match="run again to resume"):
+        datasets.load_split("tiny", str(root), "train")
     assert (root / "tiny-imagenet-200.zip.part").stat().st_size == len(data)
     os.remove(root / "tiny-imagenet-200.zip.part")
-    monkeypatch.setattr(ce_tiny, "TINY_SIZE", len(data))
-    monkeypatch.setattr(ce_tiny, "TINY_MD5", hashlib.md5(data).hexdigest())
-    assert ce_datasets.load_split("tiny", str(root), "train").shape == (6, 128, 128, 3)
+    monkeypatch.setattr(tinyimagenet, "TINY_SIZE", len(data))
+    monkeypatch.setattr(tinyimagenet, "TINY_MD5", hashlib.md5(data).hexdigest())
+    assert datasets.load_split("tiny", str(root), "train").shape == (6, 128, 128, 3)
 
 
 def test_folder_without_test_split_refuses_test(tmp_path):
     for i in range(4):
         Image.new("RGB", (128, 128), (i, i, i)).save(tmp_path / f"{i}.png")
-    with pytest.raises(ce_cli.DataError, match="train and a held-out .val. split only.*--split val"):
-        ce_datasets.load_split("folder", str(tmp_path), "test")
-    assert len(ce_datasets.load_split("folder", str(tmp_path), "val")) == 1
+    with pytest.raises(cli.DataError, match="train and a held-out .val. split only.*--split val"):
+        datasets.load_split("folder", str(tmp_path), "test")
+    assert len(datasets.load_split("folder", str(tmp_path), "val")) == 1

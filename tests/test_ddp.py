@@ -7,13 +7,12 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, TINY
 
 import ce_data
-import ce_datasets
 import ce_losses
-import ce_checkpoint
 import ce_model
-from conftest import ROOT, TINY
+from ce_utils import checkpoints, datasets
 
 
 def free_port():
@@ -31,7 +30,7 @@ def reference_data_parallel(data_root, steps, per_rank=2, world=2):
     optG = torch.optim.Adam(G.parameters(), lr=0.002, betas=(0.5, 0.999))
     optD = torch.optim.Adam(D.parameters(), lr=0.0002, betas=(0.5, 0.999))
     W = ce_losses.overlap_weights(64, 7, 10.0)
-    batches = ce_data.Batches(ce_datasets.load_split("shapes", data_root, "train", 128, 64), per_rank * world, "cpu", 0)
+    batches = ce_data.Batches(datasets.load_split("shapes", data_root, "train", 128, 64), per_rank * world, "cpu", 0)
     rank0 = []
     for step in range(steps):
         masked, target = ce_data.mask_batch(batches.get(step), 7, "visible", "mean")
@@ -62,7 +61,7 @@ def test_torchrun_two_ranks_gloo(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "x 2 ranks" in p.stdout and p.stdout.count("step 3/3") == 1          # rank 0 alone logs
     assert "DDP: 2 ranks, max |weight - rank 0 weight| = 0" in p.stdout         # identical weights on both ranks
-    assert ce_checkpoint.read_checkpoint(out / "ckpt.pt")["step"] == 3
+    assert checkpoints.read_checkpoint(out / "ckpt.pt")["step"] == 3
     with open(out / "log.jsonl") as f:
         logged = [[r["loss_D"], r["loss_rec"], r["loss_adv"]] for r in map(json.loads, f) if "loss_rec" in r]
     # Step 1 is exact up to float rounding; later steps drift slightly because Adam turns rounding-level gradient

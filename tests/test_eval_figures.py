@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 import ce_eval
-import ce_figures
+from ce_utils import figures
 
 
 def hand_grid(columns, per_row, gap):
     """The sample-grid layout as the project wrote it by hand before using torchvision (kept as the reference)."""
-    cols = [ce_figures.to_uint8(c) for c in columns]
+    cols = [figures.to_uint8(c) for c in columns]
     n, h, w = cols[0].shape[:3]
     tuple_w = w * len(cols)
     rows = math.ceil(n / per_row)
@@ -34,18 +34,18 @@ def test_grid_body_is_the_hand_written_layout(n, k, per_row, gap):
     g = torch.Generator().manual_seed(n * 100 + k)
     # values beyond [-1, 1] too: both clamp; sizes not square; a partial last row; one image; no gap
     columns = [torch.rand(n, 3, 12, 10, generator=g) * 2.4 - 1.2 for _ in range(k)]
-    assert np.array_equal(ce_figures.grid_body(columns, per_row, gap), hand_grid(columns, per_row, gap))
+    assert np.array_equal(figures.grid_body(columns, per_row, gap), hand_grid(columns, per_row, gap))
 
 
 def test_save_grid_adds_a_strip_naming_the_columns(tmp_path):
     columns = [torch.full((5, 3, 16, 64), v) for v in (-1.0, 0.0, 1.0)]      # black | grey | white images
     body = hand_grid(columns, 2, 4)
-    path = ce_figures.save_grid(str(tmp_path / "sub" / "g.png"), columns, per_row=2)   # folder created
+    path = figures.save_grid(str(tmp_path / "sub" / "g.png"), columns, per_row=2)   # folder created
     with Image.open(path) as im:
-        assert im.info[ce_figures.GRID_INFO] == str(ce_figures.TITLE_H)
-        assert im.info[ce_figures.GRID_INFO_TITLES] == "masked | filled | original"
+        assert im.info[figures.GRID_INFO] == str(figures.TITLE_H)
+        assert im.info[figures.GRID_INFO_TITLES] == "masked | filled | original"
         png = np.asarray(im.convert("RGB"))
-    top = ce_figures.TITLE_H
+    top = figures.TITLE_H
     assert png.shape == (top + body.shape[0], body.shape[1], 3)
     assert np.array_equal(png[top:], body)                                  # the body is untouched
     strip = png[:top].min(axis=2)
@@ -54,18 +54,18 @@ def test_save_grid_adds_a_strip_naming_the_columns(tmp_path):
             assert strip[:, x0 + 64 * j:x0 + 64 * (j + 1)].min() < 100     # dark text over every column
     assert strip[:, 3 * 64:3 * 64 + 4].min() == 255                         # nothing drawn over the gap
     # titles=(): no strip, exactly the body; other titles are written as given
-    ce_figures.save_grid(str(tmp_path / "plain.png"), columns, per_row=2, titles=())
+    figures.save_grid(str(tmp_path / "plain.png"), columns, per_row=2, titles=())
     assert np.array_equal(np.asarray(Image.open(tmp_path / "plain.png").convert("RGB")), body)
-    ce_figures.save_grid(str(tmp_path / "two.png"), columns[:2], per_row=2, titles=("input", "output"))
-    assert Image.open(tmp_path / "two.png").info[ce_figures.GRID_INFO_TITLES] == "input | output"
+    figures.save_grid(str(tmp_path / "two.png"), columns[:2], per_row=2, titles=("input", "output"))
+    assert Image.open(tmp_path / "two.png").info[figures.GRID_INFO_TITLES] == "input | output"
 
 
 def test_gif_skips_the_title_strip_and_labels_the_step_on_a_dark_strip(tmp_path):
     red = torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1).expand(16, 3, 128, 128)
     for step in (10, 20, 30):
-        ce_figures.save_grid(str(tmp_path / "samples" / f"step_{step:07d}.png"), [red, red, red])
-    gif = Image.open(ce_figures.make_gif(str(tmp_path)))
-    s = ce_figures.GIF_STRIP_H
+        figures.save_grid(str(tmp_path / "samples" / f"step_{step:07d}.png"), [red, red, red])
+    gif = Image.open(figures.make_gif(str(tmp_path)))
+    s = figures.GIF_STRIP_H
     assert gif.n_frames == 3 and gif.size == (774, s + 130)   # 2 rows of 4 tuples, at half scale, under the strip
     frame = np.asarray(gif.convert("RGB")).astype(int)
     assert np.abs(frame[s + 1, 1] - (255, 0, 0)).max() <= 8   # the body starts right under the strip: no titles
@@ -76,9 +76,9 @@ def test_gif_skips_the_title_strip_and_labels_the_step_on_a_dark_strip(tmp_path)
 def test_gif_keeps_whole_rows_of_227_px_grids(tmp_path):
     """AlexNet runs' grids hold 227 px images: the GIF's first 2 rows are 2 whole rows of them."""
     red = torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1).expand(12, 3, 227, 227)
-    ce_figures.save_grid(str(tmp_path / "samples" / "step_0000010.png"), [red, red, red])
-    gif = Image.open(ce_figures.make_gif(str(tmp_path)))
-    assert gif.size[1] == ce_figures.GIF_STRIP_H + int((2 * (227 + 4) - 4) * 0.5)
+    figures.save_grid(str(tmp_path / "samples" / "step_0000010.png"), [red, red, red])
+    gif = Image.open(figures.make_gif(str(tmp_path)))
+    assert gif.size[1] == figures.GIF_STRIP_H + int((2 * (227 + 4) - 4) * 0.5)
 
 
 def write_run(folder, args, steps):
@@ -101,18 +101,18 @@ def test_run_labels_short_with_notes(tmp_path):
         sweep.append(str(tmp_path / f"ratio{r}"))
         write_run(sweep[-1], {**base, "lam_rec": float(f"{r / (1 + r):.6g}"), "lam_adv": float(f"{1 / (1 + r):.6g}")},
                   [1])
-    labels, notes = ce_figures.run_labels(sweep)
+    labels, notes = figures.run_labels(sweep)
     assert labels == ["x1", "x1000"]
     assert notes[1] == f"x1000 = {sweep[1]}: lam_adv=0.000999001 lam_rec=0.999001"
     other = [str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c")]
     for p, (w, lam) in zip(other, ((32, 0.001), (64, 0.001), (64, 0.01))):
         write_run(p, {**base, "width": w, "lam_rec": 0.999, "lam_adv": lam, "out": p}, [1])
-    labels, notes = ce_figures.run_labels(other)
+    labels, notes = figures.run_labels(other)
     assert labels == ["A", "B", "C"]          # width differs too: not a sweep, letters
     assert notes[0] == f"A = {other[0]}: lam_adv=0.001 width=32"
-    labels, notes = ce_figures.run_labels([os.path.join(other[2], "best.pt"), sweep[0]], ["mine", "theirs"])
+    labels, notes = figures.run_labels([os.path.join(other[2], "best.pt"), sweep[0]], ["mine", "theirs"])
     assert labels == ["mine", "theirs"] and notes[0].startswith(f"mine = {os.path.join(other[2], 'best.pt')}: ")
-    assert ce_figures.run_labels([other[0]]) == (["a"], [])
+    assert figures.run_labels([other[0]]) == (["a"], [])
 
 
 def test_curves_short_labels_markers_plain_ticks_and_out_folder(tmp_path, monkeypatch, capsys):
@@ -120,7 +120,7 @@ def test_curves_short_labels_markers_plain_ticks_and_out_folder(tmp_path, monkey
     # steps 1,000,000 + 0..99: the default step axis would read "+1e6" with ticks 0..100
     write_run(runs[0], {"lam_rec": 0.999, "lam_adv": 0.001}, [1000000, 1000050, 1000099])
     write_run(runs[1], {"lam_rec": 0.99, "lam_adv": 0.01}, range(1000000, 1000100))   # 100 points
-    seen, real = {}, ce_figures.finish_figure
+    seen, real = {}, figures.finish_figure
 
     def spy(fig, path, lines=(), **kw):
         ax = fig.axes[1]       # loss_rec
@@ -130,7 +130,7 @@ def test_curves_short_labels_markers_plain_ticks_and_out_folder(tmp_path, monkey
                     xoffset=ax.xaxis.get_offset_text().get_text())
         return real(fig, path, lines, **kw)
 
-    monkeypatch.setattr(ce_figures, "finish_figure", spy)
+    monkeypatch.setattr(figures, "finish_figure", spy)
     ce_eval.main(["--plot", *runs, "--out", str(tmp_path / "new" / "figs")])   # a folder that does not exist
     assert os.path.isfile(tmp_path / "new" / "figs" / "curves.png") and "curves.png" in capsys.readouterr().out
     assert seen["legend"] == ["x999", "x99"] and seen["notes"][0].startswith("x999 = ")
@@ -148,13 +148,13 @@ def test_comparison_figure_short_titles_and_notes_under_it(tmp_path, monkeypatch
     G, _ = ce_model.build_models(8, 16)
     args = {"overlap": 7, "ring": "visible", "fill": "mean"}
     x = torch.rand(2, 3, 128, 128) * 2 - 1
-    titles, real = [], ce_figures.finish_figure
+    titles, real = [], figures.finish_figure
 
     def spy(fig, *a, **kw):
         titles.append([ax.get_title() for ax in fig.axes[:6]])
         return real(fig, *a, **kw)
 
-    monkeypatch.setattr(ce_figures, "finish_figure", spy)
+    monkeypatch.setattr(figures, "finish_figure", spy)
     plain = ce_eval.comparison_figure([("A", G, args), ("B", G, args)], x, str(tmp_path / "a.png"))
     notes = ["A = runs/a: lam_adv=0.001 width=64", "B = runs/b: lam_adv=0.01 width=32 " + "x" * 300]
     noted = ce_eval.comparison_figure([("A", G, args), ("B", G, args)], x, str(tmp_path / "b.png"), notes=notes)

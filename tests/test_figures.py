@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 import ce_eval
-import ce_figures
 import ce_sweep
+from ce_utils import figures
 
 
 def test_sweep_writes_rows_curves_and_figure(tmp_path, tiny_flags, capsys):
@@ -43,18 +43,18 @@ def test_run_labels_name_the_differing_flags(tmp_path):
         with open(tmp_path / name / "args.json", "w") as f:
             json.dump({"lam_adv": lam, "width": 64, "out": str(tmp_path / name)}, f)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    assert ce_figures.run_labels([a, b]) == (["A", "B"], [f"A = {a}: lam_adv=0.001", f"B = {b}: lam_adv=0.01"])
-    assert ce_figures.run_labels([a]) == (["a"], [])
+    assert figures.run_labels([a, b]) == (["A", "B"], [f"A = {a}: lam_adv=0.001", f"B = {b}: lam_adv=0.01"])
+    assert figures.run_labels([a]) == (["a"], [])
 
 
 def test_gif_frame_count_and_size_are_bounded(tmp_path):
     os.makedirs(tmp_path / "samples")
     for s in range(1, 31):
         Image.new("RGB", (1548, 524), (8 * s, 0, 0)).save(tmp_path / "samples" / f"step_{s * 100:07d}.png")
-    gif = Image.open(ce_figures.make_gif(str(tmp_path), max_frames=12))
-    assert gif.n_frames == 12 and gif.size == (774, ce_figures.GIF_STRIP_H + 130)   # + the strip naming the step
+    gif = Image.open(figures.make_gif(str(tmp_path), max_frames=12))
+    assert gif.n_frames == 12 and gif.size == (774, figures.GIF_STRIP_H + 130)   # + the strip naming the step
     gif.seek(11)
-    assert gif.convert("RGB").getpixel((600, ce_figures.GIF_STRIP_H + 100))[0] == 240   # the last frame: last sample
+    assert gif.convert("RGB").getpixel((600, figures.GIF_STRIP_H + 100))[0] == 240   # the last frame: last sample
 
 
 def test_comparison_figure_psnr_labels(tmp_path):
@@ -65,8 +65,8 @@ def test_comparison_figure_psnr_labels(tmp_path):
     path = ce_eval.comparison_figure([("a", G, args), ("b", G, args)], x, str(tmp_path / "f.png"))
     w, h = Image.open(path).size
     assert w > h  # 2 rows x 6 columns
-    with pytest.raises(ce_eval.ce_cli.DataError, match="no training log"):
-        ce_figures.plot_curves([str(tmp_path)], str(tmp_path / "c.png"))
+    with pytest.raises(ce_eval.cli.DataError, match="no training log"):
+        figures.plot_curves([str(tmp_path)], str(tmp_path / "c.png"))
 
 
 def test_plot_cli_overlays_runs(tmp_path, tiny_flags, capsys):
@@ -79,9 +79,9 @@ def test_plot_cli_overlays_runs(tmp_path, tiny_flags, capsys):
     capsys.readouterr()
     ce_eval.main(["--plot", *runs, "--out", str(tmp_path / "both.png")])
     assert "both.png" in capsys.readouterr().out and Image.open(tmp_path / "both.png").size[0] > 400
-    assert ce_figures.run_labels(runs)[0] == ["x999", "x99.9"]   # only lam_adv differs: labelled by lam_rec / lam_adv
+    assert figures.run_labels(runs)[0] == ["x999", "x99.9"]   # only lam_adv differs: labelled by lam_rec / lam_adv
     with pytest.raises(SystemExit) as e:     # neither --ckpt nor --plot: one-line usage error
         ce_eval.main([])
     assert e.value.code == 2 and "--plot RUN" in capsys.readouterr().err
-    with pytest.raises(ce_eval.ce_cli.DataError, match="--split val"):
+    with pytest.raises(ce_eval.cli.DataError, match="--split val"):
         ce_eval.main(["--ckpt", runs[0], "--device", "cpu", "--split", "test"])

@@ -80,6 +80,7 @@ def test_hole_weights_rim_is_a_square_neighbourhood():
     """The rim of hole_weights (hidden pixels within --overlap px of a visible one, chessboard distance), computed as
     a row pass and a column pass, equals one square max-pool over the visible map."""
     import torch.nn.functional as F
+
     import ce_masks
     mask = ce_masks.random_masks("region", 8, (0, "rim"))
     hole = mask.float()

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-import ce_checkpoint
 import ce_model
+from ce_utils import checkpoints
 
 
 def expected_counts(w=64, b=4000, bottleneck_bn=True):
@@ -50,9 +50,9 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     G, D = ce_model.build_models(width=8, bottleneck=16)
     args = {"width": 8, "bottleneck": 16, "bottleneck_bn": True, "bias": False}
     path = tmp_path / "c.pt"
-    ce_checkpoint.save_checkpoint(path, {"G": G.state_dict(), "D": D.state_dict(), "args": args, "step": 3})
+    checkpoints.save_checkpoint(path, {"G": G.state_dict(), "D": D.state_dict(), "args": args, "step": 3})
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]   # temp file renamed away
-    G2, D2, state = ce_checkpoint.load_checkpoint(path)
+    G2, D2, state = checkpoints.load_checkpoint(path)
     x = torch.randn(1, 3, 128, 128)
     G.eval(), G2.eval()
     assert torch.equal(G(x), G2(x)) and state["step"] == 3
@@ -63,5 +63,5 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     for name, words in (("trunc.pt", "not a readable checkpoint"), ("foreign.pt", "not a readable checkpoint"),
                         ("other.pt", "not a ce_train.py checkpoint"), ("missing.pt", "no such checkpoint")):
-        with pytest.raises(ce_model.CheckpointError, match=words):
-            ce_checkpoint.load_checkpoint(tmp_path / name)
+        with pytest.raises(checkpoints.CheckpointError, match=words):
+            checkpoints.load_checkpoint(tmp_path / name)

@@ -4,15 +4,14 @@ import os
 
 import numpy as np
 import pytest
+from conftest import TINY
 from PIL import Image
+from test_datasets_files import bomb_png, deadline, rotated_jpeg
 
-import ce_checkpoint
-import ce_cli
 import ce_data
 import ce_eval
 import ce_train
-from conftest import TINY
-from test_datasets_files import bomb_png, deadline, rotated_jpeg
+from ce_utils import checkpoints, cli
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +46,7 @@ def test_full_size_result_replaces_only_the_hole(tmp_path, ckpt, capsys):
     full = np.asarray(Image.open(tmp_path / "f" / "wide_full.png"))
     assert full.shape == orig.shape
     # the hole of the 128-px input, [a, b)^2, at the scale of the 200-px square that starts at x = 50
-    args = ce_checkpoint.read_checkpoint(ckpt)["args"]
+    args = checkpoints.read_checkpoint(ckpt)["args"]
     a, b = ce_data.hole_bounds(128, args["overlap"], args["ring"])
     lo, hi = round(a * 200 / 128), round(b * 200 / 128)
     outside = np.ones(orig.shape[:2], bool)
@@ -86,11 +85,11 @@ def test_folder_same_names_and_a_bad_file(tmp_path, ckpt, capsys):
 
 def test_bomb_and_fifo_are_one_line_errors(tmp_path, ckpt, capsys):
     with pytest.raises(SystemExit) as e:
-        ce_cli.run(ce_eval.main, ["--ckpt", ckpt, "--device", "cpu", "--image", str(bomb_png(tmp_path / "b.png"))])
+        cli.run(ce_eval.main, ["--ckpt", ckpt, "--device", "cpu", "--image", str(bomb_png(tmp_path / "b.png"))])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "decompression bomb" in err and "b.png" in err
     os.mkfifo(tmp_path / "x.jpg")
     with deadline(60), pytest.raises(SystemExit) as e:                   # a hang fails here, not forever
-        ce_cli.run(ce_eval.main, ["--ckpt", ckpt, "--device", "cpu", "--image", str(tmp_path / "x.jpg")])
+        cli.run(ce_eval.main, ["--ckpt", ckpt, "--device", "cpu", "--image", str(tmp_path / "x.jpg")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "x.jpg: a FIFO (named pipe), not an image file" in err

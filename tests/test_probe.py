@@ -6,12 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-import ce_checkpoint
-import ce_cli
-import ce_config
 import ce_model
 import ce_probe
 import ce_train
+from ce_utils import checkpoints, cli, config
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
 
@@ -100,26 +98,26 @@ def test_class_folder_layouts(tmp_path):
     assert ce_probe.labelled_files("folder", str(tmp_path / "f"), 0.2) == (train, val, names)   # deterministic
     sub = ce_probe.balanced_subset(train, 6)
     assert sorted(y for _, y in sub) == [0, 0, 0, 1, 1, 1]
-    with pytest.raises(ce_cli.DataError, match="use --data imagenet"):
+    with pytest.raises(cli.DataError, match="use --data imagenet"):
         ce_probe.labelled_files("folder", str(tmp_path / "in"))
 
 
 @pytest.mark.parametrize("variant", ["paper", "seed"])
 def test_random_init_is_the_network_training_started_from(variant):
-    args = ce_config.default_args(width=8, bottleneck=16, seed=7)
-    vars(args).update(ce_config.VARIANTS[variant])           # seed variant: PyTorch init, biases, no BN
+    args = config.default_args(width=8, bottleneck=16, seed=7)
+    vars(args).update(config.VARIANTS[variant])           # seed variant: PyTorch init, biases, no BN
     torch.manual_seed(args.seed)                            # what ce_train.main does, in its order
-    G, *_ = ce_train.build_training(args, ce_cli.Hardware("cpu"))
+    G, *_ = ce_train.build_training(args, cli.Hardware("cpu"))
     R = ce_probe.random_init_generator(vars(args))
     assert all(torch.equal(v, R.state_dict()[k]) for k, v in G.state_dict().items())
 
 
 def _save_ckpt(path, seed=0, **flags):
-    """A checkpoint as ce_run.save writes it, holding a run's initial weights."""
-    args = ce_config.default_args(width=8, bottleneck=16, seed=seed, **flags)
+    """A checkpoint as runstate.save writes it, holding a run's initial weights."""
+    args = config.default_args(width=8, bottleneck=16, seed=seed, **flags)
     torch.manual_seed(seed)
     G, D = ce_model.build_models(args.width, args.bottleneck, args.bottleneck_bn, args.bias, args.init)
-    ce_checkpoint.save_checkpoint(path, {"G": G.state_dict(), "D": D.state_dict(), "args": vars(args), "step": 0})
+    checkpoints.save_checkpoint(path, {"G": G.state_dict(), "D": D.state_dict(), "args": vars(args), "step": 0})
 
 
 def test_probe_end_to_end_dcgan(tmp_path, capsys):
@@ -149,7 +147,7 @@ def test_probe_alexnet_random_init_and_errors(tmp_path, capsys):
     assert row["input_size"] == 227 and list(row["top1"]) == ["conv1", "conv2", "conv3", "conv4", "conv5", "pool5"]
     assert row["dims"]["conv1"] == 6 * 40 * 40 and row["dims"]["pool5"] == 16 * 6 * 6
     with pytest.raises(SystemExit) as e:
-        ce_cli.run(ce_probe.main, flags[:2] + ["--data-root", str(tmp_path / "nowhere"), "--random-init", "dcgan"])
+        cli.run(ce_probe.main, flags[:2] + ["--data-root", str(tmp_path / "nowhere"), "--random-init", "dcgan"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "nowhere" in err
     with pytest.raises(SystemExit):

@@ -6,12 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ce_baselines
-import ce_checkpoint
 import ce_data
 import ce_losses
 import ce_masks
 import ce_model
+from ce_utils import baselines, checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +179,8 @@ def test_irregular_hole_harmonic_solver_equals_the_exact_dst_solution_on_the_squ
     a, b = ce_data.hole_bounds(128, 7, "visible")
     mask = torch.zeros(2, 1, 128, 128, dtype=torch.bool)
     mask[..., a:b, a:b] = True
-    cg = ce_baselines.harmonic_fill_mask(ce_data.apply_mask(x, mask), mask)
-    exact = ce_baselines.harmonic_fill(x, a, b)
+    cg = baselines.harmonic_fill_mask(ce_data.apply_mask(x, mask), mask)
+    exact = baselines.harmonic_fill(x, a, b)
     assert (cg[..., a:b, a:b] - exact).abs().max().item() < 1e-4
     assert torch.equal(cg[~mask.expand_as(x)], x[~mask.expand_as(x)])
 
@@ -192,9 +191,9 @@ def test_irregular_hole_harmonic_solution_is_harmonic_and_bounded():
     torch.manual_seed(1)
     x = torch.rand(1, 3, 128, 128) * 2 - 1
     mask = ce_masks.random_masks("region", 1, (0, "harmonic"))
-    u = ce_baselines.harmonic_fill_mask(ce_data.apply_mask(x, mask), mask).double()
-    deg = ce_baselines._neighbour_sum(torch.ones(1, 1, 128, 128, dtype=torch.float64))
-    residual = (deg * u - ce_baselines._neighbour_sum(u))[mask.expand_as(u)]
+    u = baselines.harmonic_fill_mask(ce_data.apply_mask(x, mask), mask).double()
+    deg = baselines._neighbour_sum(torch.ones(1, 1, 128, 128, dtype=torch.float64))
+    residual = (deg * u - baselines._neighbour_sum(u))[mask.expand_as(u)]
     assert residual.abs().max().item() < 1e-5
     vis = x[~mask.expand_as(x)]
     assert u[mask.expand_as(u)].min() >= vis.min() - 1e-6 and u[mask.expand_as(u)].max() <= vis.max() + 1e-6
@@ -207,10 +206,10 @@ def test_harmonic_solver_in_chunks_equals_one_solve(monkeypatch):
     x = torch.rand(3, 3, 32, 32) * 2 - 1
     mask = ce_masks.random_masks("region", 1, (0, "chunks"), size=32)
     masked = ce_data.apply_mask(x, mask.expand(3, -1, -1, -1))
-    monkeypatch.setattr(ce_baselines, "CG_CHUNK_ELEMENTS", 1 << 30)
-    whole = ce_baselines.harmonic_fill_mask(masked, mask)
-    monkeypatch.setattr(ce_baselines, "CG_CHUNK_ELEMENTS", x[0].numel())
-    chunked = ce_baselines.harmonic_fill_mask(masked, mask)
+    monkeypatch.setattr(baselines, "CG_CHUNK_ELEMENTS", 1 << 30)
+    whole = baselines.harmonic_fill_mask(masked, mask)
+    monkeypatch.setattr(baselines, "CG_CHUNK_ELEMENTS", x[0].numel())
+    chunked = baselines.harmonic_fill_mask(masked, mask)
     assert chunked.shape == x.shape and (chunked - whole).abs().max().item() < 1e-5
     assert not torch.equal(chunked[0], chunked[1])     # each image filled from its own context
 
@@ -225,6 +224,7 @@ def test_evaluation_masks_are_fixed_and_independent_of_batching():
 @pytest.mark.parametrize("kind", ["block", "region"])
 def test_tiny_random_mask_run_resumes_exactly_and_evaluates(kind, tmp_path, tiny_flags, capsys):
     import json
+
     import ce_eval
     import ce_train
     common = tiny_flags + ["--mask", kind, "--batch-size", "4", "--log-every", "2", "--eval-every", "1000"]
@@ -232,11 +232,11 @@ def test_tiny_random_mask_run_resumes_exactly_and_evaluates(kind, tmp_path, tiny
     ce_train.main(common + ["--steps", "4", "--out", a])
     ce_train.main(common + ["--steps", "2", "--out", b])
     ce_train.main(["--resume", b, "--steps", "4", "--device", "cpu"])
-    wa, wb = ce_checkpoint.read_checkpoint(a)["G"], ce_checkpoint.read_checkpoint(b)["G"]
+    wa, wb = checkpoints.read_checkpoint(a)["G"], checkpoints.read_checkpoint(b)["G"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)                   # same masks at the same steps
-    state = ce_checkpoint.read_checkpoint(a)
+    state = checkpoints.read_checkpoint(a)
     assert state["args"]["mask"] == kind and state["G"]["decoder.15.weight"].shape[1] == 3   # one more up-conv
-    G, D, _ = ce_checkpoint.load_checkpoint(a)
+    G, D, _ = checkpoints.load_checkpoint(a)
     assert G(torch.zeros(2, 3, 128, 128)).shape == (2, 3, 128, 128)
     capsys.readouterr()
     ce_eval.main(["--ckpt", a, "--device", "cpu", "--json", "--max-images", "8"])
@@ -252,9 +252,10 @@ def test_user_mask_on_a_photo_and_its_errors(tmp_path, tiny_flags, capsys):
     full-size result; unreadable, empty and all-hole masks and a centre-only checkpoint are one-line errors."""
     import numpy as np
     from PIL import Image
-    import ce_cli
+
     import ce_eval
     import ce_train
+    from ce_utils import cli
     region, center = str(tmp_path / "region"), str(tmp_path / "center")
     ce_train.main(tiny_flags + ["--mask", "region", "--steps", "1", "--batch-size", "4", "--out", region])
     ce_train.main(tiny_flags + ["--steps", "1", "--batch-size", "4", "--out", center])
@@ -275,12 +276,12 @@ def test_user_mask_on_a_photo_and_its_errors(tmp_path, tiny_flags, capsys):
         if mask != "missing.png":
             Image.fromarray(np.full((200, 300), 0 if mask == "black.png" else 255, np.uint8)).save(tmp_path / mask)
         with pytest.raises(SystemExit) as e:
-            ce_cli.run(ce_eval.main, ["--ckpt", region, "--device", "cpu", "--image", str(tmp_path / "p.png"),
+            cli.run(ce_eval.main, ["--ckpt", region, "--device", "cpu", "--image", str(tmp_path / "p.png"),
                                       "--mask", str(tmp_path / mask), "--out", str(out)])
         err = capsys.readouterr().err
         assert e.value.code == 2 and words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     with pytest.raises(SystemExit) as e:
-        ce_cli.run(ce_eval.main, ["--ckpt", center, "--device", "cpu", "--image", str(tmp_path / "p.png"),
+        cli.run(ce_eval.main, ["--ckpt", center, "--device", "cpu", "--image", str(tmp_path / "p.png"),
                                   "--mask", str(tmp_path / "m.png"), "--out", str(out)])
     assert e.value.code == 2 and "central square" in capsys.readouterr().err
 
@@ -288,10 +289,10 @@ def test_user_mask_on_a_photo_and_its_errors(tmp_path, tiny_flags, capsys):
 def test_masks_drawn_a_step_ahead_are_the_masks_of_their_step():
     """ce_train draws step s + 1's random numbers in a worker thread during step s: in order, after a jump (a resumed
     run) and with a DDP rank's slice, the masks are exactly random_masks(step)."""
-    import ce_config
     import ce_train
+    from ce_utils import config
     for kind, rank, world in (("region", 0, 1), ("block", 1, 2)):
-        args = ce_config.default_args(mask=kind, seed=3)
+        args = config.default_args(mask=kind, seed=3)
         draw_numbers, cut_holes = ce_train.make_masker(args, None, rank, world)
         real = torch.rand(4, 3, 32, 32) * 2 - 1
         for step in (0, 1, 2, 7, 8):
@@ -304,10 +305,10 @@ def test_the_mask_builder_takes_all_its_randomness_from_its_arguments():
     """ce_train captures make_masker's cut_holes(real, *numbers) in its CUDA graph and replays it with each step's
     numbers copied in: it must draw nothing itself (torch's generator untouched) and give the same masked batch and
     weights for the same numbers."""
-    import ce_config
     import ce_train
+    from ce_utils import config
     for kind in ("block", "region"):
-        draw_numbers, cut_holes = ce_train.make_masker(ce_config.default_args(mask=kind, seed=3), None)
+        draw_numbers, cut_holes = ce_train.make_masker(config.default_args(mask=kind, seed=3), None)
         real = torch.rand(4, 3, 32, 32) * 2 - 1
         numbers = draw_numbers(real, 5)
         state = torch.get_rng_state()
@@ -323,9 +324,9 @@ def test_the_mask_builder_needs_no_values_from_the_device(kind, rec_loss, per_ba
     """What cuda_graphed captures must not wait for the GPU (.item(), bool(tensor), nonzero, boolean indexing, shapes
     that depend on values). On the meta device tensors have shapes and no values, so every such operation raises:
     the masks are built there the GPU's way (every candidate at once, no host check), with the loss weights."""
-    import ce_config
     import ce_train
-    args = ce_config.default_args(mask=kind, rec_loss=rec_loss, mask_per_batch=per_batch)
+    from ce_utils import config
+    args = config.default_args(mask=kind, rec_loss=rec_loss, mask_per_batch=per_batch)
     draw_numbers, cut_holes = ce_train.make_masker(args, torch.ones(1, 1, 64, 64, device="meta"))
     real = torch.rand(4, 3, 32, 32)
     numbers = [t.to("meta") for t in draw_numbers(real, 0)]

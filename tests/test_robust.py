@@ -8,13 +8,12 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, TINY
 
-import ce_checkpoint
-import ce_cli
 import ce_losses
 import ce_model
 import ce_train
-from conftest import ROOT, TINY
+from ce_utils import checkpoints, cli
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +45,15 @@ def test_kill_9_while_checkpointing_leaves_a_loadable_checkpoint(tmp_path, data_
         steps = []
         for delay in (0.0, 0.013, 0.029, 0.041):
             time.sleep(delay)
-            steps.append(ce_checkpoint.read_checkpoint(out / "ckpt.pt")["step"])  # readable while being rewritten
+            steps.append(checkpoints.read_checkpoint(out / "ckpt.pt")["step"])  # readable while being rewritten
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    state = ce_checkpoint.read_checkpoint(out / "ckpt.pt")
+    state = checkpoints.read_checkpoint(out / "ckpt.pt")
     assert state["step"] >= max(steps) >= 1
-    G, D, _ = ce_checkpoint.load_checkpoint(out / "ckpt.pt")
+    G, D, _ = checkpoints.load_checkpoint(out / "ckpt.pt")
     assert all(torch.isfinite(p).all() for p in G.parameters())
 
 
@@ -97,11 +96,11 @@ def test_signal_saves_and_says_how_to_resume(signalled, sig, code):
     out, returncode, stdout, stderr = signalled[sig]
     assert returncode == code, stderr
     assert "Traceback" not in stderr and f"Resume with: python ce_train.py --resume {out}" in stdout
-    step = ce_checkpoint.read_checkpoint(out / "ckpt.pt")["step"]
+    step = checkpoints.read_checkpoint(out / "ckpt.pt")["step"]
     assert step >= 5 and os.path.exists(out / "curves.png")
     # the resumed run continues from exactly there
     ce_train.main(["--resume", str(out), "--steps", str(step + 2), "--device", "cpu"])
-    assert ce_checkpoint.read_checkpoint(out / "ckpt.pt")["step"] == step + 2
+    assert checkpoints.read_checkpoint(out / "ckpt.pt")["step"] == step + 2
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_flags, monkeypatch, capsys):
@@ -120,7 +119,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_flags,
                                     "--out", str(out)])
     msg = str(e.value.code)
     assert "NaN/Inf at step 3" in msg and f"{out}/ckpt.pt" in msg
-    state = ce_checkpoint.read_checkpoint(out / "ckpt.pt")
+    state = checkpoints.read_checkpoint(out / "ckpt.pt")
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["G"].values() if v.is_floating_point())
 
 
@@ -169,9 +168,9 @@ def test_nan_weights_after_a_finite_step_keep_the_last_good_checkpoint(tmp_path,
                                     "--out", str(out)])
     msg = str(e.value.code)
     assert "weights became NaN/Inf at step 3" in msg and f"Last good checkpoint: {out}/ckpt.pt" in msg
-    state = ce_checkpoint.read_checkpoint(out / "ckpt.pt", resume=True)
-    assert state["step"] == 2 and ce_checkpoint.first_nonfinite({k: state[k] for k in ("G", "D", "optG", "optD")}) is None
-    assert max(r["step"] for r in ce_cli.read_log(out / "log.jsonl")) == 2   # no record of the refused evaluation
-    with pytest.raises(ce_model.CheckpointError, match="holds NaN/Inf"):    # and save_checkpoint refuses on its own
-        ce_checkpoint.save_checkpoint(out / "x.pt", {"G": {"w": torch.tensor([1.0, float("nan")])}})
+    state = checkpoints.read_checkpoint(out / "ckpt.pt", resume=True)
+    assert state["step"] == 2 and checkpoints.first_nonfinite({k: state[k] for k in ("G", "D", "optG", "optD")}) is None
+    assert max(r["step"] for r in cli.read_log(out / "log.jsonl")) == 2   # no record of the refused evaluation
+    with pytest.raises(checkpoints.CheckpointError, match="holds NaN/Inf"):    # and save_checkpoint refuses on its own
+        checkpoints.save_checkpoint(out / "x.pt", {"G": {"w": torch.tensor([1.0, float("nan")])}})
     assert not (out / "x.pt").exists()

@@ -8,12 +8,11 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, TINY
 
-import ce_checkpoint
-import ce_cli
 import ce_model
 import ce_train
-from conftest import ROOT, TINY
+from ce_utils import checkpoints, cli
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +22,7 @@ def flags(shapes_root):
 
 
 def log_steps(out):
-    return [r["step"] for r in ce_cli.read_log(os.path.join(out, "log.jsonl")) if "loss_rec" in r]
+    return [r["step"] for r in cli.read_log(os.path.join(out, "log.jsonl")) if "loss_rec" in r]
 
 
 def test_only_this_programs_temp_files_are_removed(tmp_path, flags):
@@ -36,20 +35,20 @@ def test_only_this_programs_temp_files_are_removed(tmp_path, flags):
     assert (out / "thesis.tmp.tex").read_text() == "chapter 1"
     assert (out / "x.tmp").is_dir() and (out / "y.ce-tmp7").is_dir()
     assert not (out / "ckpt.pt.ce-tmp4242").exists()
-    assert ce_checkpoint.read_checkpoint(out)["step"] == 1 and not (out / ".lock").exists()
+    assert checkpoints.read_checkpoint(out)["step"] == 1 and not (out / ".lock").exists()
 
 
 def test_a_second_run_in_the_same_folder_is_refused_and_a_dead_holder_is_not(tmp_path, flags, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    # another process holding OUT/.lock the way ce_cli.folder_lock does (flock, its pid inside), without torch
+    # another process holding OUT/.lock the way cli.folder_lock does (flock, its pid inside), without torch
     code = (f"import fcntl, os, time\nf = open({str(out / '.lock')!r}, 'a+')\nfcntl.flock(f, fcntl.LOCK_EX)\n"
             "f.write(str(os.getpid()))\nf.flush()\nprint('held', flush=True)\ntime.sleep(120)\n")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(SystemExit) as e:
-            ce_cli.run(ce_train.main, flags + ["--steps", "1", "--out", str(out)])
+            cli.run(ce_train.main, flags + ["--steps", "1", "--out", str(out)])
         err = capsys.readouterr().err
         assert e.value.code == 2 and f"{out} is in use by another run (pid {holder.pid})" in err
         assert len(err.strip().splitlines()) == 1 and not (out / "log.jsonl").exists()
@@ -58,18 +57,18 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_dead_holder_is_not(tmp
         holder.wait()
     assert (out / ".lock").read_text() == str(holder.pid)
     ce_train.main(flags + ["--steps", "1", "--out", str(out)])
-    assert ce_checkpoint.read_checkpoint(out)["step"] == 1
+    assert checkpoints.read_checkpoint(out)["step"] == 1
 
 
 def test_lock_in_process_and_an_unused_folder_is_removed_again(tmp_path):
     out = tmp_path / "new"
-    with ce_cli.folder_lock(out):
+    with cli.folder_lock(out):
         assert (out / ".lock").read_text() == str(os.getpid())
-        with pytest.raises(ce_cli.UserError, match=f"pid {os.getpid()}"):
-            with ce_cli.folder_lock(out):
+        with pytest.raises(cli.UserError, match=f"pid {os.getpid()}"):
+            with cli.folder_lock(out):
                 pass
     assert not out.exists()      # created by the lock, nothing written: removed (a run that failed early)
-    with ce_cli.folder_lock(out):    # free again
+    with cli.folder_lock(out):    # free again
         (out / "kept").write_text("x")
     assert (out / "kept").exists() and not (out / ".lock").exists()
 
@@ -88,16 +87,16 @@ def test_a_log_line_cut_short_is_dropped_before_appending(tmp_path):
     path = str(tmp_path / "log.jsonl")
     with open(path, "w") as f:
         f.write('{"step": 1}\n{"step": 2, "loss_r')       # killed (or disk full) in the middle of a record
-    ce_cli.append_log(path, {"step": 3})
+    cli.append_log(path, {"step": 3})
     with open(path) as f:
         assert f.read() == '{"step": 1}\n{"step": 3}\n'
     with open(path, "w") as f:
         f.write('{"st')                                     # nothing but a fragment
-    ce_cli.append_log(path, {"step": 4})
-    assert ce_cli.read_log(path) == [{"step": 4}]
+    cli.append_log(path, {"step": 4})
+    assert cli.read_log(path) == [{"step": 4}]
     with open(path, "w") as f:                              # --resume rewinds, dropping broken lines too
         f.write('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n{"step": 9}\n{"ste')
-    ce_cli.rewind_log(path, 3)
+    cli.rewind_log(path, 3)
     with open(path) as f:
         assert f.read() == '{"step": 1}\n{"step": 3}\n'
 
@@ -131,18 +130,18 @@ def full_disk_open(room):
 def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
     G, D = ce_model.build_models(8, 16)
     path = str(tmp_path / "ckpt.pt")
-    ce_checkpoint.save_checkpoint(path, {"G": G.state_dict(), "D": D.state_dict(), "args": {}, "step": 1})
-    monkeypatch.setattr(ce_checkpoint, "open", full_disk_open(10_000), raising=False)
-    with pytest.raises(ce_model.CheckpointError) as e:
-        ce_checkpoint.save_checkpoint(path, {"G": G.state_dict(), "D": D.state_dict(), "args": {}, "step": 2})
+    checkpoints.save_checkpoint(path, {"G": G.state_dict(), "D": D.state_dict(), "args": {}, "step": 1})
+    monkeypatch.setattr(checkpoints, "open", full_disk_open(10_000), raising=False)
+    with pytest.raises(checkpoints.CheckpointError) as e:
+        checkpoints.save_checkpoint(path, {"G": G.state_dict(), "D": D.state_dict(), "args": {}, "step": 2})
     assert str(e.value).startswith(path) and "No space left on device" in str(e.value)
     assert torch.load(path, weights_only=True)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
 
     log = str(tmp_path / "log.jsonl")
-    monkeypatch.setattr(ce_cli, "open", full_disk_open(0), raising=False)
-    for write in (lambda: ce_cli.append_log(log, {"step": 1}), lambda: ce_cli.atomic_write(log, "{}\n")):
+    monkeypatch.setattr(cli, "open", full_disk_open(0), raising=False)
+    for write in (lambda: cli.append_log(log, {"step": 1}), lambda: cli.atomic_write(log, "{}\n")):
         with pytest.raises(SystemExit) as e:
-            ce_cli.run(lambda argv: write())
+            cli.run(lambda argv: write())
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith(f"error: {log}: ") and "No space left on device" in err
 
@@ -165,4 +164,4 @@ def test_a_closed_stdout_does_not_stop_training(tmp_path, flags):
             proc.kill()
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr
-    assert ce_checkpoint.read_checkpoint(out)["step"] == 20 and log_steps(out) == list(range(1, 21))
+    assert checkpoints.read_checkpoint(out)["step"] == 20 and log_steps(out) == list(range(1, 21))

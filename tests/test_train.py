@@ -8,18 +8,14 @@ import signal
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 from PIL import Image
 
-import ce_checkpoint
-import ce_cli
-import ce_config
 import ce_eval
-import ce_figures
 import ce_losses
 import ce_model
-import ce_run
 import ce_train
-from conftest import TINY
+from ce_utils import checkpoints, cli, config, figures, runstate
 
 
 def read_log(out):
@@ -43,15 +39,15 @@ def test_train_resume_evaluate(tmp_path, tiny_flags, capsys):
     evals = [r["eval"] for r in log if "eval" in r]
     assert len(evals) == 2 and all(5 < e["psnr"] < 60 and e["n_images"] == 16 for e in evals)
     png = Image.open(os.path.join(out, "samples", "step_0000004.png"))
-    assert png.size == (4 * 3 * 128 + 3 * 4, ce_figures.TITLE_H + 4 * 128 + 3 * 4)   # 16 images, 4 per row, titled
-    state = ce_checkpoint.read_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert png.size == (4 * 3 * 128 + 3 * 4, figures.TITLE_H + 4 * 128 + 3 * 4)   # 16 images, 4 per row, titled
+    state = checkpoints.read_checkpoint(os.path.join(out, "ckpt.pt"))
     assert state["step"] == 4 and state["args"]["width"] == 8 and {"optG", "optD", "rng"} <= set(state)
     assert os.path.exists(os.path.join(out, "best.pt"))
 
     # resume: only --steps changes; the network flags come from the checkpoint
     ce_train.main(["--resume", out, "--steps", "6", "--log-every", "2", "--eval-every", "2", "--device", "cpu"])
     assert "resumed" in capsys.readouterr().out
-    assert ce_checkpoint.read_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 6
+    assert checkpoints.read_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 6
     assert [r["step"] for r in read_log(out) if "loss_rec" in r] == [2, 4, 6]
 
     # evaluation: model and every baseline, as one JSON line
@@ -90,7 +86,7 @@ def test_resume_is_exact(tmp_path, tiny_flags, monkeypatch):
     monkeypatch.setattr(ce_losses, "reconstruction_loss", interrupt_at_step_3)
     with pytest.raises(SystemExit) as e:
         ce_train.main(common + ["--out", str(tmp_path / "b")])
-    assert e.value.code == 143 and ce_checkpoint.read_checkpoint(tmp_path / "b")["step"] == 3
+    assert e.value.code == 143 and checkpoints.read_checkpoint(tmp_path / "b")["step"] == 3
     monkeypatch.setattr(ce_losses, "reconstruction_loss", real)
     ce_train.main(["--resume", str(tmp_path / "b"), "--device", "cpu"])
     keys = ("step", "loss_D", "loss_rec", "loss_adv", "D_x", "D_G_x")
@@ -98,8 +94,8 @@ def test_resume_is_exact(tmp_path, tiny_flags, monkeypatch):
     b = [[r[k] for k in keys] for r in read_log(tmp_path / "b") if "loss_rec" in r]
     assert [r[0] for r in a] == [2, 4, 6]
     assert a == b
-    wa = ce_checkpoint.read_checkpoint(tmp_path / "a")["G"]
-    wb = ce_checkpoint.read_checkpoint(tmp_path / "b")["G"]
+    wa = checkpoints.read_checkpoint(tmp_path / "a")["G"]
+    wb = checkpoints.read_checkpoint(tmp_path / "b")["G"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -111,7 +107,7 @@ def test_l2_only_trains_without_discriminator(tmp_path, tiny_flags):
     assert all(r["loss_D"] == 0 and r["loss_adv"] == 0 for r in log)
     torch.manual_seed(0)  # ce_train seeds with --seed 0 before building the networks
     d0 = ce_model.build_models(8, 16)[1].state_dict()
-    d1 = ce_checkpoint.read_checkpoint(out)["D"]
+    d1 = checkpoints.read_checkpoint(out)["D"]
     assert all(torch.equal(d0[k], d1[k]) for k in d0 if "num_batches" not in k)  # D never updated
 
 
@@ -122,19 +118,19 @@ def test_l2_only_trains_without_discriminator(tmp_path, tiny_flags):
                   rec_reduction="split", d_reduction="mean", flip=False)),
 ])
 def test_variant_presets_and_explicit_flags_win(variant, expect, tmp_path):
-    a = ce_config.parse_args(["--variant", variant, "--device", "cpu", "--out", str(tmp_path / "x")])
+    a = config.parse_args(["--variant", variant, "--device", "cpu", "--out", str(tmp_path / "x")])
     assert {k: getattr(a, k) for k in expect} == expect
-    b = ce_config.parse_args(["--variant", variant, "--overlap", "5", "--device", "cpu", "--out", str(tmp_path / "x")])
+    b = config.parse_args(["--variant", variant, "--overlap", "5", "--device", "cpu", "--out", str(tmp_path / "x")])
     assert b.overlap == 5
 
 
 def test_defaults_are_paper_values_and_cpu_quick_start(tmp_path):
-    a = ce_config.parse_args(["--device", "cpu", "--data", "tiny", "--out", str(tmp_path)])
+    a = config.parse_args(["--device", "cpu", "--data", "tiny", "--out", str(tmp_path)])
     assert (a.batch_size, a.lr_g, a.lr_d, a.beta1, a.lam_rec, a.lam_adv, a.width, a.bottleneck) == \
         (64, 0.002, 0.0002, 0.5, 0.999, 0.001, 64, 4000)
-    q = ce_config.parse_args(["--device", "cpu", "--out", str(tmp_path)])
+    q = config.parse_args(["--device", "cpu", "--out", str(tmp_path)])
     assert q.quick and q.width == 24 and q.steps > 0
-    assert not ce_config.parse_args(["--device", "cpu", "--width", "64", "--out", str(tmp_path)]).quick
+    assert not config.parse_args(["--device", "cpu", "--width", "64", "--out", str(tmp_path)]).quick
 
 
 @pytest.mark.parametrize("flags,words", [
@@ -152,7 +148,7 @@ def test_defaults_are_paper_values_and_cpu_quick_start(tmp_path):
 ])
 def test_nonsense_flags_rejected(flags, words, capsys):
     with pytest.raises(SystemExit) as e:
-        ce_cli.run(ce_train.main, flags + ([] if "--device" in flags else ["--device", "cpu"]))
+        cli.run(ce_train.main, flags + ([] if "--device" in flags else ["--device", "cpu"]))
     assert e.value.code == 2 and words in capsys.readouterr().err
 
 
@@ -175,7 +171,7 @@ def test_eval_image_errors(tmp_path, tiny_flags, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)                          # where the default output folder, inpainted/, would go
     for photo, words in ((tmp_path / "missing.jpg", "no such file"), (tmp_path / "bad.jpg", "not a readable image")):
         with pytest.raises(SystemExit) as e:
-            ce_cli.run(ce_eval.main, ["--ckpt", out, "--device", "cpu", "--image", str(photo)])
+            cli.run(ce_eval.main, ["--ckpt", out, "--device", "cpu", "--image", str(photo)])
         assert e.value.code == 2 and words in capsys.readouterr().err
     assert not (tmp_path / "inpainted").exists()         # nothing written, not even an empty folder
 
@@ -187,12 +183,12 @@ def test_resume_targets_the_checkpoint_folder_and_refuses_to_rewind(tmp_path, ti
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)          # resumed from another working directory: the run stays in its folder
     ce_train.main(["--resume", str(out / "ckpt.pt"), "--steps", "3", "--device", "cpu"])
-    assert ce_checkpoint.read_checkpoint(out)["step"] == 3 and not (elsewhere / "runs").exists()
+    assert checkpoints.read_checkpoint(out)["step"] == 3 and not (elsewhere / "runs").exists()
     with pytest.raises(SystemExit) as e:  # best.pt would rewind ckpt.pt: only into a new folder
         ce_train.main(["--resume", str(out / "best.pt"), "--steps", "4", "--device", "cpu"])
     assert e.value.code == 2 and "--out NEW_DIR" in capsys.readouterr().err
     ce_train.main(["--resume", str(out / "best.pt"), "--steps", "4", "--device", "cpu", "--out", str(tmp_path / "branch")])
-    assert ce_checkpoint.read_checkpoint(tmp_path / "branch")["step"] == 4 and ce_checkpoint.read_checkpoint(out)["step"] == 3
+    assert checkpoints.read_checkpoint(tmp_path / "branch")["step"] == 4 and checkpoints.read_checkpoint(out)["step"] == 3
 
 
 def test_eval_rejects_a_missing_device(tmp_path, capsys):
@@ -227,17 +223,17 @@ def test_fine_tuning_on_other_data_starts_best_afresh_and_steps_count_in_total(t
     out = capsys.readouterr().out
     assert "on other data" in out and f"start afresh in {new}" in out
     assert (new / "best.pt").exists() and f"Evaluate with: python ce_eval.py --ckpt {new}/best.pt" in out
-    assert ce_checkpoint.read_checkpoint(new)["args"]["data"] == "folder" and ce_checkpoint.read_checkpoint(new)["step"] == 4
-    assert ce_checkpoint.read_checkpoint(base)["step"] == 2                     # the source run is untouched
+    assert checkpoints.read_checkpoint(new)["args"]["data"] == "folder" and checkpoints.read_checkpoint(new)["step"] == 4
+    assert checkpoints.read_checkpoint(base)["step"] == 2                     # the source run is untouched
     with pytest.raises(SystemExit) as e:                   # --steps is a total: 3 < 4 would train nothing
-        ce_cli.run(ce_train.main, ["--resume", str(new), "--steps", "3", "--device", "cpu"])
+        cli.run(ce_train.main, ["--resume", str(new), "--steps", "3", "--device", "cpu"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "counts in total" in err and "pass --steps 7 to train 3 more" in err
 
 
 def test_cpu_quick_start_defaults_apply_flag_by_flag(tmp_path):
     def parsed(*flags):
-        return ce_config.parse_args(["--device", "cpu", "--out", str(tmp_path), *flags])
+        return config.parse_args(["--device", "cpu", "--out", str(tmp_path), *flags])
     a = parsed("--steps", "100")
     assert (a.width, a.bottleneck, a.batch_size, a.steps, a.eval_every) == (24, 512, 32, 100, 250)
     b = parsed("--batch-size", "8")
@@ -251,15 +247,15 @@ def test_cpu_quick_start_defaults_apply_flag_by_flag(tmp_path):
 
 
 def test_a_big_network_on_a_cpu_says_how_long_a_step_takes(tmp_path, capsys):
-    args = ce_config.parse_args(["--device", "cpu", "--width", "64", "--bottleneck", "4000", "--out", str(tmp_path)])
+    args = config.parse_args(["--device", "cpu", "--width", "64", "--bottleneck", "4000", "--out", str(tmp_path)])
     G, D = ce_model.build_models(8, 16)       # the estimate is timed on whatever it is given: a tiny net here
     before = {k: v.clone() for k, v in G.state_dict().items()}
-    ce_run.announce(args, 1, 64, 16, G, D, 1000)
+    runstate.announce(args, 1, 64, 16, G, D, 1000)
     out = capsys.readouterr().out
     note = [ln for ln in out.splitlines() if ln.startswith("note: this network on a CPU")]
     assert len(note) == 1 and " s per step" in note[0] and "--width 24 --bottleneck 512 --batch-size 32" in note[0]
     assert all(torch.equal(before[k], v) for k, v in G.state_dict().items())    # BN statistics untouched
-    assert ce_run.cpu_step_seconds(G, D, 64) > 0
+    assert runstate.cpu_step_seconds(G, D, 64) > 0
 
 
 def test_data_root_is_absolute_so_resuming_elsewhere_uses_the_same_data(tmp_path, shared_flags, monkeypatch, capsys):
@@ -268,11 +264,11 @@ def test_data_root_is_absolute_so_resuming_elsewhere_uses_the_same_data(tmp_path
     b.mkdir()
     monkeypatch.chdir(a)
     ce_train.main(TINY + ["--data-root", "data", "--steps", "1", "--batch-size", "4", "--out", "run"])
-    assert ce_checkpoint.read_checkpoint(a / "run")["args"]["data_root"] == str(a / "data")
+    assert checkpoints.read_checkpoint(a / "run")["args"]["data_root"] == str(a / "data")
     assert f"data: {a / 'data'}" in capsys.readouterr().out
     monkeypatch.chdir(b)
     ce_train.main(["--resume", str(a / "run"), "--steps", "2", "--device", "cpu"])
-    assert ce_checkpoint.read_checkpoint(a / "run")["step"] == 2 and not (b / "data").exists()
+    assert checkpoints.read_checkpoint(a / "run")["step"] == 2 and not (b / "data").exists()
 
 
 def test_first_log_lines_at_steps_1_and_10(tmp_path, shared_flags, capsys):

@@ -1,14 +1,14 @@
 """Datasets on disk -> uint8 arrays (N, S, S, 3), decoded once and cached: the file side of the data, with nothing
 from the paper in it (ce_data.py makes the masked batches from these arrays).
 
-    python -c "import ce_datasets as d; print(d.load_split('shapes', 'data', 'val').shape)"
+    python -c "from ce_utils import datasets as d; print(d.load_split('shapes', 'data', 'val').shape)"
 
---data shapes: embedded, offline, procedurally generated (ce_shapes.py); tiny: Tiny ImageNet, downloaded on first
-use (ce_tiny.py); imagenet: DIR/train/<class>/*, DIR/val/...; folder: any folder of images, searched recursively.
+--data shapes: embedded, offline, procedurally generated (ce_utils/synthetic.py); tiny: Tiny ImageNet, downloaded on first
+use (ce_utils/tinyimagenet.py); imagenet: DIR/train/<class>/*, DIR/val/...; folder: any folder of images, searched recursively.
 
-Every image file, for a dataset or for `ce_eval.py --image` (ce_photo.py), is opened by read_rgb: regular files
+Every image file, for a dataset or for `ce_eval.py --image` (ce_utils/photos.py), is opened by read_rgb: regular files
 only (a FIFO named x.jpg is refused, never waited on), Pillow's decompression-bomb limit, EXIF orientation applied,
-any mode to RGB. Each split is decoded into a cache on disk as it is made (ce_cache.py: the file format and its
+any mode to RGB. Each split is decoded into a cache on disk as it is made (ce_utils/diskcache.py: the file format and its
 CRC32 checksums, checked when it is loaded).
 """
 import contextlib
@@ -23,11 +23,8 @@ import zlib
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-import ce_cache
-import ce_cli
-import ce_shapes
-import ce_tiny
-from ce_cli import DataError
+from ce_utils import cli, diskcache, synthetic, tinyimagenet
+from ce_utils.cli import DataError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is an error (counted and skipped), not grey pixels
 
@@ -35,7 +32,7 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
 SHAPES_VAL = 512  # fixed held-out split of the embedded data, generated from its own seed
 
 # ----------------------------------------------------------------------------------------------------------------
-# Processes for decoding and for generating the embedded data (ce_shapes.py).
+# Processes for decoding and for generating the embedded data (ce_utils/synthetic.py).
 
 def _pool(workers):
     """A process pool for decoding. Not fork: forking a process whose torch threads hold locks can deadlock the
@@ -49,16 +46,16 @@ def _pool(workers):
 
 
 def generate_shapes(n, seed, size=128, workers=1, out=None):
-    """The embedded dataset (ce_shapes.make_shapes): n images, uint8 (n, size, size, 3), on `workers` processes.
-    out: a ce_cache.Rows to stream them into (e.g. the cache file); by default a new in-memory array is returned."""
-    rows = out if out is not None else ce_cache.Rows(None, n, size)
+    """The embedded dataset (synthetic.make_shapes): n images, uint8 (n, size, size, 3), on `workers` processes.
+    out: a diskcache.Rows to stream them into (e.g. the cache file); by default a new in-memory array is returned."""
+    rows = out if out is not None else diskcache.Rows(None, n, size)
     progress = _Progress(n, f"generating {n} images of the embedded 'shapes' data") if n > 2048 else None
     jobs = [(seed, a, min(a + 256, n), size) for a in range(0, n, 256)]
     with contextlib.ExitStack() as stack:
         # a pool pays off only for many images on many cores: starting it imports this module and torch (on a
         # loaded 2-core machine, 10,000 images took 22 s in this process and 43 s with a 2-process pool)
         mapper = stack.enter_context(_pool(workers)).imap if workers >= 4 and n >= 20000 else map
-        for block in mapper(ce_shapes.make_block, jobs):
+        for block in mapper(synthetic.make_block, jobs):
             rows.add(block)
             if progress:
                 progress(rows.n, final=rows.n == n)
@@ -257,17 +254,17 @@ class _Progress:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Decoding a split into the cache (ce_cache.py: the files on disk and their checksums).
+# Decoding a split into the cache (ce_utils/diskcache.py: the files on disk and their checksums).
 
 def decode_files(files, size, desc, workers=None, out=None):
     """Decode `files` in parallel (all cores) into uint8 (N, size, size, 3); unreadable files are skipped.
 
-    out: a ce_cache.Rows to stream the images into (the cache file); by default a new in-memory array.
+    out: a diskcache.Rows to stream the images into (the cache file); by default a new in-memory array.
     Returns (array, or `out` when given, stats) where stats counts skipped and upsampled files and names a few
     skipped ones.
     """
     n = len(files)
-    rows = out if out is not None else ce_cache.Rows(None, n, size)
+    rows = out if out is not None else diskcache.Rows(None, n, size)
     skipped, upsampled = [], 0
     progress = _Progress(n, desc)
     workers = workers or min(os.cpu_count() or 1, 32)
@@ -297,22 +294,22 @@ def cached_images(files, size, cache_dir, name, root, workers=None):
     a cache whose shape or checksums disagree with its metadata is rebuilt. The file is written as the images
     are decoded (never the whole split in memory) under a temp name, and renamed when complete.
     """
-    key = ce_cache.files_key(files, size, root)
+    key = diskcache.files_key(files, size, root)
     npy = os.path.join(cache_dir, f"{name}-{size}-{key}.npy")
     meta_path = npy[:-4] + ".json"
-    arr, meta = ce_cache.read_cache(npy, meta_path, {"version": ce_cache.CACHE_VERSION, "size": size, "key": key})
+    arr, meta = diskcache.read_cache(npy, meta_path, {"version": diskcache.CACHE_VERSION, "size": size, "key": key})
     if arr is not None:
         return arr, meta
-    ce_cache.remove_dead_temps(cache_dir, f"{name}-{size}-")
-    rows = ce_cache.Rows(npy, len(files), size)
+    diskcache.remove_dead_temps(cache_dir, f"{name}-{size}-")
+    rows = diskcache.Rows(npy, len(files), size)
     try:
         _, stats = decode_files(files, size, f"decoding {name} ({len(files)} files) into a {size}px uint8 cache",
                                 workers, out=rows)
-        meta = {"version": ce_cache.CACHE_VERSION, "size": size, "key": key, "n_files": len(files), **stats}
+        meta = {"version": diskcache.CACHE_VERSION, "size": size, "key": key, "n_files": len(files), **stats}
         if os.path.isdir(cache_dir):
             for old in os.listdir(cache_dir):  # drop caches of an earlier state of the same split and size
                 if (old.startswith(f"{name}-{size}-") and not old.startswith(f"{name}-{size}-{key}")
-                        and ce_cli.TMP_SUFFIX not in old):
+                        and cli.TMP_SUFFIX not in old):
                     with contextlib.suppress(FileNotFoundError):   # another process (a DDP rank) got there first
                         os.remove(os.path.join(cache_dir, old))
         arr = rows.finish(meta)
@@ -332,24 +329,24 @@ def _report(meta, what):
 
 
 def _shapes_split(root, split, size, n):
-    """The embedded data's split, from its cache or generated into it (ce_shapes.py; no files to decode)."""
+    """The embedded data's split, from its cache or generated into it (ce_utils/synthetic.py; no files to decode)."""
     seed = 1 if split == "train" else 2   # the held-out split has its own seed
     cache_dir = os.path.join(root, ".ce_cache")
     stem = f"shapes-{split}-{size}-n{n}-v"
-    npy = os.path.join(cache_dir, f"{stem}{ce_cache.CACHE_VERSION}.npy")
-    arr, _ = ce_cache.read_cache(npy, npy[:-4] + ".json", {"version": ce_cache.CACHE_VERSION, "size": size, "n": n})
+    npy = os.path.join(cache_dir, f"{stem}{diskcache.CACHE_VERSION}.npy")
+    arr, _ = diskcache.read_cache(npy, npy[:-4] + ".json", {"version": diskcache.CACHE_VERSION, "size": size, "n": n})
     if arr is not None:
         return arr
-    ce_cache.remove_dead_temps(cache_dir, stem)
+    diskcache.remove_dead_temps(cache_dir, stem)
     with contextlib.suppress(OSError):   # caches of earlier versions of the generator
         for old in os.listdir(cache_dir):
-            if old.startswith(stem) and not old.startswith(f"{stem}{ce_cache.CACHE_VERSION}."):
+            if old.startswith(stem) and not old.startswith(f"{stem}{diskcache.CACHE_VERSION}."):
                 os.remove(os.path.join(cache_dir, old))
     t0 = time.time()
-    rows = ce_cache.Rows(npy, n, size)
+    rows = diskcache.Rows(npy, n, size)
     try:
         generate_shapes(n, seed, size, workers=os.cpu_count() or 1, out=rows)
-        arr = rows.finish({"version": ce_cache.CACHE_VERSION, "size": size})
+        arr = rows.finish({"version": diskcache.CACHE_VERSION, "size": size})
     finally:
         rows.discard()
     print(f"generated {n} {split} images of the embedded 'shapes' data in {time.time() - t0:.1f}s", file=sys.stderr)
@@ -394,7 +391,7 @@ def dataset_files(data, root, split):
         raise DataError(f"{root}: data root does not exist or is not a folder; pass --data-root DIR pointing at "
                         "your images")
     if data == "tiny":
-        base = ce_tiny.ensure_tiny(root, os.environ.get("CE_TINY_URL"))
+        base = tinyimagenet.ensure_tiny(root, os.environ.get("CE_TINY_URL"))
         sub = {"train": "train", "val": os.path.join("val", "images"), "test": os.path.join("test", "images")}[split]
         skipped = {}
         files, other = list_images(os.path.join(base, sub), skipped)

@@ -3,7 +3,7 @@ optimisers (RunState: step, best PSNR, the open log window, the D-wins streak, t
 it and resuming it exactly (RNG states included), owning its folder while it runs, and the lines it prints when it
 starts (with a step-time estimate for a big network on a CPU).
 
-    python -c "import ce_run; r = ce_run.RunState('cpu'); print(r.state_dict()['step'])"
+    python -c "from ce_utils import runstate; r = runstate.RunState('cpu'); print(r.state_dict()['step'])"
 """
 import contextlib
 import json
@@ -15,11 +15,8 @@ import time
 
 import torch
 
-import ce_checkpoint
-import ce_cli
-import ce_config
 import ce_model
-
+from ce_utils import checkpoints, cli, config
 
 STATS = ("loss_D", "loss_rec", "loss_adv", "D_x", "D_G_x")   # what train_step returns, in order
 
@@ -55,11 +52,11 @@ class RunState:
 
     def check_finite(self, nets=None, evaluation=None):
         """Stop, naming the step, if a loss, a weight or optimiser state of `nets`, or the `evaluation` went NaN/Inf:
-        nothing non-finite is ever written over a checkpoint (ce_checkpoint.save_checkpoint refuses it as well)."""
+        nothing non-finite is ever written over a checkpoint (checkpoints.save_checkpoint refuses it as well)."""
         bad = int(self.bad_step)  # CPU-GPU sync point (log, eval and final steps only)
         what = f"a loss became NaN/Inf at step {bad}" if bad >= 0 else None
         if what is None and nets is not None:
-            where = ce_checkpoint.first_nonfinite({k: m.state_dict() for k, m in nets.items()})
+            where = checkpoints.first_nonfinite({k: m.state_dict() for k, m in nets.items()})
             what = where and f"the weights became NaN/Inf at step {self.step} ({where})"
         if what is None and evaluation is not None and not all(map(math.isfinite, evaluation.values())):
             what = f"the held-out evaluation at step {self.step} is NaN/Inf"
@@ -79,7 +76,7 @@ def rng_state():
 
 def save(path, nets, args, run, epoch):
     """One checkpoint: G, D, both optimisers, the run state, flags, RNG states and versions (ce_model format)."""
-    ce_checkpoint.save_checkpoint(path, {
+    checkpoints.save_checkpoint(path, {
         **{k: m.state_dict() for k, m in nets.items()}, **run.state_dict(), "epoch": epoch, "args": vars(args),
         "rng": rng_state(), "versions": {"torch": str(torch.__version__), "python": platform.python_version()}})
 
@@ -88,15 +85,15 @@ def resume(args, nets, run, device, master, total):
     """Take up a run where its checkpoint left it: weights, optimisers, run state, RNG; the log rewound to it.
     --steps counts in total. Other data or another run folder (fine-tuning, a branch): best PSNR and the last good
     checkpoint start afresh there, so that NEW/best.pt is written and named."""
-    state = ce_checkpoint.read_checkpoint(args.resume, resume=True)
-    ce_checkpoint.load_weights(nets, state)
+    state = checkpoints.read_checkpoint(args.resume, resume=True)
+    checkpoints.load_weights(nets, state)
     run.load_state_dict(state)
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and device.type == "cuda":
         for i, st in enumerate(state["rng"]["cuda"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(st, i)
     if total < run.step:
-        raise ce_cli.UserError(f"{state['path']} is at step {run.step} and --steps counts in total, so {total} "
+        raise cli.UserError(f"{state['path']} is at step {run.step} and --steps counts in total, so {total} "
                                f"would train nothing: pass --steps {run.step + total} to train {total} more")
     other_data = data_of(state["args"]) != data_of(vars(args))
     if other_data or os.path.realpath(os.path.dirname(state["path"])) != os.path.realpath(args.out):
@@ -105,7 +102,7 @@ def resume(args, nets, run, device, master, total):
             run.acc.zero_()
             run.n_acc = run.d_wins = 0
     if master:
-        ce_cli.rewind_log(os.path.join(args.out, "log.jsonl"), run.step)
+        cli.rewind_log(os.path.join(args.out, "log.jsonl"), run.step)
         print(f"resumed {state['path']} at step {run.step}" + (" on other data" if other_data else "") +
               (f"; best PSNR and the last good checkpoint start afresh in {args.out}" if not run.last_good else "") +
               (f"; training to step {total} in total ({total - run.step} more)" if total > run.step else
@@ -126,11 +123,11 @@ def announce(args, world, n_train, n_val, G, D, total):
     print(f"data: {args.data_root}" + (" (the embedded shapes are cached there)" if args.data == "shapes" else ""))
     print("config: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())))
     on_cpu = torch.device(args.device).type == "cpu"
-    quick = [f"--{k.replace('_', '-')} {v}" for k, v in ce_config.CPU_QUICK.items() if getattr(args, k) == v]
+    quick = [f"--{k.replace('_', '-')} {v}" for k, v in config.CPU_QUICK.items() if getattr(args, k) == v]
     if on_cpu and args.data == "shapes" and not args.resume and quick:
         print(f"CPU defaults (the flags not given): {' '.join(quick)}; the paper's network and batch: --width 64 "
               "--bottleneck 4000 --batch-size 64")
-    q, alexnet = ce_config.CPU_QUICK, args.arch == "alexnet"
+    q, alexnet = config.CPU_QUICK, args.arch == "alexnet"
     if on_cpu and (alexnet or args.width > q["width"] or args.bottleneck > q["bottleneck"]):
         sec = cpu_step_seconds(G, D if args.lam_adv > 0 else None, args.batch_size, ce_model.INPUT_SIZE[args.arch])
         if not alexnet:
@@ -140,7 +137,7 @@ def announce(args, world, n_train, n_val, G, D, total):
             smaller = "; --alexnet-width 0.25 shrinks every layer" if args.alexnet_width > 0.25 else ""
         print(f"note: this network on a CPU: about {sec:.1f} s per step (estimated: a timed forward pass, x3 for "
               f"the backward), {fmt_time(sec * total)} for {total} steps{smaller}")
-    ce_cli.atomic_write(os.path.join(args.out, "args.json"), json.dumps(vars(args), indent=1))
+    cli.atomic_write(os.path.join(args.out, "args.json"), json.dumps(vars(args), indent=1))
 
 
 def cpu_step_seconds(G, D, batch_size, size=128):
@@ -172,15 +169,15 @@ def fmt_time(s):
 
 @contextlib.contextmanager
 def run_folder(args, master):
-    """Rank 0 holds OUT for the whole run (ce_cli.folder_lock: a second run there is refused, naming this one's
+    """Rank 0 holds OUT for the whole run (cli.folder_lock: a second run there is refused, naming this one's
     pid), clears the temp files a killed run left there, and, for a new run, starts a fresh log.jsonl: the folder
     holds no ckpt.pt (choose_out), so an old log there is a killed run's that can never be resumed. Sample grids
     are named by step and rewritten as the new run reaches each step."""
     if not master:
         yield
         return
-    with ce_cli.folder_lock(args.out):
-        ce_cli.remove_temp_files(args.out)
+    with cli.folder_lock(args.out):
+        cli.remove_temp_files(args.out)
         if not args.resume and os.path.exists(os.path.join(args.out, "log.jsonl")):
-            ce_cli.atomic_write(os.path.join(args.out, "log.jsonl"), "")
+            cli.atomic_write(os.path.join(args.out, "log.jsonl"), "")
         yield

@@ -4,7 +4,7 @@ harmonic (diffusion: Laplace's equation solved in the hole with the visible pixe
 square is solved exactly with the discrete sine transform; any other hole by conjugate gradients. No learning, no
 model; ce_eval.py scores them with the same metrics and masks as the model.
 
-    python -c "import torch, ce_baselines as b; print(b.harmonic_fill(torch.rand(1, 3, 128, 128), 39, 89).shape)"
+    python -c "import torch; from ce_utils import baselines as b; print(b.harmonic_fill(torch.rand(1, 3, 128, 128), 39, 89).shape)"
 """
 import math
 

@@ -4,7 +4,7 @@ ce_train.py during training (OUT/samples/step_*.png, OUT/evolution.gif); trainin
 (OUT/curves.png), `ce_eval.py --plot` and ce_sweep.py, with short labels and a note naming each run's flags;
 ce_eval.py's --figure and --image use the grid, the hole outline and the figure notes.
 
-    python -c "import torch, ce_figures as f; print(f.save_grid('grid.png', [torch.zeros(2, 3, 64, 64)] * 3))"
+    python -c "import torch; from ce_utils import figures as f; print(f.save_grid('grid.png', [torch.zeros(2, 3, 64, 64)] * 3))"
 """
 import io
 import json
@@ -14,8 +14,8 @@ import textwrap
 import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
-import ce_cli
 import ce_data
+from ce_utils import cli
 
 GRID_TITLES = ("masked", "filled", "original")  # save_grid's column titles when it is given 3 columns
 TITLE_H = 20                 # px: the strip above a sample grid that names its columns
@@ -54,7 +54,9 @@ def draw_centred(draw, xy, text, fnt, fill):
 
 def grid_body(columns, per_row=4, gap=4):
     """uint8 (H, W, 3): each image's columns side by side, `per_row` images per row, white gaps between them."""
-    from torchvision.utils import make_grid  # imported here: importing torchvision takes seconds; only grids need it
+    from torchvision.utils import (
+        make_grid,  # imported here: importing torchvision takes seconds; only grids need it
+    )
     tuples = torch.cat([ce_data.unit(c).cpu() for c in columns], dim=3)   # (N, 3, H, k*W): one image's tuple
     grid = make_grid(tuples, nrow=per_row, padding=gap, pad_value=1.0)
     if len(tuples) > 1:  # make_grid also pads the outer border (and returns a lone image unpadded): crop it
@@ -85,7 +87,7 @@ def save_grid(path, columns, per_row=4, gap=4, titles=None):
         info.add_text(GRID_INFO, str(top))
         info.add_text(GRID_INFO_TITLES, " | ".join(titles))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    ce_cli.atomic_write(path, lambda f: im.save(f, format="PNG", pnginfo=info))
+    cli.atomic_write(path, lambda f: im.save(f, format="PNG", pnginfo=info))
     return path
 
 
@@ -129,13 +131,13 @@ def finish_figure(fig, path, lines=(), dpi=80):
     fig.savefig(buf, format="png", dpi=dpi)
     pyplot().close(fig)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    ce_cli.atomic_write(path, buf.getvalue())
+    cli.atomic_write(path, buf.getvalue())
     return path
 
 
 def read_log(run):
     """A run's log.jsonl as (training records, evaluation records)."""
-    recs = ce_cli.read_log(os.path.join(run, "log.jsonl"))
+    recs = cli.read_log(os.path.join(run, "log.jsonl"))
     return [r for r in recs if "loss_rec" in r], [r for r in recs if "eval" in r]
 
 
@@ -251,6 +253,6 @@ def make_gif(run, max_frames=20, rows=2, scale=0.5):
     pick = sorted({round(i * (len(names) - 1) / max(k - 1, 1)) for i in range(k)})
     frames = [gif_frame(os.path.join(run, "samples", names[i]), rows, scale).quantize(colors=128) for i in pick]
     path = os.path.join(run, "evolution.gif")
-    ce_cli.atomic_write(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
+    cli.atomic_write(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
                                                        duration=400, loop=0))
     return path

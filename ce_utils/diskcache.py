@@ -2,9 +2,9 @@
 (N, S, S, 3), memory-mapped when loaded; NAME.json next to it says what it holds (version, image size, the key of
 the file list, counts) and carries a CRC32 checksum per 16 MB block of rows. The rows are written to disk as they
 are made, under a temp name renamed when complete, the metadata last; at each load the metadata and every checksum
-are checked, and a stale, truncated or damaged store is rebuilt, never used. ce_datasets.py decides what goes in.
+are checked, and a stale, truncated or damaged store is rebuilt, never used. ce_utils/datasets.py decides what goes in.
 
-    python -c "import ce_datasets; ce_datasets.load_split('shapes', 'data', 'val')"; ls data/.ce_cache
+    python -c "from ce_utils import datasets; datasets.load_split('shapes', 'data', 'val')"; ls data/.ce_cache
 """
 import concurrent.futures
 import contextlib
@@ -19,8 +19,8 @@ import zlib
 
 import numpy as np
 
-import ce_cli
-from ce_cli import DataError
+from ce_utils import cli
+from ce_utils.cli import DataError
 
 CACHE_VERSION = 2          # 2: CRC32 checksums in the metadata; new embedded-data generator
 CRC_BLOCK_BYTES = 1 << 24  # one CRC32 per 16 MB of images: a damaged cache names the images it lost
@@ -50,7 +50,7 @@ class Rows:
         if npy is not None:
             try:
                 os.makedirs(os.path.dirname(npy), exist_ok=True)
-                self.tmp = f"{npy}{ce_cli.TMP_SUFFIX}{os.getpid()}"
+                self.tmp = f"{npy}{cli.TMP_SUFFIX}{os.getpid()}"
                 self.arr = np.lib.format.open_memmap(self.tmp, "w+", np.uint8, shape)
                 _reserve(self.tmp, self.arr.offset + self.arr.nbytes)
             except OSError as e:
@@ -89,7 +89,7 @@ class Rows:
         os.replace(self.tmp, self.npy)
         self.tmp = None
         meta = {**(meta or {}), "n": self.n, "crc_rows": self.rows, "crc32": self.crcs}
-        ce_cli.atomic_write(self.npy[:-4] + ".json", json.dumps(meta))   # last: a cache is used only once complete
+        cli.atomic_write(self.npy[:-4] + ".json", json.dumps(meta))   # last: a cache is used only once complete
         return np.load(self.npy, mmap_mode="c")
 
     def discard(self):
@@ -190,8 +190,8 @@ def remove_dead_temps(cache_dir, prefix):
     gone): a half-built ImageNet cache is tens of GB. A live process's temp file (another DDP rank) is kept."""
     with contextlib.suppress(OSError):
         for name in os.listdir(cache_dir):
-            pid = name.rpartition(ce_cli.TMP_SUFFIX)[2]
-            if name.startswith(prefix) and ce_cli.TMP_SUFFIX in name and pid.isdigit() and int(pid) != os.getpid():
+            pid = name.rpartition(cli.TMP_SUFFIX)[2]
+            if name.startswith(prefix) and cli.TMP_SUFFIX in name and pid.isdigit() and int(pid) != os.getpid():
                 try:
                     os.kill(int(pid), 0)
                 except ProcessLookupError:

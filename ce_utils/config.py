@@ -3,7 +3,7 @@ three --variant presets (paper text, official Lua code, seed report; docs/varian
 the CPU quick start; a resumed or fine-tuned run's own flags; and every nonsense setting refused up front, with the
 flag's name, before any work is done. ce_train.py reads the result; ce_bench.py builds from default_args().
 
-    python -c "import ce_config; print(vars(ce_config.parse_args(['--variant', 'official'])))"
+    python -c "from ce_utils import config; print(vars(config.parse_args(['--variant', 'official'])))"
 """
 import argparse
 import os
@@ -11,10 +11,9 @@ import sys
 
 import torch
 
-import ce_checkpoint
-import ce_cli
 import ce_masks
 import ce_model
+from ce_utils import checkpoints, cli
 
 # The three variants (README "Variants"): --variant sets these defaults; any flag given explicitly wins.
 VARIANTS = {
@@ -37,9 +36,9 @@ RUNTIME = ("device", "dtype", "channels_last", "compile", "cuda_graph", "resume"
 
 def build_parser(doc=None):
     """Every flag of ce_train.py; doc: the --help text above the flags (ce_train.py's docstring)."""
-    p = ce_cli.Parser(doc)
+    p = cli.Parser(doc)
     add = p.add_argument
-    real = ce_cli.finite_float   # 'inf' and 'nan' parse as floats but mean nothing as a setting
+    real = cli.finite_float   # 'inf' and 'nan' parse as floats but mean nothing as a setting
     add("--variant", default="paper", choices=tuple(VARIANTS),
         help="preset of the flags below: paper text, official Lua code, or seed report (README 'Variants')")
     # data
@@ -123,7 +122,7 @@ def given_flags(argv):
 
 def take_resumed_flags(args, given, p):
     """--resume: the checkpoint's flags, overridden only by what this command line says (never the network's)."""
-    state = ce_checkpoint.read_checkpoint(args.resume, resume=True)
+    state = checkpoints.read_checkpoint(args.resume, resume=True)
     if "note" in state:
         print(state["note"], file=sys.stderr)
     saved = state["args"]
@@ -221,8 +220,8 @@ def parse_args(argv=None, doc=None):
     else:
         apply_variant(args)
         apply_arch(args, given, p)
-    args.device = ce_cli.resolve_device(args.device, p)
-    hw = ce_cli.Hardware(args.device, args.dtype, args.channels_last)
+    args.device = cli.resolve_device(args.device, p)
+    hw = cli.Hardware(args.device, args.dtype, args.channels_last)
     args.dtype, args.channels_last = hw.dtype_name, hw.channels_last
     args.cuda_graph = cuda_graph(args, hw, p)
     args.quick = set(cpu_defaults(args, given)) >= {"width", "bottleneck", "batch_size", "steps"}

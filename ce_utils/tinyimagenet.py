@@ -1,9 +1,9 @@
 """Tiny ImageNet for --data tiny (200 classes, 64x64 px; 100,000 train, 10,000 val images): found under
 DATA_ROOT/tiny-imagenet-200, or downloaded on first use with a progress line (resumed after an interruption; size
 and MD5 checked against the published archive; CE_TINY_URL to fetch it from elsewhere), its zip checked (CRCs) and
-extracted atomically. ce_datasets.py lists and decodes the images from there.
+extracted atomically. ce_utils/datasets.py lists and decodes the images from there.
 
-    python -c "import ce_tiny; print(ce_tiny.ensure_tiny('data'))"     # downloads 248 MB on first use
+    python -c "from ce_utils import tinyimagenet; print(tinyimagenet.ensure_tiny('data'))"     # downloads 248 MB on first use
 """
 import hashlib
 import http.client
@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 import zipfile
 
-from ce_cli import DataError
+from ce_utils.cli import DataError
 
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_MD5, TINY_SIZE = "90528d7ca1a48142e341f4ef8d21d0de", 248_100_043   # published with the archive

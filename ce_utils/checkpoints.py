@@ -3,14 +3,15 @@ state), written atomically and never with NaN/Inf, and checked in one place (che
 read: a missing, truncated, foreign or incompatible file is a one-line CheckpointError. load_checkpoint rebuilds
 the networks (ce_model.py) from the flags saved in the file.
 
-    python -c "import ce_checkpoint as c; G, D, s = c.load_checkpoint('runs/shapes/best.pt'); print(s['step'])"
+    python -c "from ce_utils import checkpoints as c; G, D, s = c.load_checkpoint('runs/shapes/best.pt'); print(s['step'])"
 """
 import os
 
 import torch
 
 import ce_model
-from ce_model import CheckpointError
+from ce_utils.cli import CheckpointError
+
 
 def save_checkpoint(path, state):
     """Write `state` atomically: a temp file in the same folder, flushed to disk, then renamed over `path`.
@@ -23,7 +24,7 @@ def save_checkpoint(path, state):
     bad = first_nonfinite(state)
     if bad:
         raise CheckpointError(f"{path}: not written: {bad} holds NaN/Inf")
-    tmp = f"{path}.ce-tmp{os.getpid()}"  # the temp-file pattern of ce_cli.atomic_write
+    tmp = f"{path}.ce-tmp{os.getpid()}"  # the temp-file pattern of cli.atomic_write
     try:
         with open(tmp, "wb") as f:
             torch.save({"format": FORMAT, **state}, f)

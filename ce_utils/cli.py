@@ -1,9 +1,9 @@
 """Plumbing shared by every ce_*.py script, none of it from the paper: the argument parser, the error-to-exit
 wrapper (also keeping a closed stdout from stopping a run), the one place where device, autocast dtype and memory
 format are decided, atomic writes, the run log, the lock by which a run owns its folder, and signal handling.
-ce_model.py, ce_losses.py and ce_shapes.py do not import it (each can be copied alone).
+ce_model.py, ce_losses.py and ce_utils/synthetic.py do not import it (each can be copied alone).
 
-    python -c "import ce_cli; print(ce_cli.Hardware('cpu').dtype_name)"
+    python -c "from ce_utils import cli; print(cli.Hardware('cpu').dtype_name)"
 """
 import argparse
 import contextlib
@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-import ce_model
+from ce_data import DataError  # noqa: F401 (defined beside the data, raised by the plumbing too)
 
 try:
     import fcntl
@@ -35,8 +35,8 @@ class UserError(Exception):
     """A problem the user can fix (bad data, a bad file): printed as one line, exit code 2, no traceback."""
 
 
-class DataError(UserError):
-    """Bad or missing data: the message says which file, what is wrong and what to do."""
+class CheckpointError(UserError):
+    """A checkpoint file is missing, truncated, foreign or incompatible (one-line message for the user)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,7 +107,7 @@ def run(main, argv=None):
     stdout, sys.stdout = sys.stdout, _PipeSafeStdout(sys.stdout)
     try:
         return main(argv)
-    except (UserError, ce_model.CheckpointError) as e:
+    except (UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except torch.cuda.OutOfMemoryError:
@@ -171,7 +171,7 @@ def atomic_write(path, data):
     """Write `data` (bytes, str, or a function that writes to a binary file object) to `path` through a temp file
     in the same folder, flushed to disk, then renamed: a kill at any moment leaves the old file or the new one.
     An OSError (a full disk, a read-only folder) names `path`.
-    (ce_checkpoint.save_checkpoint writes the same way, and reports a failed torch.save as a CheckpointError.)"""
+    (checkpoints.save_checkpoint writes the same way, and reports a failed torch.save as a CheckpointError.)"""
     path = os.fspath(path)
     tmp = f"{path}{TMP_SUFFIX}{os.getpid()}"
     try:

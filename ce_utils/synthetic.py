@@ -2,7 +2,7 @@
 lines, discs, rectangles, colour texture) crosses the central hole, so that the context really predicts the centre
 (Context Encoders, paper 3.3: the model must understand the context). Offline, deterministic, no download.
 
-    python -c "import ce_shapes; print(ce_shapes.make_shapes(4, seed=0).shape)"
+    python -c "from ce_utils import synthetic; print(synthetic.make_shapes(4, seed=0).shape)"
 
 Images are drawn BATCH at a time with whole-array numpy operations on colour planes (B, 3, S, S): the background
 in float32, then shapes and noise on uint8 with bitwise operations. All the randomness of image i comes from its

@@ -3,7 +3,7 @@ run_images put it through the network): the files and folders given, each with a
 square the model sees; a user's own mask (white = hole) cropped and scaled exactly as the photo; and the result
 pasted back into the photo at its own size, every pixel outside the hole kept bit for bit.
 
-    python -c "import PIL.Image, ce_photo; print(ce_photo.photo_square(PIL.Image.new('RGB', (640, 480)))[1])"
+    python -c "import PIL.Image; from ce_utils import photos; print(photos.photo_square(PIL.Image.new('RGB', (640, 480)))[1])"
 """
 import collections
 import os
@@ -13,9 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-import ce_cli
-import ce_datasets
-
+from ce_utils import cli, datasets
 
 # ----------------------------------------------------------------------------------------------------------------
 # Inputs, the square the model sees, the result pasted back at full size.
@@ -23,19 +21,19 @@ import ce_datasets
 def photo_inputs(paths):
     """Files and folders given to --image -> (image files, a unique output name for each, problems).
 
-    A folder contributes its image files (recursively, as ce_datasets.list_images); a folder without any is a problem.
+    A folder contributes its image files (recursively, as datasets.list_images); a folder without any is a problem.
     Two inputs with one stem (a/x.jpg, b/x.png) get names x-1, x-2 (one note line), never one file over another.
     """
     files, bad = [], []
     for p in paths:
         if os.path.isdir(p):
             skipped = {}
-            found, other = ce_datasets.list_images(p, skipped)
-            ce_datasets.listing_note(p, other, skipped)
+            found, other = datasets.list_images(p, skipped)
+            datasets.listing_note(p, other, skipped)
             files += found
             if not found:
                 bad.append(f"{p}: no image files in this folder (looked for "
-                           f"{', '.join(sorted(ce_datasets.IMAGE_EXTS))})")
+                           f"{', '.join(sorted(datasets.IMAGE_EXTS))})")
         else:
             files.append(p)
     stems = [os.path.splitext(os.path.basename(os.path.normpath(f)))[0] or "image" for f in files]
@@ -60,7 +58,7 @@ def photo_inputs(paths):
 def photo_square(im, size=128):
     """The model's view of a photo: its central square, scaled to size x size. Returns (uint8 (size, size, 3),
     (left, top, side) of that square in the photo)."""
-    left, top, side = ce_datasets.center_square(*im.size)
+    left, top, side = datasets.center_square(*im.size)
     crop = im.crop((left, top, left + side, top + side))
     return np.asarray(crop.resize((size, size), Image.BICUBIC) if side != size else crop), (left, top, side)
 
@@ -92,17 +90,17 @@ def read_user_mask(path, photo, square, size):
     """A user's mask image (white = hole) -> (1, 1, size, size) bool, cropped and scaled exactly as the photo: a
     mask of another size is first scaled to the photo's size. One-line errors for an unreadable, empty or all-hole
     mask."""
-    m = ce_datasets.read_rgb(path).convert("L")
+    m = datasets.read_rgb(path).convert("L")
     if m.size != photo.size:
         m = m.resize(photo.size, Image.NEAREST)
     left, top, side = square
     m = m.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
     hole = torch.from_numpy(np.asarray(m) > 127)[None, None]
     if not hole.any():
-        raise ce_cli.DataError(f"{path}: no hole in the photo's central square (white = hole, black = keep); "
+        raise cli.DataError(f"{path}: no hole in the photo's central square (white = hole, black = keep); "
                                "draw the region to fill in white")
     if hole.all():
-        raise ce_cli.DataError(f"{path}: the whole central square is a hole; leave some context (black) to fill from")
+        raise cli.DataError(f"{path}: the whole central square is a hole; leave some context (black) to fill from")
     return hole
 
 
