@@ -1,32 +1,33 @@
-"""Benchmark the Context Encoder training step: images/s of ce_train.py's loop against a loop written the way
-typical implementations are, measured side by side in one run, with the same networks, losses and optimisers.
+"""Benchmark of the Context Encoder training step: images/s of ce_train.py's step against a loop
+written the way typical implementations are, side by side in one run, with the same networks,
+losses and optimisers (docs/speed.md: what it measures, and results).
 
-    python ce_bench.py --batch-size 512 --steps 50              # GPU: the paper's network on the embedded data
-    python ce_bench.py --data tiny --batch-size 64               # Tiny ImageNet layout
     python ce_bench.py --device cpu --width 16 --bottleneck 64 --batch-size 16 --steps 5
-    python ce_bench.py --batch-size 512 --mask region --skip-reference   # what random masks cost on the GPU
 
 Configurations:
-  ours        ce_train's step; uint8 data resident on the device, batches sliced, flipped, normalised and masked
-              there; bf16 autocast + channels_last on CUDA
-  ours-fp32   the same without autocast           (CUDA only: each speed switch off, one at a time)
-  ours-nchw   the same without channels_last      (CUDA only)
-  ours-graph  the same step captured whole in one CUDA graph and replayed, Adam fused (ce_train's default on one
-              GPU); ours-graph-foreach: with the multi-tensor Adam instead of the fused one
-  ours-compile  the same with torch.compile       (with --compile)
-  ours-region   the whole-image model with random region masks made at every step (--mask region; likewise
-              block) as ce_train.py makes them: numbers drawn a step ahead on the CPU, masks built on the device,
-              in the CUDA graph on one GPU; ours-region-fixed: the same with one mask made once and reused, so that
-              the difference is what making masks costs the step; region-masks-only: drawing and building one
-              batch of masks, one call after the other, without the step (an upper bound on what they add to it)
-  reference   fp32, NCHW; a per-sample Dataset that decodes an image file with Pillow, resizes, flips, normalises
-              and masks on the CPU, batched by a DataLoader with --workers processes (the seed report's design)
-Timing: --warmup steps first (cudnn autotuning, compilation), then --repeats windows of --steps steps each, the
-device synchronised at the end of each window; the median window is reported. FLOPs are counted on one real step
-with torch.utils.flop_counter (convolutions and matrix products, forward and backward), not assumed. --profile
-(CUDA) adds, per configuration, torch.profiler's account of 10 steps: GPU busy time against wall time (the rest
-is the GPU waiting for launches) and GPU operations (kernels, copies, memsets) per step; with --mask, the GPU time
-by kernel of ours-MASK minus that of ours-MASK-fixed (the masks' own kernels).
+  ours          ce_train.train_step; uint8 data resident on the device, batches sliced, flipped,
+                normalised and masked there; bf16 autocast + channels_last on CUDA
+  ours-fp32     the same without autocast; ours-nchw: without channels_last (CUDA only: each
+                speed switch off, one at a time)
+  ours-graph    the same step captured whole in one CUDA graph and replayed, Adam fused
+                (ce_train's default on one GPU); ours-graph-foreach: with the multi-tensor Adam
+  ours-compile  the same with torch.compile (with --compile)
+  ours-MASK     --mask block/region: the whole-image model with masks made at every step as
+                ce_train.py makes them (numbers drawn a step ahead on the CPU, masks built on the
+                device, in the CUDA graph on one GPU); ours-MASK-fixed: one mask made once and
+                reused, so that the difference is what making masks costs the step;
+                MASK-masks-only: drawing and building one batch of masks, one call after the
+                other, without the step (an upper bound on what they add to it)
+  reference     fp32, NCHW; a per-sample Dataset that decodes an image file with Pillow, resizes,
+                flips and normalises on the CPU, batched by a DataLoader with --workers processes
+                (the seed report's design), copied each step; the hole cut by the same train_step
+Timing: --warmup steps first (cudnn autotuning, compilation), then --repeats windows of --steps
+steps each, the device synchronised at the end of each window; the median window is reported.
+FLOPs are counted on one real step with torch.utils.flop_counter (convolutions and matrix
+products, forward and backward), not assumed. --profile (CUDA) adds, per configuration,
+torch.profiler's account of 10 steps: GPU busy time against wall time (the rest is the GPU waiting
+for launches) and GPU operations (kernels, copies, memsets) per step; with --mask, the GPU time by
+kernel of ours-MASK minus that of ours-MASK-fixed (the masks' own kernels).
 """
 import json
 import os
@@ -43,14 +44,14 @@ from PIL import Image
 import ce_data
 import ce_masks
 import ce_train
-from ce_utils import cli, config, datasets
+from ce_utils import accel, cli, datasets
 
 
 class ReferenceDataset(torch.utils.data.Dataset):
-    """One image file per __getitem__: decode, resize to 128, flip, scale to [-1, 1] and mask, all on the CPU."""
+    """One image file per __getitem__: decode, resize to 128, flip, scale to [-1, 1] on the CPU."""
 
-    def __init__(self, files, overlap, ring, fill):
-        self.files, self.mask = files, (overlap, ring, fill)
+    def __init__(self, files):
+        self.files = files
 
     def __len__(self):
         return len(self.files)
@@ -61,36 +62,42 @@ class ReferenceDataset(torch.utils.data.Dataset):
         x = torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1
         if random.random() < 0.5:
             x = x.flip(2)
-        masked, target = ce_data.mask_batch(x[None], *self.mask)
-        return masked[0], target[0].clone()
+        return x
 
 
 def parse_args(argv=None):
     p = cli.Parser(__doc__)
     p.add_argument("--data", default="shapes", choices=("shapes", "tiny", "imagenet", "folder"),
-                   help="training images to benchmark on (shapes: the embedded data, generated on first use)")
+                   help="training images to benchmark on (shapes: the embedded data, generated on "
+                        "first use)")
     p.add_argument("--data-root", default="data", help="dataset folder, as for ce_train.py")
-    p.add_argument("--shapes-n", type=int, default=4096, help="images of the embedded data to benchmark on")
-    p.add_argument("--batch-size", type=int, default=64, help="images per training step (paper: 64)")
+    p.add_argument("--shapes-n", type=int, default=4096,
+                   help="images of the embedded data to benchmark on")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per training step (paper: 64)")
     p.add_argument("--steps", type=int, default=30, help="steps per timed window")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (cudnn autotuning, compilation)")
+    p.add_argument("--warmup", type=int, default=10,
+                   help="untimed steps first (cudnn autotuning, compilation)")
     p.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
     p.add_argument("--width", type=int, default=64, help="channels of G's first layer (paper: 64)")
-    p.add_argument("--bottleneck", type=int, default=4000, help="channels of G's bottleneck (paper: 4000)")
+    p.add_argument("--bottleneck", type=int, default=4000,
+                   help="channels of G's bottleneck (paper: 4000)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--workers", type=int, default=min(10, os.cpu_count() or 1),
-                   help="DataLoader processes of the reference loop (the seed report used 10) (default: min(10, "
-                        "CPU cores), here %(default)s)")
+                   help="DataLoader processes of the reference loop (the seed report used 10) "
+                        "(default: min(10, CPU cores), here %(default)s)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (ours-compile)")
     p.add_argument("--profile", action="store_true",
                    help="CUDA: GPU busy time vs wall time per step, per configuration")
     p.add_argument("--mask", default="center", choices=("center", "block", "region"),
-                   help="block/region: also time the whole-image model with these masks (ours-MASK) and the masks "
-                        "alone (MASK-masks-only), in the same run")
+                   help="block/region: also time the whole-image model with these masks "
+                        "(ours-MASK) and the masks alone (MASK-masks-only), in the same run")
     p.add_argument("--skip-reference", action="store_true", help="do not time the reference loop")
-    p.add_argument("--json", action="store_true", help="one JSON line per configuration instead of the table")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON line per configuration instead of the table")
     a = p.parse_args(argv)
-    if min(a.batch_size, a.steps, a.repeats, a.width, a.bottleneck, a.shapes_n) <= 0 or a.warmup < 0 or a.workers < 0:
+    sizes = (a.batch_size, a.steps, a.repeats, a.width, a.bottleneck, a.shapes_n)
+    if min(sizes) <= 0 or a.warmup < 0 or a.workers < 0:
         p.error("sizes and counts must be positive")
     a.device = cli.resolve_device(a.device, p)
     return a
@@ -102,35 +109,42 @@ def sync(device):
 
 
 def build(a, device, channels_last, dtype="fp32", mask="center", graph=False, fused=None):
-    """ce_train's networks, optimisers and loss weights (its builder, paper defaults) at this benchmark's sizes;
-    mask block/region: the whole-image model; graph: optimisers ready for CUDA-graph capture."""
+    """(ce_train.build_training's namespace, the run's flags t): the networks, optimisers and loss
+    weights at paper defaults and this benchmark's sizes; mask block/region: the whole-image
+    model; graph: optimisers and autocast ready for CUDA-graph capture."""
     torch.manual_seed(0)
-    hw = cli.Hardware(device, dtype, channels_last)
-    t = config.default_args(device=str(device), width=a.width, bottleneck=a.bottleneck, mask=mask,
-                               cuda_graph=graph)
-    return (*ce_train.build_training(t, hw, fused=fused), t)
+    hw = cli.Hardware(device, dtype, channels_last, graph)
+    t = ce_train.default_args(device=str(device), width=a.width, bottleneck=a.bottleneck,
+                              mask=mask, cuda_graph=graph)
+    return ce_train.build_training(t, hw, fused=fused), t
 
 
-def batch_maker(batches, t, W, fixed=False):
-    """(next_batch, cut_holes) for the timed loop, as ce_train.py makes them for run arguments t: next_batch() ->
-    (real batch, its mask numbers) on consecutive steps; cut_holes(real, *numbers) -> (masked, target, W), the
-    step's first part (graphed with it). fixed: the first step's masks at every step (nothing drawn or built; W
-    still is)."""
+def batch_maker(batches, t, fixed=False):
+    """next_batch() -> (real batch, its mask numbers) on consecutive steps, as ce_train.py makes
+    them for run flags t (accel.mask_numbers_ahead). fixed: the first step's mask as the numbers
+    at every step (nothing drawn or built; ce_train.cut_hole takes a ready mask; W still is
+    computed)."""
     k = iter(range(10**9))
-    once = ce_masks.random_masks(t.mask, batches.batch_size, (0, "mask", 0), 128, batches.device) if fixed else None
-    draw_numbers, cut_holes = ce_train.make_masker(t, W, fixed=once)
+    if fixed:
+        once = ce_masks.random_masks(t.mask, batches.batch_size, (0, "mask", 0), 128,
+                                     batches.device)
+
+        def draw_numbers(real, step):
+            return (once,)
+    else:
+        draw_numbers = accel.mask_numbers_ahead(t)
 
     def next_batch():
         step = next(k)
         real = batches.get(step)
         return (real, *draw_numbers(real, step))
-    return next_batch, cut_holes
+    return next_batch
 
 
 def measure_masks(a, device, kind):
-    """The masks alone: median ms to draw and build one batch of `kind` masks on the device, in turn and launched
-    kernel by kernel (a step draws the next numbers in a worker thread and, on one GPU, builds the masks in its CUDA
-    graph: this is an upper bound on what they add to it)."""
+    """The masks alone: median ms to draw and build one batch of `kind` masks on the device, in
+    turn and launched kernel by kernel (a step draws the next numbers in a worker thread and, on
+    one GPU, builds the masks in its CUDA graph: this is an upper bound on what they add to it)."""
     windows = []
     for r in range(a.repeats + 1):
         sync(device)
@@ -141,16 +155,17 @@ def measure_masks(a, device, kind):
         windows.append((time.perf_counter() - t0) / a.steps)
     sec = statistics.median(windows[1:])                          # the first window warms up
     ops, gb = mask_work(kind, a.batch_size)
-    return {"config": f"{kind}-masks-only", "img_per_s": a.batch_size / sec, "ms_per_step": 1000 * sec,
-            "tflops": 0.0, "gflop_per_img": 0.0, "peak_gib": None, "mask_ops": ops, "mask_gb": gb}
+    return {"config": f"{kind}-masks-only", "img_per_s": a.batch_size / sec,
+            "ms_per_step": 1000 * sec, "tflops": 0.0, "gflop_per_img": 0.0, "peak_gib": None,
+            "mask_ops": ops, "mask_gb": gb}
 
 
 def mask_work(kind, n, size=128):
-    """(tensor operations, GB of their inputs and outputs) to build n `kind` masks the GPU's way, counted on the
-    meta device (shapes without values, so any machine can count what a GPU would do). Views and reshapes without
-    a copy are not counted. The GB are the sum of the operands' sizes, a proxy for the memory traffic: an
-    operation that reads part of an input (an index) counts all of it, one that reads its inputs several times
-    (a matrix product, kthvalue's radix passes) once.
+    """(tensor operations, GB of their inputs and outputs) to build n `kind` masks the GPU's way,
+    counted on the meta device (shapes without values: any machine counts what a GPU would do).
+    Views and reshapes without a copy are not counted. The GB are the operands' sizes summed, a
+    proxy for the memory traffic: an operation that reads part of an input (an index) counts all
+    of it, one that reads its inputs several times (a matrix product, kthvalue's passes) once.
     python -c "import ce_bench; print(ce_bench.mask_work('region', 512))" """
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -159,7 +174,8 @@ def mask_work(kind, n, size=128):
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if not (func.is_view or "view" in func.__name__ or func.__name__.startswith("empty")):   # _unsafe_view
+            if not (func.is_view or "view" in func.__name__      # "view": also _unsafe_view
+                    or func.__name__.startswith("empty")):
                 tensors = [t for t in torch.utils._pytree.tree_flatten((args, kwargs, out))[0]
                            if isinstance(t, torch.Tensor)]
                 self.ops, self.nbytes = self.ops + 1, self.nbytes + sum(t.nbytes for t in tensors)
@@ -171,7 +187,8 @@ def mask_work(kind, n, size=128):
 
 
 def step_flops(step, batch):
-    """FLOPs of one real training step (convolutions and matrix products, forward and backward), counted."""
+    """FLOPs of one real training step (convolutions and matrix products, forward and backward),
+    counted."""
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as fc:
         step(*batch)
@@ -179,10 +196,10 @@ def step_flops(step, batch):
 
 
 def profile(step, next_batch, device, n=10):
-    """torch.profiler (CUDA activity only, so that tracing the CPU side does not slow it) over n steps: per step,
-    ms of GPU time (the union of the intervals of its operations: kernels, copies, memsets) and the number of those
-    operations (graph replays' included where CUPTI reports them); the wall time it compares with is the timed
-    windows' ms_per_step."""
+    """torch.profiler (CUDA activity only, so that tracing the CPU side does not slow it) over n
+    steps: per step, ms of GPU time (the union of the intervals of its operations: kernels, copies,
+    memsets) and the number of those operations (graph replays' included where CUPTI reports
+    them); the wall time it compares with is the timed windows' ms_per_step."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
     sync(device)
@@ -205,19 +222,25 @@ def profile(step, next_batch, device, n=10):
             "top_kernels": [(name[:60], round(ms, 3)) for name, ms in top], "_by_kernel": by_name}
 
 
-def measure(name, a, device, batch, dtype="fp32", channels_last=False, compile_=False, mask="center", graph=False,
-            fused=None):
-    """Median seconds per step over a.repeats windows, FLOPs of one step, peak device memory. batch(t, W) ->
-    (next_batch, cut_holes) as batch_maker's, for the run arguments t and centre weights W that build gives."""
-    G, D, optG, optD, W, t = build(a, device, channels_last, dtype, mask, graph, fused)
-    next_batch, cut_holes = batch(t, W)
-    ctx = cli.Hardware(device, dtype, channels_last, graph).ctx
-    flops = step_flops(ce_train.make_train_step(G, D, optG, optD, W, t, ctx), cut_holes(*next_batch()))
-    t.compile = compile_
-    step = ce_train.masked_step(ce_train.make_train_step(G, D, optG, optD, W, t, ctx), cut_holes)
+def measure(name, a, device, batch, dtype="fp32", channels_last=False, compile_=False,
+            mask="center", graph=False, fused=None):
+    """Median seconds per step over a.repeats windows, FLOPs of one step, peak device memory.
+    batch(t) -> next_batch, as batch_maker's, for the run flags t that build gives."""
+    m, t = build(a, device, channels_last, dtype, mask, graph, fused)
+    next_batch = batch(t)
+
+    def step(real, *numbers):
+        return ce_train.train_step(real, numbers, m, t)
+    real, *numbers = next_batch()
+    if numbers and numbers[0].dtype != torch.bool:     # count the networks' FLOPs, not the masks'
+        numbers = [ce_masks.random_masks(t.mask, len(real), None, 128, device, numbers=numbers)]
+    flops = step_flops(step, (real, *numbers))
+    if compile_:
+        m.forward_G, m.forward_D, m.forward_D_frozen = accel.forward_fns(m.G, m.D, device, 1, True)
     if graph:
-        step = ce_train.cuda_graphed(step)
-    for _ in range(max(a.warmup, ce_train.GRAPH_WARMUP + 1) if graph else a.warmup):   # graph: captured here
+        step = accel.cuda_graphed(step)
+    warmup = max(a.warmup, accel.GRAPH_WARMUP + 1) if graph else a.warmup   # graph: captured
+    for _ in range(warmup):
         step(*next_batch())
     sync(device)
     if device.type == "cuda":
@@ -233,11 +256,13 @@ def measure(name, a, device, batch, dtype="fp32", channels_last=False, compile_=
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     prof = profile(step, next_batch, device) if a.profile and device.type == "cuda" else {}
     return {"config": name, "img_per_s": a.batch_size / sec, "ms_per_step": 1000 * sec,
-            "tflops": flops / sec / 1e12, "gflop_per_img": flops / a.batch_size / 1e9, "peak_gib": peak, **prof}
+            "tflops": flops / sec / 1e12, "gflop_per_img": flops / a.batch_size / 1e9,
+            "peak_gib": peak, **prof}
 
 
 def reference_files(a, images, tmp):
-    """The image files the reference loop decodes: the dataset's own, or the embedded images written as PNGs."""
+    """The image files the reference loop decodes: the dataset's own, or the embedded images
+    written as PNGs."""
     if a.data != "shapes":
         return datasets.dataset_files(a.data, a.data_root, "train")
     files = []
@@ -248,81 +273,92 @@ def reference_files(a, images, tmp):
 
 
 def measure_reference(a, device, train_u8, t):
-    """The reference loop: image files decoded per sample by a DataLoader, masked on the CPU, copied each step."""
+    """The reference loop: image files decoded per sample by a DataLoader, copied each step."""
     with tempfile.TemporaryDirectory() as tmp:
-        ds = ReferenceDataset(reference_files(a, train_u8, tmp), t.overlap, t.ring, t.fill)
-        loader = torch.utils.data.DataLoader(ds, a.batch_size, shuffle=True, num_workers=a.workers, drop_last=True,
-                                             pin_memory=device.type == "cuda", persistent_workers=a.workers > 0)
+        ds = ReferenceDataset(reference_files(a, train_u8, tmp))
+        loader = torch.utils.data.DataLoader(ds, a.batch_size, shuffle=True, num_workers=a.workers,
+                                             drop_last=True, pin_memory=device.type == "cuda",
+                                             persistent_workers=a.workers > 0)
         it = iter(loader)
 
         def next_ref():
             nonlocal it
             try:
-                m, y = next(it)
+                x = next(it)
             except StopIteration:
                 it = iter(loader)
-                m, y = next(it)
-            return m.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x = next(it)
+            return (x.to(device, non_blocking=True),)
 
-        return measure("reference", a, device, lambda t, W: (next_ref, lambda m, y: (m, y, W)))   # masked already
+        return measure("reference", a, device, lambda t: next_ref)
 
 
 def report(results, a, device):
-    """The table (or one JSON line per configuration), each configuration against the reference of this run."""
+    """The table (or one JSON line per configuration), each configuration against the reference
+    of this run."""
     ref = next((r["img_per_s"] for r in results if r["config"] == "reference"), None)
     for r in results:
         r["vs_reference"] = r["img_per_s"] / ref if ref else None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine())
     if a.json:
         for r in results:
-            print(json.dumps({"device": name, "torch": str(torch.__version__), "batch_size": a.batch_size,
-                              **{k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in r.items()
-                                 if not k.startswith("_")}}))
+            print(json.dumps({"device": name, "torch": str(torch.__version__),
+                              "batch_size": a.batch_size,
+                              **{k: (float(f"{v:.6g}") if isinstance(v, float) else v)
+                                 for k, v in r.items() if not k.startswith("_")}}))
         return
-    print(f"{name} | torch {torch.__version__} | {a.data} | batch {a.batch_size} | G width {a.width}, bottleneck "
-          f"{a.bottleneck} | {results[0]['gflop_per_img']:.2f} GFLOP per image per step | median of {a.repeats} x "
-          f"{a.steps} steps")
-    print(f"{'config':<18}{'img/s':>10}{'ms/step':>10}{'TFLOP/s':>9}{'peak GiB':>10}{'vs reference':>14}")
+    print(f"{name} | torch {torch.__version__} | {a.data} | batch {a.batch_size} | G width "
+          f"{a.width}, bottleneck {a.bottleneck} | {results[0]['gflop_per_img']:.2f} GFLOP per "
+          f"image per step | median of {a.repeats} x {a.steps} steps")
+    print(f"{'config':<18}{'img/s':>10}{'ms/step':>10}{'TFLOP/s':>9}{'peak GiB':>10}"
+          f"{'vs reference':>14}")
     for r in results:
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
         vs = f"{r['vs_reference']:.2f}x" if r["vs_reference"] else "-"
-        print(f"{r['config']:<18}{r['img_per_s']:>10,.0f}{r['ms_per_step']:>10.2f}{r['tflops']:>9.2f}{peak:>10}"
-              f"{vs:>14}")
+        print(f"{r['config']:<18}{r['img_per_s']:>10,.0f}{r['ms_per_step']:>10.2f}"
+              f"{r['tflops']:>9.2f}{peak:>10}{vs:>14}")
     for r in (r for r in results if "mask_ops" in r):
-        print(f"{r['config']}: built the GPU's way, {r['mask_ops']} tensor operations with {r['mask_gb']:.2f} GB of "
-              f"inputs and outputs per batch (counted on the meta device: ce_bench.mask_work)")
+        print(f"{r['config']}: built the GPU's way, {r['mask_ops']} tensor operations with "
+              f"{r['mask_gb']:.2f} GB of inputs and outputs per batch (counted on the meta device: "
+              f"ce_bench.mask_work)")
     profiled = [r for r in results if "kernel_ms" in r]
     if profiled:
-        print(f"profile (torch.profiler, 10 steps)\n{'config':<18}{'ms/step':>10}{'kernel ms':>11}{'GPU idle':>10}"
-              f"{'GPU ops/step':>14}")
+        print(f"profile (torch.profiler, 10 steps)\n{'config':<18}{'ms/step':>10}{'kernel ms':>11}"
+              f"{'GPU idle':>10}{'GPU ops/step':>14}")
     for r in profiled:
         idle = 1 - r["kernel_ms"] / r["ms_per_step"]
-        print(f"{r['config']:<18}{r['ms_per_step']:>10.2f}{r['kernel_ms']:>11.2f}{idle:>10.0%}{r['kernels']:>14.0f}")
-    for r in (r for r in profiled if r["config"] == "ours-graph"):   # where its time goes: the longest kernels
+        print(f"{r['config']:<18}{r['ms_per_step']:>10.2f}{r['kernel_ms']:>11.2f}{idle:>10.0%}"
+              f"{r['kernels']:>14.0f}")
+    for r in (r for r in profiled if r["config"] == "ours-graph"):   # its longest kernels
         print(f"{r['config']}: " + "; ".join(f"{ms:.2f} {name}" for name, ms in r["top_kernels"]))
     by_config = {r["config"]: r for r in profiled}
-    for r in profiled:              # ours-region against ours-region-fixed: what the masks' own kernels take
+    for r in profiled:    # ours-region against ours-region-fixed: what the masks' own kernels take
         fixed = by_config.get(r["config"] + "-fixed")
-        if fixed:       # (kernels that cuDNN's autotuning chose differently in the two runs would show up too)
+        if fixed:   # (kernels that cuDNN's autotuning chose differently would show up too)
             extra = {k: ms - fixed["_by_kernel"].get(k, 0.0) for k, ms in r["_by_kernel"].items()}
             top = [(k, ms) for k, ms in sorted(extra.items(), key=lambda kv: -kv[1])[:8] if ms > 0]
-            print(f"{r['config']}: {r['kernel_ms'] - fixed['kernel_ms']:.3f} GPU ms per step more than "
-                  f"{fixed['config']}; the kernels with the most more: "
+            print(f"{r['config']}: {r['kernel_ms'] - fixed['kernel_ms']:.3f} GPU ms per step more "
+                  f"than {fixed['config']}; the kernels with the most more: "
                   + ("; ".join(f"{ms:.3f} {k[:90]}" for k, ms in top) or "none"))
 
 
 def main(argv=None):
     a = parse_args(argv)
     device = torch.device(a.device)
+    cli.Hardware(device).use_fast_kernels()        # as ce_train.py: cuDNN autotuning, TF32
     train_u8 = datasets.load_split(a.data, a.data_root, "train", 128, a.shapes_n)
-    t = config.default_args()
+    t = ce_train.default_args()
     cuda = device.type == "cuda"
-    # (name, autocast dtype, channels_last, torch.compile, mask, CUDA graph, fused Adam, one fixed mask): the
-    # eager step, the graphed one (ce_train.py's default on one GPU), then each speed switch off alone
-    C = dict(dtype="auto", channels_last=cuda, compile_=False, mask="center", graph=False, fused=None, fixed=False)
+    # (name, autocast dtype, channels_last, torch.compile, mask, CUDA graph, fused Adam, one fixed
+    # mask): the eager step, the graphed one (ce_train.py's default on one GPU), then each speed
+    # switch off alone
+    C = dict(dtype="auto", channels_last=cuda, compile_=False, mask="center", graph=False,
+             fused=None, fixed=False)
     configs = [("ours", C)]
     if cuda:
-        configs += [("ours-graph", {**C, "graph": True}), ("ours-graph-foreach", {**C, "graph": True, "fused": False}),
+        configs += [("ours-graph", {**C, "graph": True}),
+                    ("ours-graph-foreach", {**C, "graph": True, "fused": False}),
                     ("ours-fp32", {**C, "dtype": "fp32"}),
                     ("ours-nchw", {**C, "dtype": "bf16", "channels_last": False})]
     configs += [("ours-compile", {**C, "compile_": True})] * a.compile
@@ -334,7 +370,7 @@ def main(argv=None):
         c = dict(c)
         fixed = c.pop("fixed")
         batches = ce_data.Batches(train_u8, a.batch_size, device, 0, True, 128, c["channels_last"])
-        results.append(measure(name, a, device, lambda t, W: batch_maker(batches, t, W, fixed), **c))
+        results.append(measure(name, a, device, lambda t: batch_maker(batches, t, fixed), **c))
     if a.mask != "center":
         results.append(measure_masks(a, device, a.mask))
     if not a.skip_reference:

@@ -1,24 +1,26 @@
-"""Evaluate a Context Encoder (Pathak et al., CVPR 2016, section 5.1 / Table 1): PSNR, mean L1 %, mean L2 % of
-the model against classical baselines (ce_utils/baselines.py) on held-out images; figures; inpainting your own photos.
-This file holds the parts that need the model or the metrics: the drawing (grids, curves, GIF, figure notes) is
-in ce_utils/figures.py, a photo's image side (inputs, the square the model sees, your mask, pasting back) in ce_utils/photos.py.
+"""Evaluate a Context Encoder (Pathak et al., CVPR 2016, section 5.1 / Table 1): PSNR, mean L1 %,
+mean L2 % of the model against classical baselines (ce_utils/baselines.py) on held-out images;
+figures; inpainting your own photos. The drawing is in ce_utils/figures.py, a photo's image side
+(inputs, the square the model sees, your mask, pasting back) in ce_utils/photos.py.
 
     python ce_eval.py --ckpt runs/shapes/best.pt                 # table: model vs baselines
     python ce_eval.py --ckpt runs/shapes/best.pt --json          # one JSON line
     python ce_eval.py --ckpt runs/shapes/best.pt --image me.jpg --out filled/
     python ce_eval.py --ckpt runs/shapes/best.pt --figure --out figs/     # figs/figure.png
-    python ce_eval.py --ckpt runs/a/best.pt runs/b/best.pt --figure --out figs/   # columns A, B; flags in a note
-    python ce_eval.py --plot runs/a runs/b --out figs/                    # figs/curves.png, overlaid
+    python ce_eval.py --ckpt runs/a/best.pt runs/b/best.pt --figure --out figs/   # columns A, B
+    python ce_eval.py --plot runs/a runs/b --out figs/                    # figs/curves.png
 
 Metrics (all on [0, 1] intensities, per image then averaged over images):
-  hole:   the pixels hidden from the model (inner square for --ring visible, whole 64x64 for --ring hidden)
-  region: the whole 64x64 centre of the final image (prediction pasted into the hole, visible ring kept real)
+  hole:   the pixels hidden from the model (inner square for --ring visible, whole 64x64 for
+          --ring hidden; random masks: the hidden pixels)
+  region: the whole 64x64 centre of the final image, the prediction pasted into the hole (random
+          masks: the whole image)
   PSNR = 10 log10(1 / MSE);  L1 % = 100 * mean |pred - true|;  L2 % = 100 * mean (pred - true)^2.
 """
 import json
 import os
 import sys
-import time
+from collections import namedtuple
 from types import SimpleNamespace
 
 import numpy as np
@@ -29,15 +31,14 @@ import ce_data
 import ce_masks
 import ce_model
 from ce_utils import baselines, checkpoints, cli, datasets, figures, photos
+from ce_utils.progress import Progress
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Metrics (the baselines: ce_utils/baselines.py)
 
 def image_metrics(pred, target, mask):
-    """Per-image PSNR (dB), L1 %, L2 % over the pixels where `mask` ((1 or B), 1, H, W) is 1. Inputs in [-1, 1].
-
-    Returns a dict of (B,) float tensors. PSNR per image then averaged is the paper's reading of Table 1.
-    """
+    """Per-image PSNR (dB), L1 %, L2 % over the pixels where `mask` ((1 or B), 1, H, W) is 1, inputs
+    in [-1, 1]: a dict of (B,) tensors. PSNR per image, then averaged: the paper's Table 1."""
     d = ce_data.unit(pred) - ce_data.unit(target)
     m = mask.to(d.device, d.dtype).expand_as(d)
     n = m.sum(dim=(1, 2, 3))
@@ -47,20 +48,20 @@ def image_metrics(pred, target, mask):
 
 
 def blobs(mask):
-    """Sizes of the 4-connected hidden regions of one (H, W) bool mask (row runs joined by union-find: plain Python
-    is fast enough here, and it keeps scipy out of the dependencies)."""
+    """Sizes of the 4-connected hidden regions of one (H, W) bool mask (row runs joined by
+    union-find: plain Python is fast enough here, and it keeps scipy out of the dependencies)."""
     m = np.asarray(mask, dtype=bool)
     parent, size, prev = [], [], []
     for row in m:
         edges = np.flatnonzero(np.diff(np.concatenate(([0], row.view(np.int8), [0]))))
-        runs = list(zip(edges[::2], edges[1::2]))                    # [start, stop) of each hidden run
+        runs = list(zip(edges[::2], edges[1::2]))                    # [start, stop) of each run
         ids = []
         for a, b in runs:
             ids.append(len(parent))
             parent.append(len(parent))
             size.append(b - a)
             for (pa, pb), pid in prev:
-                if pa < b and a < pb:                               # overlapping runs of adjacent rows touch
+                if pa < b and a < pb:               # overlapping runs of adjacent rows touch
                     ra, rb = _root(parent, pid), _root(parent, ids[-1])
                     if ra != rb:
                         parent[rb] = ra
@@ -76,53 +77,57 @@ def _root(parent, i):
     return i
 
 
-def official_region_crops(n, seed=0, pattern=2000, size=128):
-    """The official recipe at reduced size: one pattern from (pattern / REGION_SCALE)^2 uniform noise upsampled
-    bicubically to pattern^2 and thresholded, then random crops kept only inside the hole-fraction window
-    (train_random.lua:273-283, 316-327). Returns (n accepted crops (n, size, size) bool, acceptance rate)."""
-    g = torch.Generator().manual_seed(seed)
-    low = round(pattern / ce_masks.REGION_SCALE)
-    field = torch.nn.functional.interpolate(torch.rand(1, 1, low, low, generator=g), size=(pattern, pattern),
-                                            mode="bicubic", align_corners=False)[0, 0]
-    holes, kept, tried = field < ce_masks.REGION_DENSITY, [], 0
-    lo, hi = ce_masks.REGION_WINDOW
-    while len(kept) < n:
-        y, x = torch.randint(0, pattern - size + 1, (2,), generator=g).tolist()
-        crop, tried = holes[y:y + size, x:x + size], tried + 1
-        if lo < crop.float().mean().item() < hi:
-            kept.append(crop)
-    return torch.stack(kept), n / tried
-
-
 def mask_statistics(masks):
     """Hole fraction, blobs per mask and blob sizes of (N, H, W) or (N, 1, H, W) bool masks."""
     masks = masks.reshape(-1, masks.shape[-2], masks.shape[-1]).cpu()
     per = [blobs(m) for m in masks.numpy()]
     sizes = np.concatenate([np.asarray(p) for p in per]) if per else np.zeros(0)
     frac = masks.float().mean(dim=(1, 2)).numpy()
-    return {"n": len(masks), "hole_fraction_mean": float(frac.mean()), "hole_fraction_min": float(frac.min()),
-            "hole_fraction_max": float(frac.max()), "blobs_mean": float(np.mean([len(p) for p in per])),
-            "blobs_median": float(np.median([len(p) for p in per])), "blob_px_median": float(np.median(sizes)),
-            "blob_px_mean": float(sizes.mean())}
+    counts = [len(p) for p in per]
+    return {"n": len(masks), "hole_fraction_mean": float(frac.mean()),
+            "hole_fraction_min": float(frac.min()), "hole_fraction_max": float(frac.max()),
+            "blobs_mean": float(np.mean(counts)), "blobs_median": float(np.median(counts)),
+            "blob_px_median": float(np.median(sizes)), "blob_px_mean": float(sizes.mean())}
 
 
-def eval_task(x, kind, start, overlap, ring, fill):
-    """What every method sees and is scored on, for held-out images x (B, 3, 128, 128) starting at index `start`:
-    the masked input, the target, the hole (pixels scored by the hole metrics), compose(pred) -> the final picture
-    scored by the region metrics (prediction pasted into the hole only), picture(pred) -> the whole image to show
-    (random masks: hole outlines drawn), and baseline(name) -> a baseline's prediction."""
-    if kind == "center":
+# What a method is scored on: the hole of a run (its flags' mask, overlap, ring, fill) on images of
+# the network's size. Defaults: the paper variant's centre hole (7 px visible ring, official fill).
+MaskSpec = namedtuple("MaskSpec", "mask overlap ring fill size",
+                      defaults=("center", 7, "visible", "mean", 128))
+
+
+def mask_spec(a=None):
+    """The MaskSpec of run flags `a`: a checkpoint's args dict or ce_train's namespace (None: the
+    defaults; a MaskSpec: itself)."""
+    if a is None or isinstance(a, MaskSpec):
+        return MaskSpec() if a is None else a
+    a = a if isinstance(a, dict) else vars(a)
+    return MaskSpec(a.get("mask", "center"), a["overlap"], a["ring"], a["fill"],
+                    ce_model.input_size(a))
+
+
+def eval_task(x, spec, start=0):
+    """What every method sees and is scored on, for held-out images x (B, 3, S, S) from index
+    `start` and the MaskSpec `spec`: the masked input, the target, the hole (scored by the hole
+    metrics), compose(pred) -> the final picture scored by the region metrics (prediction pasted
+    into the hole only), picture(pred) -> the image to show (random masks: hole outlines drawn), and
+    baseline(name) -> a baseline's prediction."""
+    overlap, ring, fill = spec.overlap, spec.ring, spec.fill
+    if spec.mask == "center":
         masked, target = ce_data.mask_batch(x, overlap, ring, fill)
         lo, hi = ce_data.region_bounds(x.shape[-1])
-        return SimpleNamespace(masked=masked, target=target, hole=ce_data.hole_mask(overlap, ring),
-                               compose=lambda p: ce_data.paste(masked, p, overlap, ring)[..., lo:hi, lo:hi],
-                               picture=lambda p: ce_data.paste(masked, p, overlap, ring),
-                               baseline=lambda name: baselines.baseline_region(name, masked, overlap, ring))
-    mask = ce_masks.eval_masks(kind, start, len(x), x.device, x.shape[-1])
+        return SimpleNamespace(
+            masked=masked, target=target, hole=ce_data.hole_mask(overlap, ring),
+            compose=lambda p: ce_data.paste(masked, p, overlap, ring)[..., lo:hi, lo:hi],
+            picture=lambda p: ce_data.paste(masked, p, overlap, ring),
+            baseline=lambda name: baselines.baseline_region(name, masked, overlap, ring))
+    mask = ce_masks.eval_masks(spec.mask, start, len(x), x.device, x.shape[-1])
     masked = ce_data.apply_mask(x, mask, fill)
-    return SimpleNamespace(masked=masked, target=x, hole=mask, compose=lambda p: ce_data.paste_image(masked, p, mask),
-                           picture=lambda p: figures.outline(ce_data.paste_image(masked, p, mask), mask),
-                           baseline=lambda name: baselines.baseline_image(name, masked, mask))
+    return SimpleNamespace(
+        masked=masked, target=x, hole=mask,
+        compose=lambda p: ce_data.paste_image(masked, p, mask),
+        picture=lambda p: figures.outline(ce_data.paste_image(masked, p, mask), mask),
+        baseline=lambda name: baselines.baseline_image(name, masked, mask))
 
 
 @torch.no_grad()
@@ -144,65 +149,52 @@ PROGRESS_ABOVE = 1000     # evaluations of more images than this print progress 
 PROGRESS_EVERY_S = 10.0   # at most one progress line per this many seconds (and one at the end)
 
 
-class Progress:
-    """Rate-limited 'images done / total, img/s' lines on stderr for a long evaluation; silent for a short one."""
-
-    def __init__(self, total, what="evaluating"):
-        self.total, self.what, self.on = total, what, total > PROGRESS_ABOVE
-        self.t0 = self.last = time.perf_counter()
-
-    def update(self, done):
-        now = time.perf_counter()
-        if self.on and (now - self.last >= PROGRESS_EVERY_S or done >= self.total):
-            self.last = now
-            rate = done / max(now - self.t0, 1e-9)
-            print(f"  {self.what}: {done:,}/{self.total:,} images, {rate:,.0f} img/s", file=sys.stderr, flush=True)
-
-
-def evaluate(G, images_u8, overlap=7, ring="visible", fill="mean", methods=("model",), batch_size=256, dtype=None,
-             mask="center", size=128):
-    """Mean metrics of each method over uint8 (N, S, S, 3) images (S >= size, centre-cropped to size), with the
-    central hole (mask="center") or the fixed held-out block/region masks (ce_masks.eval_masks).
-
-    Returns {method: {"psnr", "l1", "l2", "psnr_region", "l1_region", "l2_region", "n_images"}}: hole metrics over
-    the hidden pixels; region metrics over the 64x64 centre (centre masks) or the whole image (random masks).
+def evaluate(G, images_u8, spec=None, ring=None, fill=None, methods=("model",), batch_size=256,
+             dtype=None, mask="center", size=128):
+    """Mean metrics of each method over uint8 (N, S, S, 3) images (S >= size, centre-cropped to it)
+    with the hole of `spec` (mask_spec: a run's flags): {method: {"psnr", "l1", "l2", "psnr_region",
+    "l1_region", "l2_region", "n_images"}}, hole metrics over the hidden pixels, region metrics over
+    the 64x64 centre (centre masks) or the whole image (random masks; ce_masks.eval_masks). Pass
+    methods and the rest by keyword; spec = overlap with ring, fill, mask, size is the old form.
     More than PROGRESS_ABOVE images: a progress line on stderr every PROGRESS_EVERY_S seconds.
     """
+    spec = MaskSpec(mask, spec, ring, fill, size) if isinstance(spec, int) else mask_spec(spec)
     dev = next(G.parameters()).device if G is not None else torch.device("cpu")
     sums = {m: {} for m in methods}
     n = len(images_u8)
-    progress = Progress(n)
+    progress = Progress(n, "evaluating", every=PROGRESS_EVERY_S, above=PROGRESS_ABOVE)
     for i in range(0, n, batch_size):
-        x = ce_data.eval_batch(images_u8[i:i + batch_size], size).to(dev)
-        t = eval_task(x, mask, i, overlap, ring, fill)
+        x = ce_data.eval_batch(images_u8[i:i + batch_size], spec.size).to(dev)
+        t = eval_task(x, spec, i)
+        everywhere = torch.ones_like(t.hole[:1])
         for m in methods:
             pred = predict(G, t.masked, batch_size, dtype) if m == "model" else t.baseline(m)
-            for suffix, p, hole in (("", pred, t.hole), ("_region", t.compose(pred), torch.ones_like(t.hole[:1]))):
+            for suffix, p, hole in (("", pred, t.hole), ("_region", t.compose(pred), everywhere)):
                 for k, v in image_metrics(p, t.target, hole).items():
                     sums[m][k + suffix] = sums[m].get(k + suffix, 0.0) + float(v.double().sum())
-        progress.update(min(i + batch_size, n))
+        progress(min(i + batch_size, n))
     return {m: {**{k: v / n for k, v in s.items()}, "n_images": n} for m, s in sums.items()}
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Pictures of the model's predictions (the drawing: ce_utils/figures.py)
 
-def inpaint(G, images, overlap, ring, fill, dtype=None, mask="center"):
-    """images (B, 3, 128, 128) in [-1, 1] -> (masked, filled): the prediction pasted into the hole only. Random
-    masks: the fixed held-out masks of images 0..B-1, with the hole's outline drawn on the filled image."""
-    t = eval_task(images, mask, 0, overlap, ring, fill)
+def inpaint(G, images, spec=None, ring=None, fill=None, dtype=None, mask="center"):
+    """images (B, 3, S, S) in [-1, 1] -> (masked, filled) with the hole of `spec` (mask_spec), the
+    prediction pasted into the hole only. Random masks: the held-out masks of images 0..B-1, with
+    the hole's outline drawn. Pass dtype by keyword (spec = overlap, ring, fill, mask: old form)."""
+    size = images.shape[-1]
+    spec = MaskSpec(mask, spec, ring, fill, size) if isinstance(spec, int) else mask_spec(spec)
+    t = eval_task(images, spec)
     return t.masked, t.picture(predict(G, t.masked, dtype=dtype).to(images.device))
 
 
 def comparison_figure(models, images, path, dtype=None, notes=()):
-    """masked | each model | each baseline | original for N held-out images, the hole's PSNR under each.
-
-    models: [(short label, G, args)], all with the same mask (overlap, ring, fill) as the first; notes: lines
-    under the figure saying what each label is (figures.run_labels gives both).
-    """
+    """masked | each model | each baseline | original for N held-out images, the hole's PSNR under
+    each. models: [(short label, G, args)], all with the mask of the first's flags; notes: lines
+    under the figure saying what each label is (figures.run_labels gives both)."""
     plt = figures.pyplot()
-    a = models[0][2]
-    t = eval_task(images, a.get("mask", "center"), 0, a["overlap"], a["ring"], a["fill"])
+    t = eval_task(images, mask_spec(models[0][2]))
     target, hole = t.target, t.hole
     cols = [("masked input", t.masked, None)]
     for label, G, _ in models:
@@ -213,15 +205,16 @@ def comparison_figure(models, images, path, dtype=None, notes=()):
         cols.append((m.replace("_", " "), t.picture(pred), pred))
     cols.append(("original", images, None))
     n, k = len(images), len(cols)
-    # Laid out in inches (tight_layout misplaces fixed-aspect images): 1.5 in pictures, their title above the first
-    # row, the PSNR under each row, the notes at the bottom.
+    # Laid out in inches (tight_layout misplaces fixed-aspect images): 1.5 in pictures, their title
+    # above the first row, the PSNR under each row, the notes at the bottom.
     side, gap, title, label, margin = 1.5, 0.08, 0.25, 0.2, 0.05
     width = k * side + (k - 1) * gap + 2 * margin
     lines, foot = figures.note_lines(notes, width)
     height = title + n * (side + label) + (n - 1) * gap + margin + foot
     fig, axes = plt.subplots(n, k, figsize=(width, height), squeeze=False)
     fig.subplots_adjust(left=margin / width, right=1 - margin / width, top=1 - title / height,
-                        bottom=(label + margin + foot) / height, wspace=gap / side, hspace=(label + gap) / side)
+                        bottom=(label + margin + foot) / height, wspace=gap / side,
+                        hspace=(label + gap) / side)
     for j, (name, full, pred) in enumerate(cols):
         pics = figures.to_uint8(full)
         psnr = image_metrics(pred, target, hole)["psnr"] if pred is not None else None
@@ -236,70 +229,87 @@ def comparison_figure(models, images, path, dtype=None, notes=()):
     return figures.finish_figure(fig, path, lines)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Command line
 
 def parse_args(argv=None):
     p = cli.Parser(__doc__)
-    p.add_argument("--ckpt", nargs="+", help="checkpoint(s) written by ce_train.py: OUT/best.pt, OUT/ckpt.pt or the "
-                                             "run folder OUT; with --figure, several side by side")
-    p.add_argument("--data", choices=("shapes", "tiny", "imagenet", "folder"), help="dataset (default: the checkpoint's)")
+    p.add_argument("--ckpt", nargs="+", help="checkpoint(s) written by ce_train.py: OUT/best.pt, "
+                   "OUT/ckpt.pt or the run folder OUT; with --figure, several side by side")
+    p.add_argument("--data", choices=("shapes", "tiny", "imagenet", "folder"),
+                   help="dataset (default: the checkpoint's)")
     p.add_argument("--data-root", help="dataset folder (default: the checkpoint's)")
-    p.add_argument("--split", default="val", choices=("val", "test"), help="held-out split to evaluate")
-    p.add_argument("--max-images", type=int, default=0, help="evaluate at most this many images (0: all)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (lower it if memory runs out)")
+    p.add_argument("--split", default="val", choices=("val", "test"),
+                   help="held-out split to evaluate")
+    p.add_argument("--max-images", type=int, default=0,
+                   help="evaluate at most this many images (0: all)")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="images per forward pass (lower it if memory runs out)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--json", action="store_true", help="print one JSON line per checkpoint instead of the table")
-    p.add_argument("--image", nargs="+", metavar="PHOTO", help="inpaint these photos or folders of photos: the "
-                   "centre square is scaled to 128 px; writes NAME_filled.png (128 px), NAME_full.png (the photo at "
-                   "its own size, only the hole replaced) and NAME_compare.png to --out")
-    p.add_argument("--mask", metavar="MASK.png", help="with --image: your own hole (white = hole), cropped and scaled "
-                   "exactly as the photo; needs a model trained with --mask region or block")
-    p.add_argument("--mask-stats", choices=("block", "region"), help="print hole fraction, blobs per mask and blob "
-                   "size of --n training masks of this kind (region: against the official recipe) and exit")
-    p.add_argument("--figure", action="store_true", help="write OUT/figure.png: --n held-out images, masked | "
-                   "model(s) | baselines | original; several --ckpt are labelled A, B, ... (or x1000, ... for a "
-                   "lambda sweep) with their differing flags in a note under the figure")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON line per checkpoint instead of the table")
+    p.add_argument("--image", nargs="+", metavar="PHOTO", help="inpaint these photos or folders of "
+                   "photos: the centre square is scaled to 128 px; writes NAME_filled.png "
+                   "(128 px), NAME_full.png (the photo at its own size, only the hole replaced) "
+                   "and NAME_compare.png to --out")
+    p.add_argument("--mask", metavar="MASK.png", help="with --image: your own hole (white = "
+                   "hole), cropped and scaled exactly as the photo; needs a model trained with "
+                   "--mask region or block")
+    p.add_argument("--mask-stats", choices=("block", "region"), help="print hole fraction, blobs "
+                   "per mask and blob size of --stats-n training masks of this kind (region: "
+                   "against the official recipe) and exit")
+    p.add_argument("--stats-n", type=int, default=1000, metavar="N",
+                   help="masks of each kind in --mask-stats")
+    p.add_argument("--figure", action="store_true", help="write OUT/figure.png: --n held-out "
+                   "images, masked | model(s) | baselines | original; several --ckpt are labelled "
+                   "A, B, ... (or x1000, ... for a lambda sweep) with their differing flags in a "
+                   "note under the figure")
     p.add_argument("--n", type=int, default=6, help="held-out images (rows) in --figure")
-    p.add_argument("--plot", nargs="+", metavar="RUN", help="training curves of these run folders, overlaid")
-    p.add_argument("--out", help="output: folder for --image and --figure (default: inpainted); for --plot a .png "
-                                 "file, or a folder that gets curves.png (default: ./curves.png); folders are created")
+    p.add_argument("--plot", nargs="+", metavar="RUN",
+                   help="training curves of these run folders, overlaid")
+    p.add_argument("--out", help="output: folder for --image and --figure (default: inpainted); "
+                   "for --plot a .png file, or a folder that gets curves.png (default: "
+                   "./curves.png); folders are created")
     a = p.parse_args(argv)
-    if a.batch_size <= 0 or a.max_images < 0 or a.n <= 0:
-        p.error("--batch-size and --n must be positive and --max-images >= 0")
+    if a.batch_size <= 0 or a.max_images < 0 or a.n <= 0 or a.stats_n <= 0:
+        p.error("--batch-size, --n and --stats-n must be positive and --max-images >= 0")
     if not a.ckpt and not a.plot and not a.mask_stats:
         p.error("give --ckpt CKPT (evaluate, --image, --figure) or --plot RUN [RUN ...]")
     if a.mask and not a.image:
         p.error("--mask MASK.png goes with --image PHOTO")
-    if a.plot and a.out and os.path.splitext(a.out)[1].lower() not in ("", ".png") and not os.path.isdir(a.out):
+    ext = os.path.splitext(a.out or "")[1].lower()
+    if a.plot and ext not in ("", ".png") and not os.path.isdir(a.out):
         p.error(f"--out {a.out}: with --plot, give a .png file or a folder")
     a.device = cli.resolve_device(a.device, p)
     return a
 
 
 def plot_path(out):
-    """--plot's output file: --out if it is a .png file, else OUT/curves.png (folders are created on writing)."""
+    """--plot's output file: --out if it is a .png file, else OUT/curves.png (made on writing)."""
     if not out:
         return "curves.png"
-    return out if out.lower().endswith(".png") and not os.path.isdir(out) else os.path.join(out, "curves.png")
+    is_file = out.lower().endswith(".png") and not os.path.isdir(out)
+    return out if is_file else os.path.join(out, "curves.png")
 
 
 def print_table(results, title):
     print(title)
-    print(f"{'method':<14}{'PSNR dB':>9}{'L1 %':>8}{'L2 %':>8}   | region:{'PSNR dB':>9}{'L1 %':>8}{'L2 %':>8}")
+    columns = f"{'PSNR dB':>9}{'L1 %':>8}{'L2 %':>8}"
+    print(f"{'method':<14}{columns}   | region:{columns}")
     for m, r in results.items():
         print(f"{m:<14}{r['psnr']:>9.2f}{r['l1']:>8.2f}{r['l2']:>8.2f}   |        "
               f"{r['psnr_region']:>9.2f}{r['l1_region']:>8.2f}{r['l2_region']:>8.2f}")
 
 
 def inpaint_photo(G, photo, a, dtype, mask_path=None):
-    """One photo through G: (masked, filled, input) batches of one and the full-size result with a description.
-    Centre models fill the central square; random-mask models the user's mask, or held-out mask 0 without one."""
-    size, kind = ce_model.INPUT_SIZE[a.get("arch", "dcgan")], a.get("mask", "center")
+    """One photo through G: (masked, filled, input) batches of one and the full-size result with a
+    description. Centre models fill the central square; random-mask models the user's mask, or
+    held-out mask 0 without one."""
+    size, kind = ce_model.input_size(a), a.get("mask", "center")
     arr, square = photos.photo_square(photo, size)
     x = ce_data.to_float(torch.from_numpy(arr[None].copy())).to(next(G.parameters()).device)
     if kind == "center":
-        masked, filled = inpaint(G, x, a["overlap"], a["ring"], a["fill"], dtype)
+        masked, filled = inpaint(G, x, mask_spec(a), dtype=dtype)
         full, (hx, hy, hs) = photos.paste_full(photo, figures.to_uint8(filled)[0], square,
                                                  ce_data.hole_bounds(size, a["overlap"], a["ring"]))
         return masked, filled, x, full, f"only the {hs}x{hs} hole at ({hx}, {hy}) replaced"
@@ -308,33 +318,35 @@ def inpaint_photo(G, photo, a, dtype, mask_path=None):
     masked = ce_data.apply_mask(x, hole, a["fill"])
     filled = ce_data.paste_image(masked, predict(G, masked, dtype=dtype).to(x.device), hole)
     full, n = photos.paste_full_mask(photo, figures.to_uint8(filled)[0], square, hole)
-    what = "your mask" if mask_path else f"held-out {kind} mask 0 (give --mask MASK.png for your own)"
+    what = ("your mask" if mask_path
+            else f"held-out {kind} mask 0 (give --mask MASK.png for your own)")
     return masked, figures.outline(filled, hole), x, full, f"only the {n} px of {what} replaced"
 
 
 def run_images(G, paths, a, out, dtype, mask_path=None):
-    """Inpaint photos (files, or folders of them) with G and the checkpoint's mask flags `a`. Each photo's central
-    square is scaled to the network's size (128 px; 227 for AlexNet); writes OUT/NAME_filled.png (the filled
-    square), OUT/NAME_full.png (the photo at its own size with only the hole replaced, by the prediction scaled
-    up) and OUT/NAME_compare.png (masked | filled | original). A file that cannot be read is skipped and counted
-    in one line at the end; the exit is an error only if no photo could be inpainted."""
+    """Inpaint photos (files, or folders of them) with G and the checkpoint's flags `a`. Each
+    photo's central square is scaled to the network's size; writes OUT/NAME_filled.png (the filled
+    square), OUT/NAME_full.png (the photo at its own size, only the hole replaced by the prediction
+    scaled up) and OUT/NAME_compare.png (masked | filled | original). Unreadable files are skipped
+    and counted in one line; the exit is an error only if no photo could be inpainted."""
     if mask_path and a.get("mask", "center") == "center":
-        raise cli.DataError(f"--mask {mask_path}: this checkpoint was trained with the central square "
-                               "(--mask center) and cannot fill other holes; use a model trained with --mask region "
-                               "or --mask block")
+        raise cli.DataError(f"--mask {mask_path}: this checkpoint was trained with the central "
+                            "square (--mask center) and cannot fill other holes; use a model "
+                            "trained with --mask region or --mask block")
     files, names, bad = photos.photo_inputs(paths)
-    done, size = 0, ce_model.INPUT_SIZE[a.get("arch", "dcgan")]
+    done, size = 0, ce_model.input_size(a)
     for path, name in zip(files, names):
         try:
             photo = datasets.read_rgb(path)
         except cli.DataError as e:
             bad.append(str(e))
             continue
-        os.makedirs(out, exist_ok=True)          # only once there is something to write: no empty folder on errors
+        os.makedirs(out, exist_ok=True)     # once there is something to write: no empty folder
         masked, filled, x, full, what = inpaint_photo(G, photo, a, dtype, mask_path)
         small, stem, shown = (figures.to_uint8(filled)[0], os.path.join(out, name),
                               photos.shown(os.path.join(out, name)))
-        cli.atomic_write(f"{stem}_filled.png", lambda f: Image.fromarray(small).save(f, format="PNG"))
+        cli.atomic_write(f"{stem}_filled.png",
+                         lambda f: Image.fromarray(small).save(f, format="PNG"))
         cli.atomic_write(f"{stem}_full.png", lambda f: full.save(f, format="PNG"))
         figures.save_grid(f"{stem}_compare.png", [masked, filled, x])
         (w, h), side = photo.size, min(photo.size)
@@ -343,37 +355,45 @@ def run_images(G, paths, a, out, dtype, mask_path=None):
               f"{shown}_compare.png (masked | filled | original)")
         done += 1
     if done == 0:
-        raise cli.DataError(bad[0] if len(bad) == 1 else f"none of the {len(bad)} inputs could be inpainted: "
-                                                            f"{'; '.join(bad[:3])}")
+        raise cli.DataError(bad[0] if len(bad) == 1 else f"none of the {len(bad)} inputs could "
+                            f"be inpainted: {'; '.join(bad[:3])}")
     if bad:
-        print(f"warning: inpainted {done} photo(s); skipped {len(bad)} input(s) that could not be read, e.g. "
-              f"{'; '.join(bad[:3])}", file=sys.stderr)
+        print(f"warning: inpainted {done} photo(s); skipped {len(bad)} input(s) that could not be "
+              f"read, e.g. {'; '.join(bad[:3])}", file=sys.stderr)
 
 
 def held_out(args, a):
-    """uint8 held-out images for checkpoint flags `a`, with --data/--data-root/--split/--max-images applied."""
+    """uint8 held-out images for checkpoint flags `a`, with --data, --data-root, --split and
+    --max-images applied."""
     data, root = args.data or a["data"], args.data_root or a["data_root"]
     images = datasets.load_split(data, root, args.split, a["load_size"], a.get("shapes_n", 10000))
     return (images[:args.max_images] if args.max_images else images), data
 
 
 def print_mask_stats(kind, n):
-    """--mask-stats: ours (ce_masks.random_masks) against the official recipe's crops (region only)."""
+    """--mask-stats: n of ours (ce_masks.random_masks) against n crops of the official recipe
+    (ce_masks.official_region_crops; region only), and how often ours falls through."""
     rows = [("ours", mask_statistics(ce_masks.random_masks(kind, n, (0, "mask-stats"))), None)]
     if kind == "region":
-        crops, rate = official_region_crops(n, seed=0, pattern=4000)
+        crops, rate = ce_masks.official_region_crops(n, seed=0, pattern=4000)
         rows.append(("official recipe", mask_statistics(crops), rate))
-    print(f"{kind} masks, {n} each, 128 px: hole fraction mean [min, max] | blobs per mask mean (median) | "
-          "blob px median (mean)")
+    print(f"{kind} masks, {n} each, 128 px: hole fraction mean [min, max] | blobs per mask mean "
+          "(median) | blob px median (mean)")
     for name, r, rate in rows:
-        print(f"  {name:<16}{100 * r['hole_fraction_mean']:5.1f} % [{100 * r['hole_fraction_min']:.1f}, "
-              f"{100 * r['hole_fraction_max']:.1f}] | {r['blobs_mean']:.2f} ({r['blobs_median']:.0f}) | "
+        print(f"  {name:<16}{100 * r['hole_fraction_mean']:5.1f} % "
+              f"[{100 * r['hole_fraction_min']:.1f}, {100 * r['hole_fraction_max']:.1f}] | "
+              f"{r['blobs_mean']:.2f} ({r['blobs_median']:.0f}) | "
               f"{r['blob_px_median']:.0f} ({r['blob_px_mean']:.0f})"
               + (f" | {100 * rate:.0f} % of crops accepted" if rate else ""))
-    for size in (128, 227) if kind == "region" else ():   # how often ours falls through (227 px: the AlexNet's)
+    if kind == "region":
+        print("  official recipe: train_random.lua's pattern and window, but upsampled with "
+              "PyTorch's bicubic, not torch/image's\n  (the DEVIATION in ce_masks.py), so its "
+              "share of crops accepted is not the official code's")
+    for size in (128, 227) if kind == "region" else ():   # 227 px: the AlexNet model's
         rejected, after_half, fallback = ce_masks.region_acceptance(n, size)
-        print(f"  ours at {size} px: {100 * rejected:.1f} % of crops rejected; {100 * after_half:.1f} % of images "
-              f"with none of the first 8 accepted, {100 * fallback:.2f} % with none of 16 (fallback)")
+        print(f"  ours at {size} px: {100 * rejected:.1f} % of crops rejected; "
+              f"{100 * after_half:.1f} % of images with none of the first 8 accepted, "
+              f"{100 * fallback:.2f} % with none of 16 (fallback)")
 
 
 def main(argv=None):
@@ -382,7 +402,7 @@ def main(argv=None):
         print(f"wrote {figures.plot_curves(args.plot, plot_path(args.out))}")
         return
     if args.mask_stats:
-        return print_mask_stats(args.mask_stats, 1000 if args.n == 6 else args.n)
+        return print_mask_stats(args.mask_stats, args.stats_n)
     hw = cli.Hardware(args.device)
     dtype = hw.dtype
     loaded = [checkpoints.load_checkpoint(c, hw.device) for c in args.ckpt]
@@ -391,25 +411,28 @@ def main(argv=None):
         return run_images(loaded[0][0], args.image, a, args.out or "inpainted", dtype, args.mask)
     if args.figure:
         images, data = held_out(args, a)
-        x = ce_data.eval_batch(images[:args.n], ce_model.INPUT_SIZE[a.get("arch", "dcgan")])
-        labels, notes = figures.run_labels([s["path"] for _, _, s in loaded]) if len(loaded) > 1 else (["model"], [])
+        x = ce_data.eval_batch(images[:args.n], ce_model.input_size(a))
+        labels, notes = (figures.run_labels([s["path"] for _, _, s in loaded]) if len(loaded) > 1
+                         else (["model"], []))
         path = comparison_figure([(lab, G, s["args"]) for lab, (G, _, s) in zip(labels, loaded)], x,
                                  os.path.join(args.out or "inpainted", "figure.png"), dtype, notes)
-        print(f"wrote {path}: masked | {' | '.join(labels)} | baselines | original, {len(x)} {data}/{args.split} "
-              f"images" + "".join(f"\n  {note}" for note in notes))
+        print(f"wrote {path}: masked | {' | '.join(labels)} | baselines | original, {len(x)} "
+              f"{data}/{args.split} images" + "".join(f"\n  {note}" for note in notes))
         return
     for G, _, state in loaded:
         a = state["args"]
         images, data = held_out(args, a)
-        results = evaluate(G, images, a["overlap"], a["ring"], a["fill"], ("model",) + baselines.BASELINES,
-                           args.batch_size, dtype, mask=a.get("mask", "center"), size=ce_model.INPUT_SIZE[a.get("arch", "dcgan")])
+        results = evaluate(G, images, a, methods=("model",) + baselines.BASELINES,
+                           batch_size=args.batch_size, dtype=dtype)
         if args.json:
-            print(json.dumps({"ckpt": state["path"], "step": state.get("step"), "data": data, "split": args.split,
-                              **{m: {k: round(v, 4) for k, v in r.items()} for m, r in results.items()}}))
+            rounded = {m: {k: round(v, 4) for k, v in r.items()} for m, r in results.items()}
+            print(json.dumps({"ckpt": state["path"], "step": state.get("step"), "data": data,
+                              "split": args.split, **rounded}))
         else:
-            print_table(results, f"{state['path']} (step {state.get('step')}) on {data}/{args.split}, {len(images)} "
-                                 f"images, {a.get('mask', 'center')} mask, overlap {a['overlap']}, ring {a['ring']}, "
-                                 f"fill {a['fill']}")
+            print_table(results, f"{state['path']} (step {state.get('step')}) on "
+                                 f"{data}/{args.split}, {len(images)} images, "
+                                 f"{a.get('mask', 'center')} mask, overlap {a['overlap']}, "
+                                 f"ring {a['ring']}, fill {a['fill']}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Random masks for the whole-image model (Pathak et al., CVPR 2016, paper 3.3): random blocks (this project's
-rule) and random regions (the official train_random.lua recipe), drawn from a seed key and built on the device for
-a whole batch at once; the fixed held-out masks every evaluation uses. ce_data.apply_mask cuts the holes.
+"""Random masks for the whole-image model (Pathak et al., CVPR 2016, paper 3.3): random blocks (this
+project's rule) and random regions (official train_random.lua's recipe), drawn from a seed key and
+built on the device for a whole batch at once; and the fixed held-out masks every evaluation uses.
+ce_data.apply_mask cuts the holes.
 
-    python -c "import ce_masks as m; x = m.random_masks('region', 4, (0, 'demo')); print(x.shape, x.float().mean())"
+    python -c "import ce_masks as m; print(m.random_masks('region', 4, (0, 'demo')).shape)"
 """
 import math
 
@@ -10,43 +11,45 @@ import torch
 
 from ce_data import seeded, to_device
 
-# A mask is a bool tensor (N, 1, S, S), True = hidden. The few random numbers come from a CPU generator seeded by a
-# key such as (seed, "mask", step), so that a resumed run and every device draw the same ones; the masks themselves
-# are built from them on the device, for the whole batch at once.
+# A mask is a bool tensor (N, 1, S, S), True = hidden. The few random numbers come from a CPU
+# generator seeded by a key such as (seed, "mask", step), so that a resumed run and every device
+# draw the same ones; the masks are built from them on the device, for the whole batch at once.
 
 MASKS = ("center", "block", "region")
-# official train_random.lua: 600x600 uniform noise (res 0.06 x MAX_SIZE 10000) upsampled bicubically to 10000x10000,
-# thresholded at density 0.25; a crop is used only if 20 % < hole fraction < 30 %.
+# official train_random.lua:273-283: 600x600 uniform noise (res 0.06 x MAX_SIZE 10000) upsampled
+# bicubically to 10000x10000, thresholded at density 0.25; a crop is used only if its hole fraction
+# lies strictly inside (20 %, 30 %) (316-327).
+# DEVIATION: the official upsampling is torch/image's bicubic (image.scale: Keys a = -0.5, samples
+# aligned on the corners); region_masks and official_region_crops use PyTorch's (F.interpolate:
+# a = -0.75, half-pixel centres), which shifts the masks' statistics a little (README, DEVIATIONS).
 REGION_SCALE = 10000 / 600
 REGION_DENSITY = 0.25
 REGION_WINDOW = (0.20, 0.30)
 REGION_CANDIDATES = 16
-# How region_masks bounds its work: the first 8 candidates are tried for every image, the last 8 only for the first
-# m // 4 + 32 of the m images still without a mask, the fallback only for the first m // 8 + 32 left after that
-# (REGION_ROOM: those divisors; every image tries all 16 when m <= 42, and may fall back when m <= 36). Images left
-# (region_acceptance, 6,000 images): after 8 candidates 5.9 % at 128 px and 13.7 % at 227 px, after 16 0.32 % and
-# 2.1 %: each room is 10 or more standard deviations above the expected number at these sizes, whatever m (the
-# closest: the last 8 at 227 px, 10.9 at m = 279). An image a room leaves out goes on to the fallback; the few left
-# out of the fallback's room (never seen) take the central square. At 32 px (25 % left after 8) the room of the
-# last 8 can bind.
+# How region_masks bounds its work: the first 8 candidates are tried for every image, the last 8
+# only for the first m // 4 + 32 of the m images still without a mask, the fallback only for the
+# first m // 8 + 32 left after that (REGION_ROOM: those divisors; every image tries all 16 when
+# m <= 42, and may fall back when m <= 36). An image a room leaves out goes on to the fallback; one
+# left out of the fallback's room takes the central square. At 128 and 227 px the rooms are far
+# above the images that need them (`python ce_eval.py --mask-stats region` prints their shares);
+# at 32 px the room of the last 8 can bind.
 REGION_ROOM = (4, 8)
 
 
-def block_masks(n, size=128, g=None, device="cpu", rows=None, blocks=8, side=None, max_cover=0.25, numbers=None):
-    """Random blocks (paper 3.3: "a number of smaller possibly overlapping masks, covering up to 1/4 of the image").
-    DEVIATION (choice): no count or size is given and no official code exists, so the rule is this project's:
-    `blocks` rectangles per image, each side uniform in [side[0], side[1]] px, top-left corner uniform over the
-    positions that keep it inside the image; they are added in turn, a rectangle is skipped when it would take the
-    union above `max_cover` of the image. The first always fits, so the coverage lies in [side[0]^2 / size^2,
-    max_cover] (1.6 % .. 25 % at the defaults). side: default (size // 8, size // 4), i.e. 16-32 px at 128 px.
-    rows: build only these of the n images. numbers: what _block_numbers drew for them, if drawn already
-    (mask_numbers)."""
+def block_masks(n, size=128, g=None, device="cpu", rows=None, blocks=8, side=None, max_cover=0.25,
+                numbers=None):
+    """Random blocks (paper 3.3: "a number of smaller possibly overlapping masks, covering up to 1/4
+    of the image"). DEVIATION (choice): the paper gives no count or size and there is no official
+    code, so the rule is this project's: `blocks` rectangles per image, each side uniform in `side`
+    px (default size // 8 .. size // 4), corners uniform inside the image, added in turn unless the
+    union would exceed `max_cover`. The first always fits, so the coverage is at least side[0]^2 px.
+    rows: build only these of the n images; numbers: _block_numbers' draw, if drawn already."""
     hw, yx = _block_numbers(n, size, g, rows, blocks, side) if numbers is None else numbers
     n = hw.shape[1]
     hw, yx = to_device(device, hw, yx)
     ar = torch.arange(size, device=device)
-    inside = (ar >= yx[..., None]) & (ar < (yx + hw)[..., None])            # (2, n, blocks, size): rows, columns
-    rects = inside[0][..., :, None] & inside[1][..., None, :]               # (n, blocks, size, size)
+    inside = (ar >= yx[..., None]) & (ar < (yx + hw)[..., None])  # (2, n, blocks, size): rows, cols
+    rects = inside[0][..., :, None] & inside[1][..., None, :]      # (n, blocks, size, size)
     union = torch.zeros(n, size, size, dtype=torch.bool, device=device)
     for j in range(blocks):   # a loop over the few blocks, vectorised over images
         grown = union | rects[:, j]
@@ -56,54 +59,54 @@ def block_masks(n, size=128, g=None, device="cpu", rows=None, blocks=8, side=Non
 
 
 def _block_numbers(n, size, g, rows=None, blocks=8, side=None):
-    """block_masks' random numbers, on the CPU: each block's height and width, and its top-left corner."""
+    """block_masks' random numbers, on the CPU: each block's height, width and top-left corner."""
     side = side or (size // 8, size // 4)
     hw = torch.randint(side[0], side[1] + 1, (2, n, blocks), generator=g)
     yx = (torch.rand(2, n, blocks, generator=g) * (size - hw + 1)).long()
-    if rows is not None:                     # all n images' numbers are drawn; only these images are built
+    if rows is not None:           # all n images' numbers are drawn; only these images are built
         hw, yx = hw[:, rows], yx[:, rows]
     return hw, yx
 
 
 def _keys_table(device, dtype=torch.float32, a=-0.75):
-    """The bicubic convolution kernel (Keys, a = -0.75: PyTorch's and OpenCV's bicubic) as a 4x4 table for
-    _tap_weights. Its two pieces are cubics: near, ((a+2)t - (a+3))t^2 + 1 for t <= 1, and far,
-    ((at - 5a)t + 8a)t - 4a for 1 <= t <= 2 (both are 0 at t = 1, far at t = 2). Of the 4 cells around a row
-    (_upsample_rows) the inner two lie at t <= 1 and the outer two at 1 <= t <= 2, so each cell takes its own piece,
-    written ((At + B)t + C)t + D: rows A, B, C, D, one column per cell."""
-    near, far = (a + 2, -(a + 3), 0.0, 1.0), (a, -5 * a, 8 * a, -4 * a)      # (A, B, C, D) of each piece
+    """The bicubic convolution kernel of Keys as a 4x4 table for _tap_weights (a = -0.75: PyTorch's
+    and OpenCV's; torch/image's is -0.5, see the DEVIATION at REGION_SCALE). Its near piece,
+    ((a+2)t - (a+3))t^2 + 1, holds for t <= 1, its far piece, ((at - 5a)t + 8a)t - 4a, for
+    1 <= t <= 2: of the 4 cells around a row the inner two take the near one, the outer two the far
+    one. Each is written ((At + B)t + C)t + D: rows A, B, C, D, one column per cell."""
+    near, far = (a + 2, -(a + 3), 0.0, 1.0), (a, -5 * a, 8 * a, -4 * a)    # (A, B, C, D) of each
     abcd = torch.empty(4, 4, dtype=dtype, device=device)
-    for row in range(4):          # fills, not torch.tensor(...): no copy from the host (a CUDA graph forbids it)
+    # fills, not torch.tensor(...): no copy from the host (a CUDA graph forbids it)
+    for row in range(4):
         abcd[row].fill_(far[row])
         abcd[row, 1:3].fill_(near[row])
     return abcd
 
 
 def _tap_weights(t, abcd=None):
-    """The bicubic kernel at the distances t (..., 4) of the 4 cells around a row, each cell with its own piece
-    (_keys_table, built once per batch of masks): six operations on t, the same numbers bit for bit as either piece
-    written out."""
+    """The bicubic kernel at the distances t (..., 4) of the 4 cells around a row, each cell with
+    its own piece (_keys_table, built once per batch of masks): the pieces' values bit for bit."""
     A, B, C, D = _keys_table(t.device, t.dtype) if abcd is None else abcd
     return ((A * t + B) * t + C) * t + D
 
 
 def _upsample_rows(size, cells, scale, start, abcd=None):
-    """(..., size, cells) bicubic weights, for phases start (...): row i of an image upsampled by `scale` sits at
-    source coordinate x = start + (i + 0.5) / scale - 0.5 of a `cells`-long noise line (align_corners=False, as
-    F.interpolate). Only the 4 cells floor(x) - 1 .. floor(x) + 2 can have a weight (every other cell is 2 or more
-    away, where the kernel is 0): the kernel is evaluated at those and scattered into zeros, a fraction of the work
-    of evaluating it at every cell, for the same numbers."""
-    x = start[..., None] + (torch.arange(size, device=start.device, dtype=start.dtype) + 0.5) / scale - 0.5
-    taps = x.floor()[..., None] + torch.arange(-1, 3, device=start.device, dtype=start.dtype)  # (..., size, 4)
-    weights = _tap_weights((x[..., None] - taps).abs(), abcd)              # exact differences, in [0, 2]
-    return torch.zeros(*x.shape, cells, device=start.device, dtype=start.dtype).scatter_(-1, taps.long(), weights)
+    """(..., size, cells) bicubic weights, for phases start (...): row i of an image upsampled by
+    `scale` sits at x = start + (i + 0.5) / scale - 0.5 of a `cells`-long noise line
+    (align_corners=False, as F.interpolate). Only the 4 cells floor(x) - 1 .. floor(x) + 2 can have
+    a weight (the kernel is 0 from 2 away): it is evaluated at those and scattered into zeros, the
+    same numbers for less work."""
+    dev, dt = start.device, start.dtype
+    x = start[..., None] + (torch.arange(size, device=dev, dtype=dt) + 0.5) / scale - 0.5
+    taps = x.floor()[..., None] + torch.arange(-1, 3, device=dev, dtype=dt)     # (..., size, 4)
+    weights = _tap_weights((x[..., None] - taps).abs(), abcd)      # exact differences, in [0, 2]
+    return torch.zeros(*x.shape, cells, device=dev, dtype=dt).scatter_(-1, taps.long(), weights)
 
 
 def _fields(noise, start, size, scale, abcd=None):
-    """Smooth fields (M, size, size) from noise (M, cells, cells) and phases (2, M): separable bicubic, 2 matmuls,
-    in full float32 also on CUDA (where cli.Hardware allows TF32, whose 10-bit mantissa would move many pixels
-    across the threshold). A GPU's masks are then the CPU's but for the last bit of rounding: measured on an H200,
-    2 of 512 region masks differed, in 2.4e-7 of their pixels. abcd: _keys_table, if built already."""
+    """Smooth fields (M, size, size) from noise (M, cells, cells) and phases (2, M), abcd from
+    _keys_table: separable bicubic, 2 matmuls, in full float32 also on CUDA (TF32's 10-bit mantissa
+    would move many pixels across the threshold): a GPU's masks are the CPU's up to rounding."""
     cells = noise.shape[-1]
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -115,64 +118,75 @@ def _fields(noise, start, size, scale, abcd=None):
 
 
 def _region_numbers(n, size, g, rows=None, scale=REGION_SCALE):
-    """region_masks' random numbers, on the CPU: each candidate's low-resolution noise and its sub-cell phase."""
-    cells = int(math.floor((size - 0.5) / scale + 2.5)) + 3               # the low-res cells a crop's taps reach
+    """region_masks' random numbers, on the CPU: each candidate's low-res noise and its phase."""
+    cells = int(math.floor((size - 0.5) / scale + 2.5)) + 3     # the low-res cells its taps reach
     noise = torch.rand(n, REGION_CANDIDATES, cells, cells, generator=g)
-    start = 2 + torch.rand(2, n, REGION_CANDIDATES, generator=g)            # sub-cell phase; >= 2 keeps taps >= 0
+    start = 2 + torch.rand(2, n, REGION_CANDIDATES, generator=g)   # sub-cell phase; >= 2: taps >= 0
     if rows is not None:
         noise, start = noise[rows], start[:, rows]
     return noise, start
 
 
-def region_masks(n, size=128, g=None, device="cpu", rows=None, scale=REGION_SCALE, density=REGION_DENSITY,
-                 window=REGION_WINDOW, numbers=None, compact=None, per_round=4):
-    """Random regions, the official recipe without its 10000x10000 pattern.
-    DEVIATION: the paper pastes deformed PASCAL VOC segmentation shapes (not public); this follows the official
-    code's smooth thresholded noise. Each image has REGION_CANDIDATES crops of a smooth field (uniform noise
-    upsampled bicubically by `scale`, generated at that scale for the crop alone: a few low-resolution cells and a
-    random sub-cell phase, which is what a crop of the big pattern at a random position sees), thresholded at
-    `density` (below = hole); the first candidate whose hole fraction lies strictly inside `window` is used
-    (official train_random.lua:316-327 retries crops the same way, without a limit). DEVIATION (bounded work):
-    when none does, the first candidate is thresholded at its own 25th percentile instead, which keeps the fraction
-    inside the window. At 128 px 69 % of crops are rejected and 0.3 % of images fall back (at 227 px: 78 %, 2.1 %;
-    region_acceptance, over 6,000 images).
-    All random numbers are drawn up front, so the result does not depend on how candidates are evaluated; the work
-    is bounded (REGION_ROOM): the second half of the candidates is for a limited number of the images still without
-    a mask, and so is the fallback: for 512 images a GPU evaluates 5,472 fields (8 each, 8 more for 160 of them, 1
-    for 96), not 8,192. On a GPU each half is one pass, the images left found on the device, with no host sync
-    (ce_train captures this in its CUDA graph). With compact (the default on a CPU), `per_round` candidates at a
-    time, only for the images still without a mask, stopping once every image has one. The masks are the same either
-    way.
-    rows: build only these of the n images (the same masks as when all n are built, unless a limit binds).
-    numbers: what _region_numbers drew for them, if drawn already (mask_numbers)."""
+def region_masks(n, size=128, g=None, device="cpu", rows=None, scale=REGION_SCALE,
+                 density=REGION_DENSITY, window=REGION_WINDOW, numbers=None, compact=None,
+                 per_round=4):
+    """Random regions: official_region_crops' recipe per crop, no 10000x10000 pattern (DEVIATION:
+    the paper pastes PASCAL VOC shapes, not public). Each image gets REGION_CANDIDATES crops of
+    noise upsampled by `scale` (a few low-res cells and a random sub-cell phase: what a crop of the
+    big pattern sees), thresholded at `density`; the first with a hole fraction inside `window` is
+    used (official train_random.lua:316-327 retries likewise). DEVIATION (bounded work): if none is,
+    the first is thresholded at its own `density` quantile; REGION_ROOM bounds who tries the last.
+    compact (default on a CPU): `per_round` candidates at a time, else two passes with no host sync
+    (CUDA graphs); the same masks. rows, numbers: as block_masks."""
     noise, start = _region_numbers(n, size, g, rows, scale) if numbers is None else numbers
     noise, start = to_device(device, noise, start)
     if noise.shape[1] % (2 * per_round):
-        raise ValueError(f"region_masks: {noise.shape[1]} candidates; need a multiple of 2 * per_round = "
-                         f"{2 * per_round}")
+        raise ValueError(f"region_masks: {noise.shape[1]} candidates; need a multiple of "
+                         f"2 * per_round = {2 * per_round}")
     rule = (size, scale, density, window)
     if noise.device.type != "cpu" if compact is None else not compact:
         return _regions_in_two_passes(noise, start, *rule)[:, None]
     return _regions_compact(noise, start, per_round, *rule)[:, None]
 
 
+def official_region_crops(n, seed=0, pattern=2000, size=128):
+    """The reference region_masks reproduces: official train_random.lua:273-283, 316-327 at reduced
+    size. One pattern of (pattern / REGION_SCALE)^2 uniform noise upsampled bicubically to pattern^2
+    (PyTorch's bicubic: the DEVIATION at REGION_SCALE) and thresholded at REGION_DENSITY, then
+    random crops kept only inside REGION_WINDOW. Returns (n accepted crops (n, size, size) bool,
+    share of crops accepted)."""
+    g = torch.Generator().manual_seed(seed)
+    low = round(pattern / REGION_SCALE)
+    noise = torch.rand(1, 1, low, low, generator=g)
+    field = torch.nn.functional.interpolate(noise, size=(pattern, pattern), mode="bicubic",
+                                            align_corners=False)[0, 0]
+    holes, kept, tried = field < REGION_DENSITY, [], 0
+    lo, hi = REGION_WINDOW
+    while len(kept) < n:
+        y, x = torch.randint(0, pattern - size + 1, (2,), generator=g).tolist()
+        crop, tried = holes[y:y + size, x:x + size], tried + 1
+        if lo < crop.float().mean().item() < hi:
+            kept.append(crop)
+    return torch.stack(kept), n / tried
+
+
 def _room(m, share):
-    """How many of m images the last candidates (or the fallback) are for: the first m // share + 32 left."""
+    """How many of m images the last candidates (or the fallback) are for: m // share + 32."""
     return min(m, m // share + 32)
 
 
 def _regions_in_two_passes(noise, start, size, scale, density, window):
-    """region_masks the GPU's way: the first half of every image's candidates in one pass; the second half for the
-    first images left in another, found on the device (no host sync); then the fallback for the first ones still
-    left, and the central square for any left beyond."""
+    """region_masks the GPU's way: the first half of every image's candidates in one pass; the
+    second half for the first images left in another, found on the device (no host sync); then the
+    fallback for the first ones still left, and the central square for any left beyond."""
     m, half, device = len(noise), noise.shape[1] // 2, noise.device
     rule = (size, scale, density, window, _keys_table(device))
     _, below, ok = _region_candidates(noise[:, :half], start[:, :, :half], *rule)
     found = ok.any(dim=1)
-    first = below[torch.arange(m, device=device), ok.float().argmax(dim=1)]           # first accepted
+    first = below[torch.arange(m, device=device), ok.float().argmax(dim=1)]       # first accepted
     chosen = torch.where(found[:, None, None], first, _square(size, device))
-    del below, first                                       # (the graph's memory pool holds the largest moment)
-    idx = _first_left(found, _room(m, REGION_ROOM[0]))     # may repeat image 0: see _first_left
+    del below, first                          # (the graph's memory pool holds the largest moment)
+    idx = _first_left(found, _room(m, REGION_ROOM[0]))        # may repeat image 0: see _first_left
     _, below, ok = _region_candidates(noise[idx, half:], start[:, idx, half:], *rule)
     take = ok.any(dim=1) & ~found[idx]
     pick = below[torch.arange(len(idx), device=device), ok.float().argmax(dim=1)]
@@ -180,23 +194,25 @@ def _regions_in_two_passes(noise, start, size, scale, density, window):
     chosen[idx] = torch.where(take[:, None, None], pick, chosen[idx])
     found[idx] |= take
     idx = _first_left(found, _room(m, REGION_ROOM[1]))
-    fallback = _region_fallback(_fields(noise[idx, 0], start[:, idx, 0], size, scale, rule[-1]), density)
+    field = _fields(noise[idx, 0], start[:, idx, 0], size, scale, rule[-1])
+    fallback = _region_fallback(field, density)
     chosen[idx] = torch.where(found[idx, None, None], chosen[idx], fallback)
     return chosen
 
 
 def _regions_compact(noise, start, per_round, size, scale, density, window):
-    """region_masks a CPU's way: `per_round` candidates at a time, only for the images still without a mask (the
-    second half for the first of them, as on a GPU), stopping once every image has one."""
+    """region_masks a CPU's way: `per_round` candidates at a time, only for the images still without
+    a mask (the second half for the first of them, as on a GPU), until every image has one."""
     (m, k), half = noise.shape[:2], noise.shape[1] // 2
     chosen = torch.zeros(m, size, size, dtype=torch.bool, device=noise.device)
-    todo = torch.arange(m, device=noise.device)                            # the images still without a mask
-    skipped = todo[:0]                                                     # left out of the second half's room
+    todo = torch.arange(m, device=noise.device)          # the images still without a mask
+    skipped = todo[:0]                                   # left out of the second half's room
     for r in range(0, k, per_round):
         if r == half:
             todo, skipped = todo[:_room(m, REGION_ROOM[0])], todo[_room(m, REGION_ROOM[0]):]
-        _, below, ok = _region_candidates(noise[todo, r:r + per_round], start[:, todo, r:r + per_round], size,
-                                          scale, density, window)
+        part = slice(r, r + per_round)
+        _, below, ok = _region_candidates(noise[todo, part], start[:, todo, part], size, scale,
+                                          density, window)
         done = ok.any(dim=1)
         chosen[todo[done]] = below[done, ok[done].float().argmax(dim=1)]
         todo = todo[~done]
@@ -205,14 +221,15 @@ def _regions_compact(noise, start, per_round, size, scale, density, window):
     left = torch.cat([todo, skipped]).sort().values
     fall, rest = left[:_room(m, REGION_ROOM[1])], left[_room(m, REGION_ROOM[1]):]
     if len(fall):
-        chosen[fall] = _region_fallback(_fields(noise[fall, 0], start[:, fall, 0], size, scale), density)
+        field = _fields(noise[fall, 0], start[:, fall, 0], size, scale)
+        chosen[fall] = _region_fallback(field, density)
     chosen[rest] = _square(size, noise.device)
     return chosen
 
 
 def _square(size, device):
-    """The last resort of region_masks, for images left out of the fallback's room (REGION_ROOM): the central
-    square of side size // 2, 25 % of the image (24.8 % at 227 px), inside the default window."""
+    """The last resort of region_masks, for images left out of the fallback's room (REGION_ROOM):
+    the central square of side size // 2, about a quarter of the image (inside the window)."""
     side, at = size // 2, (size - size // 2) // 2
     square = torch.zeros(size, size, dtype=torch.bool, device=device)
     square[at:at + side, at:at + side] = True
@@ -220,62 +237,71 @@ def _square(size, device):
 
 
 def region_acceptance(n, size=128, key=(0, "acceptance"), chunk=256):
-    """How often the rule of region_masks falls through, on n images drawn from `key`: (share of candidate crops
-    rejected, share of images with none accepted among the first half of the candidates, share with none among all
-    of them, which take the fallback). python ce_eval.py --mask-stats region prints it."""
-    ok = torch.cat([_region_candidates(*_region_numbers(min(chunk, n - i), size, seeded(*key, i)), size, REGION_SCALE,
-                                       REGION_DENSITY, REGION_WINDOW)[2] for i in range(0, n, chunk)])
+    """How often the rule of region_masks falls through, on n images drawn from `key`: (share of
+    candidate crops rejected, share of images with none accepted among the first half of the
+    candidates, share with none among all of them, which take the fallback). Printed by
+    `python ce_eval.py --mask-stats region`."""
+    rule = (size, REGION_SCALE, REGION_DENSITY, REGION_WINDOW)
+    draws = (_region_numbers(min(chunk, n - i), size, seeded(*key, i)) for i in range(0, n, chunk))
+    ok = torch.cat([_region_candidates(*numbers, *rule)[2] for numbers in draws])
+
     def none_accepted(ok):
         return (~ok.any(1)).float().mean().item()
     return 1 - ok.float().mean().item(), none_accepted(ok[:, :ok.shape[1] // 2]), none_accepted(ok)
 
 
 def _first_left(found, k):
-    """Indices of the first k images not `found` (in order), found on the device with no host sync. Always k of
-    them: padded with image 0 when fewer are left, which is then either done (its result is not taken) or listed
-    already (it gets the same result twice)."""
+    """Indices of the first k images not `found` (in order), found on the device with no host sync.
+    Always k of them: padded with image 0 when fewer are left, which is then either done (its result
+    is not taken) or listed already (it gets the same result twice)."""
     left = ~found
-    # each image left goes to slot (its rank among the images left); the others, and the images left from rank k
-    # on, to the extra slot k, which is dropped
+    # each image left goes to slot (its rank among the images left); the others, and the images left
+    # from rank k on, to the extra slot k, which is dropped
     slot = torch.where(left, left.cumsum(0) - 1, k).clamp_(max=k)
     every = torch.arange(len(found), device=found.device)
     return torch.zeros(k + 1, dtype=torch.long, device=found.device).scatter_(0, slot, every)[:k]
 
 
 def _region_candidates(noise, start, size, scale, density, window, abcd=None):
-    """Each candidate's field and hole (n, k, size, size), and whether its hole fraction lies inside the window
-    (n, k). abcd: _keys_table, if built already."""
+    """Each candidate's field and hole (n, k, size, size), and whether its hole fraction lies inside
+    the window (n, k). abcd: _keys_table, if built already."""
     n, k = noise.shape[:2]
-    fields = _fields(noise.flatten(0, 1), start.flatten(1, 2), size, scale, abcd).view(n, k, size, size)
+    fields = _fields(noise.flatten(0, 1), start.flatten(1, 2), size, scale, abcd)
+    fields = fields.view(n, k, size, size)
     below = fields < density
-    # the count of hidden pixels, as byte sums down columns (<= 255 px, so no overflow) then one sum of those: a sum
-    # of the bool map itself would first copy it to a float or int64 map 4 or 8 times its size; down columns, not
-    # along rows: neighbouring threads then read neighbouring bytes
-    count = below.view(torch.uint8).sum(dim=2, dtype=torch.uint8).sum(dim=2) if size < 256 else below.sum(dim=(2, 3))
-    frac = count.float() / (size * size)                                    # exact: counts < 2^24
+    # the count of hidden pixels, as byte sums down columns (<= 255 px, so no overflow) then one sum
+    # of those: a sum of the bool map itself would first copy it to a float or int64 map 4 or 8
+    # times its size; down columns, not along rows: neighbouring threads read neighbouring bytes
+    if size < 256:
+        count = below.view(torch.uint8).sum(dim=2, dtype=torch.uint8).sum(dim=2)
+    else:
+        count = below.sum(dim=(2, 3))
+    frac = count.float() / (size * size)                                # exact: counts < 2^24
     return fields, below, (frac > window[0]) & (frac < window[1])
 
 
 def _region_fallback(first, density):
-    """Each image's first candidate's field (n, size, size) thresholded at its own `density` quantile."""
-    own = first.flatten(1).kthvalue(round(density * first.shape[-2] * first.shape[-1]), dim=1).values
+    """Each image's first candidate's field (n, size, size), cut at its own `density` quantile."""
+    k = round(density * first.shape[-2] * first.shape[-1])
+    own = first.flatten(1).kthvalue(k, dim=1).values
     return first < own[:, None, None]
 
 
 def random_masks(kind, n, key, size=128, device="cpu", per_batch=False, rows=None, numbers=None):
-    """n masks of `kind` (block or region) drawn from the seed `key`, e.g. (seed, "mask", step), on `device`.
-    per_batch: one mask shared by the whole batch (official train_random.lua:330). rows: keep only these images
-    (a DDP rank's slice of the global batch, so each rank sees what a one-process run of the global batch sees).
-    numbers: mask_numbers(kind, n, key, size, per_batch, rows), if drawn already: only the building is left."""
+    """n masks of `kind` (block or region) drawn from the seed `key`, e.g. (seed, "mask", step), on
+    `device`. per_batch: one mask shared by the whole batch (official train_random.lua:330). rows:
+    keep only these images (a DDP rank's slice of the global batch: what a one-process run gives
+    them). numbers: mask_numbers(kind, n, key, size, per_batch, rows), if drawn already."""
     numbers = mask_numbers(kind, n, key, size, per_batch, rows) if numbers is None else numbers
-    masks = {"block": block_masks, "region": region_masks}[kind](None, size, device=device, numbers=numbers)
+    build = {"block": block_masks, "region": region_masks}[kind]
+    masks = build(None, size, device=device, numbers=numbers)
     return masks.expand(len(range(n)[rows or slice(None)]), -1, -1, -1) if per_batch else masks
 
 
 def mask_numbers(kind, n, key, size=128, per_batch=False, rows=None):
-    """Every random number random_masks(kind, n, key, size, per_batch=, rows=) uses, drawn on the CPU (the same on
-    every device). Apart from the building so that a training run can draw the next step's numbers in a worker
-    thread while the GPU trains (ce_train.make_masker): at batch 512 drawing them takes several milliseconds."""
+    """Every random number random_masks(kind, n, key, size, per_batch=, rows=) uses, drawn on the
+    CPU (the same on every device); apart from the building, so that a training run can draw the
+    next step's numbers in a worker thread while the GPU trains."""
     draw = {"block": _block_numbers, "region": _region_numbers}[kind]
     return draw(1, size, seeded(*key)) if per_batch else draw(n, size, seeded(*key), rows)
 
@@ -284,11 +310,13 @@ EVAL_CHUNK = 256
 
 
 def eval_masks(kind, start, n, device="cpu", size=128):
-    """The fixed held-out masks of images start .. start+n-1: chunk c of EVAL_CHUNK images always comes from the key
-    ("eval-masks", kind, c), so every method, every run and every batch size sees the same mask on an image."""
+    """The fixed held-out masks of images start .. start+n-1: chunk c of EVAL_CHUNK images always
+    comes from the key ("eval-masks", kind, c), so every method, run and batch size sees the same
+    mask on an image."""
     first, last = start // EVAL_CHUNK, (start + n - 1) // EVAL_CHUNK
     parts = []
     for c in range(first, last + 1):
         rows = slice(max(start - c * EVAL_CHUNK, 0), min(start + n - c * EVAL_CHUNK, EVAL_CHUNK))
-        parts.append(random_masks(kind, EVAL_CHUNK, ("eval-masks", kind, c), size, device, rows=rows))
+        key = ("eval-masks", kind, c)
+        parts.append(random_masks(kind, EVAL_CHUNK, key, size, device, rows=rows))
     return torch.cat(parts)

@@ -1,411 +1,401 @@
-"""Train a Context Encoder (Pathak et al., CVPR 2016): the hand-rolled GAN loop of paper section 3.2 / Eq. (3).
+"""Train a Context Encoder (Pathak et al., CVPR 2016): the GAN loop of paper 3.2, Eq. (3).
 
-    python ce_train.py                                   # embedded 'shapes' data; CPU: a 3-5 minute quick start
-    python ce_train.py --data tiny --lam-adv 0.005       # Tiny ImageNet (downloaded on first use)
-    python ce_train.py --variant official                # the official Lua code's choices (see README)
-    python ce_train.py --resume runs/shapes              # continue a run exactly
-    python ce_train.py --resume runs/shapes/best.pt --out runs/mine --data folder --data-root DIR --steps 3000
-                                                         # fine-tune on your images (--steps counts in total)
+    python ce_train.py                               # embedded offline data; a CPU quick start
+    python ce_train.py --data tiny --lam-adv 0.005   # Tiny ImageNet (downloaded on first use)
+    python ce_train.py --variant official            # the official Lua code's choices
+    python ce_train.py --mask region                 # random regions, the whole-image model (3.3)
+    python ce_train.py --resume runs/shapes          # continue a run exactly
+    python ce_train.py --resume runs/shapes/best.pt --out runs/mine --data folder --data-root DIR \\
+        --steps 3000                                 # fine-tune on your images (--steps: in total)
 
-Each step: one D update on (real centre, detached G(x)), then one G update with the joint loss on the same
-batch, reusing that G(x). Logs to OUT/log.jsonl; evaluates, samples and checkpoints every --eval-every steps.
-Read main() first: it is the whole algorithm; the helpers above it are defined in the order main uses them.
-The flags, their paper values and the variant presets are in ce_utils/config.py; the run's bookkeeping (its state,
-saving and resuming it exactly, its folder, the lines it prints at the start) in ce_utils/runstate.py.
+Each step cuts the hole, runs G once, updates D on (real, detached G(x)) (Eq. 2), then G with the
+joint loss (Eq. 3) on the same G(x). Read top to bottom: the flags, the networks, train_step, the
+logging around it, main(). Plumbing that is not from the paper (flag resolution, run folders,
+checkpoints, CUDA graphs, DDP) is in ce_utils/.
 """
-import contextlib
+import argparse
 import math
 import os
 import signal
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
-import torch.distributed as dist
-import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ce_data
 import ce_eval
 import ce_losses
 import ce_masks
 import ce_model
-from ce_utils import cli, config, datasets, figures, runstate
+from ce_utils import accel, cli, config, datasets, figures, runstate
 
-# ----------------------------------------------------------------------------------------------------------------
-# Networks, optimisers and the training step
+# ------------------------------------------------------------------------------------------------
+# Flags: the paper's values are the defaults; --variant presets change only the flags not typed
 
-def setup_distributed(args):
-    """torchrun sets WORLD_SIZE, RANK, LOCAL_RANK: one process per GPU (NCCL) or per CPU worker (gloo)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if args.device.startswith("cuda"):
-        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    return dist.get_rank(), world
-
-
-def ddp_wrapper(device, world):
-    """module -> DistributedDataParallel(module) with several ranks; None with one. broadcast_buffers=False:
-    BatchNorm's running statistics are already the global batch's on CUDA (SyncBatchNorm) and are rank 0's own on
-    a CPU, and rank 0 is the one that evaluates and saves; broadcasting them at every forward changed them in
-    place between D's two forwards of a step (real, then fake), which autograd refused in the backward with torch
-    2.11 on a CPU ("modified by an inplace operation")."""
-    if world == 1:
-        return None
-    ids = [device.index] if device.type == "cuda" else None
-    return lambda module: DDP(module, device_ids=ids, broadcast_buffers=False)
+# The three variants (README "Variants"; docs/variants.md): the paper's text, the official Lua
+# code (train.lua, train_random.lua), and the seed report's PyTorch code.
+VARIANTS = {
+    "paper": dict(overlap=7, ring="visible", fill="mean", beta2=0.999, bottleneck_bn=True,
+                  bias=False, init="dcgan", rec_reduction="all", d_reduction="sum", flip=True,
+                  rec_loss="hole"),
+    "official": dict(overlap=4, ring="visible", fill="mean", beta2=0.999, bottleneck_bn=True,
+                     bias=False, init="dcgan", rec_reduction="all", d_reduction="sum", flip=True,
+                     rec_loss="image"),
+    "seed": dict(overlap=7, ring="hidden", fill="zero", beta2=0.9, bottleneck_bn=False, bias=True,
+                 init="torch", rec_reduction="split", d_reduction="mean", flip=False,
+                 rec_loss="hole"),
+}
+PAPER = VARIANTS["paper"]
+BOOL = argparse.BooleanOptionalAction
 
 
-def match_grad_strides(params):
-    """The fused Adam refuses a gradient whose strides differ from its parameter's, and autograd may return one
-    that differs along a dimension of size 1 (PyTorch issue 106951; here D's last conv weight, (1, C, 4, 4), with
-    some cuDNN kernels). Such a stride never moves in memory, so after each accumulation the gradient is viewed with
-    the parameter's strides: the same memory, no copy, no kernel."""
-    def view_as_param(p):
-        g = p.grad
-        if g.stride() != p.stride() and all(a == b or n == 1 for a, b, n in zip(g.stride(), p.stride(), p.shape)):
-            p.grad = g.as_strided(p.shape, p.stride())
+def build_parser(doc=None):
+    """Every flag of ce_train.py, its default the paper's value, its source in the help text."""
+    p = cli.Parser(doc)
+    add, real = p.add_argument, cli.finite_float   # real: 'inf' and 'nan' mean nothing here
+    add("--variant", default="paper", choices=tuple(VARIANTS),
+        help="preset for the flags not typed: paper text, official Lua code, or seed report")
+    # data
+    add("--data", default="shapes", choices=("shapes", "tiny", "imagenet", "folder"),
+        help="shapes: embedded offline data; tiny: Tiny ImageNet (downloads); imagenet/folder: "
+             "your images")
+    add("--data-root", default="data", help="dataset folder; caches go in DATA_ROOT/.ce_cache")
+    add("--load-size", type=int, default=128, help="shorter side after decoding; 350 gives the "
+        "official random-crop augmentation (train.lua loadSize)")
+    add("--shapes-n", type=int, default=10000, help="training images of the embedded shapes data")
+    add("--flip", action=BOOL, default=PAPER["flip"],
+        help="random horizontal flip (official donkey_folder.lua; seed: off)")
+    # masks, paper 3.3
+    add("--mask", default="center", choices=ce_masks.MASKS,
+        help="center: the central 64x64 square (Fig. 2); block: random rectangles covering <= "
+             "1/4; region: random smooth regions, 20-30 %% of the image (official "
+             "train_random.lua). block/region train the whole-image model")
+    add("--mask-per-batch", action="store_true", help="block/region: one mask for the whole "
+        "batch (official train_random.lua:330); default: one per image (paper 3.3)")
+    add("--rec-loss", choices=("hole", "image"), default=PAPER["rec_loss"],
+        help="block/region: hole = the paper's masked Eq. (1), --overlap-weight on the hidden "
+             "rim within --overlap px of the context; image = official whole-image MSE, "
+             "--overlap-weight on visible pixels when --overlap > 0 (useOverlapPred)")
+    # optimisation, paper 4
+    add("--batch-size", type=int, default=64, help="per process; paper/official 64")
+    add("--epochs", type=int, default=25, help="official train.lua niter=25")
+    add("--steps", type=int, default=0, help="training steps in total, counted from the start of "
+        "the run (also when resuming or fine-tuning); overrides --epochs when > 0")
+    add("--lr-g", type=real, default=0.002,
+        help="generator Adam lr (official: 10x the base lr 0.0002, train.lua:215)")
+    add("--lr-d", type=real, default=0.0002, help="discriminator Adam lr (official base lr)")
+    add("--beta1", type=real, default=0.5, help="Adam beta1 (official, seed)")
+    add("--beta2", type=real, default=PAPER["beta2"], help="Adam beta2 (official; seed code 0.9)")
+    # losses, Eq. (1)-(3)
+    add("--lam-rec", type=real, default=0.999, help="lambda_rec of Eq. (3) (paper 4)")
+    add("--lam-adv", type=real, default=0.001,
+        help="lambda_adv of Eq. (3) (paper 4); 0 = L2 only, no D")
+    add("--overlap", type=int, default=PAPER["overlap"],
+        help="overlap ring width in px (paper text 7, official overlapPred 4, seed 7)")
+    add("--overlap-weight", type=real, default=10.0,
+        help="L2 weight on the ring (paper 3.2, official: 10)")
+    add("--ring", choices=("visible", "hidden"), default=PAPER["ring"],
+        help="visible: the ring is real context (paper, official); hidden: the whole 64x64 is "
+             "filled (seed)")
+    add("--fill", choices=("mean", "zero"), default=PAPER["fill"],
+        help="hole fill: official per-channel mean, or 0 (seed)")
+    add("--rec-reduction", choices=("all", "split"), default=PAPER["rec_reduction"],
+        help="Eq. (1) normalisation: mean(W d^2) over all pixels (official wtl2Matrix) or "
+             "10 mean_ring + mean_inner (seed)")
+    add("--d-reduction", choices=("sum", "mean"), default=PAPER["d_reduction"],
+        help="D loss: BCE_real + BCE_fake (official) or their mean (seed)")
+    # networks, Fig. 2 and 5.2
+    add("--arch", default="dcgan", choices=("dcgan", "alexnet"),
+        help="dcgan: the inpainting networks of Fig. 2; alexnet: the feature-learning context "
+             "encoder of 5.2 (227 px, L2 only, random regions by default)")
+    add("--alexnet-width", type=float, default=1.0,
+        help="alexnet: channel multiplier (1.0 = AlexNet's 96-256-384-384-256)")
+    add("--cfc-dropout", type=float, default=0.5,
+        help="alexnet: dropout on the channel-wise FC layer (paper 5.2)")
+    add("--width", type=int, default=64, help="channels of the first conv (Fig. 2)")
+    add("--bottleneck", type=int, default=4000, help="bottleneck channels (Fig. 2)")
+    add("--bottleneck-bn", action=BOOL, default=PAPER["bottleneck_bn"],
+        help="BatchNorm on the bottleneck (official train.lua:125; seed: off)")
+    add("--bias", action=BOOL, default=PAPER["bias"], help="conv biases (official: none; seed: on)")
+    add("--init", choices=("dcgan", "torch"), default=PAPER["init"],
+        help="dcgan: N(0, 0.02) (official); torch: PyTorch's default (seed)")
+    # run
+    add("--seed", type=int, default=0, help="seeds weights, data order and augmentation")
+    add("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    add("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
+        help="autocast dtype; auto: bf16 on CUDA")
+    add("--channels-last", action=BOOL, help="NHWC tensors (default: on for CUDA)")
+    add("--compile", action="store_true", help="torch.compile G and D (not always faster)")
+    add("--cuda-graph", action=BOOL, help="replay the whole step as one CUDA graph (default: on "
+        "for a single CUDA device without --compile)")
+    add("--out", help="run folder (default: runs/<data>, or runs/<data>-N if that is taken)")
+    add("--resume", help="continue from a checkpoint (OUT/ckpt.pt) or a run folder, with its "
+        "flags. With --out NEW and --data/--data-root: fine-tune its weights on other data")
+    add("--log-every", type=int, default=50,
+        help="steps between log lines (the only host syncs); steps 1 and 10 are logged too")
+    add("--eval-every", type=int, default=1000,
+        help="steps between evaluation + samples + checkpoint")
+    add("--eval-images", type=int, default=512, help="held-out images at each evaluation")
+    return p
 
-    for p in params:
-        if 1 in p.shape:
-            p.register_post_accumulate_grad_hook(view_as_param)
 
+def parse_args(argv=None):
+    """The flags of a run, resolved (ce_utils/config.py: variant, resume, validation, folder)."""
+    return config.resolve(build_parser, argv, VARIANTS, __doc__)[0]
+
+
+def default_args(**flags):
+    """The paper's flags with `flags` changed, unvalidated (tests and ce_bench.py build from it)."""
+    args = build_parser().parse_args([])
+    vars(args).update(flags)
+    return args
+
+
+# ------------------------------------------------------------------------------------------------
+# Networks and optimisers (paper Fig. 2, section 4)
 
 def build_training(args, hw, world=1, fused=None):
-    """G and D of paper Fig. 2 (or the AlexNet model of 5.2), their Adam optimisers (paper 4: beta1 0.5, lr 0.002 /
-    0.0002) and the weight map W of Eq. (1) for the centre mask (random masks get theirs per batch, make_masker), on
-    hw's device in hw's memory format. Several CUDA ranks: BatchNorm over the global batch. --cuda-graph: Adam
-    keeps its step count on the device (capturable), so that its update can be replayed in a graph, and is fused
-    (one kernel per update instead of a few dozen; fused=False: the multi-tensor version, as without a graph on
-    CUDA; on a CPU the plain loop)."""
-    G, D = ce_model.build_pair(vars(args), args.init)
-    if world > 1 and hw.device.type == "cuda":
-        G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
-    G, D = G.to(hw.device, memory_format=hw.mem_fmt), D.to(hw.device, memory_format=hw.mem_fmt)
-    graph, cuda = bool(args.cuda_graph), hw.device.type == "cuda"
-    fused = graph if fused is None else fused      # stated in full: torch's default has changed between versions
-    how = dict(capturable=graph, fused=fused, foreach=cuda and not fused)
-    optG = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), **how)
-    optD = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), **how)
-    if fused:
-        match_grad_strides([*G.parameters(), *D.parameters()])
-    W = ce_losses.overlap_weights(64, args.overlap, args.overlap_weight, args.rec_reduction).to(hw.device)
-    return G, D, optG, optD, W
+    """G and D of Fig. 2 (or the AlexNet model of 5.2), their Adam optimisers (paper 4: beta1 0.5,
+    lr 0.002 / 0.0002), the centre's weight map W of Eq. (1) and the autocast context, as one
+    namespace. forward_G/forward_D/forward_D_frozen are what the step calls: the modules
+    themselves, or wrapped for DDP or torch.compile (ce_utils/accel.py)."""
+    G, D = accel.place(*ce_model.build_pair(vars(args), args.init), hw, world)
+    how = accel.adam_options(hw.device, bool(args.cuda_graph), fused)
+    betas = (args.beta1, args.beta2)
+    optG = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=betas, **how)
+    optD = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=betas, **how)
+    if how["fused"]:
+        accel.match_grad_strides([*G.parameters(), *D.parameters()])
+    W = ce_losses.overlap_weights(64, args.overlap, args.overlap_weight, args.rec_reduction)
+    fG, fD, fD_frozen = accel.forward_fns(G, D, hw.device, world, args.compile)
+    return SimpleNamespace(G=G, D=D, optG=optG, optD=optD, W=W.to(hw.device), ctx=hw.ctx,
+                           forward_G=fG, forward_D=fD, forward_D_frozen=fD_frozen)
 
 
-def make_masker(args, W, rank=0, world=1, fixed=None):
-    """The masks of paper 3.3, as two functions. draw_numbers(real, step) -> the step's random numbers, a tuple of
-    tensors on real's device (empty for the centre). cut_holes(real, *numbers) -> (masked input, target, weight map
-    W of Eq. 1): device work only (no host sync, nothing random), so that cuda_graphed can capture it with the
-    training step. centre: the square hole, the 64x64 target and the constant W. block/region: fresh masks at every
-    step, from (--seed, step) (so a resumed run repeats them; with several ranks, each takes its slice of the global
-    batch's masks), the whole image as target, and W from the mask (ce_losses.hole_weights or context_weights, by
-    --rec-loss). The numbers are drawn on the CPU one step ahead in a worker thread (ce_data.one_step_ahead), which
-    also copies them to the device (ce_data.copy_ahead). fixed: one (B, 1, S, S) mask for every step instead
-    (ce_bench times the step with it, to see what making masks costs)."""
+# ------------------------------------------------------------------------------------------------
+# One training step: the hole (3.3), one G forward, the D update (Eq. 2), the G update (Eq. 3)
+
+def cut_hole(real, numbers, args, W):
+    """(masked input x, target y, weight map W of Eq. 1) for real images (B, 3, S, S) in [-1, 1].
+    centre: the square hole; y the 64x64 centre; W the overlap map. block/region: the step's
+    masks, built from `numbers` (ce_masks.mask_numbers; or a ready (B, 1, S, S) bool mask, to time
+    the step without making masks); y the whole image; W from the mask, by --rec-loss."""
     if args.mask == "center":
-        def cut_centre(real):
-            return (*ce_data.mask_batch(real, args.overlap, args.ring, args.fill), W)
-        return (lambda real, step: ()), cut_centre
-
-    streams = {}                                 # the side stream per GPU that the numbers are copied on
-
-    def ahead_of_time(step, B, size, device):   # every random number of the step, then its copy to the device
-        numbers = ce_masks.mask_numbers(args.mask, B * world, (args.seed, "mask", step), size, args.mask_per_batch,
-                                        slice(rank * B, (rank + 1) * B))
-        if device.type == "cuda" and device not in streams:   # (setdefault: one stream even if two threads race)
-            streams.setdefault(device, torch.cuda.Stream(device))
-        return ce_data.copy_ahead(streams.get(device), *numbers)
-    # In the worker thread, the copy too, on its own stream: it overlaps the step instead of queueing behind it
-    # (thread_local capture lets it go on during cuda_graphed's capture, which would forbid it in this thread).
-    ahead = ce_data.one_step_ahead(ahead_of_time) if fixed is None else None
-
-    def draw_numbers(real, step):
-        if fixed is not None:
-            return ()
-        return ce_data.arrived(*ahead(step, len(real), real.shape[-1], real.device))
-
-    def cut_holes(real, *numbers):
-        B, size = len(real), real.shape[-1]
-        hole = fixed if fixed is not None else ce_masks.random_masks(
-            args.mask, B * world, None, size, real.device, args.mask_per_batch, slice(rank * B, (rank + 1) * B),
-            numbers)                                                                              # (B, 1, S, S)
-        if args.rec_loss == "hole":
-            weight = ce_losses.hole_weights(hole, args.overlap, args.overlap_weight)
-        else:
-            weight = ce_losses.context_weights(hole, args.overlap_weight if args.overlap > 0 else 1.0)
-        return ce_data.apply_mask(real, hole, args.fill), real, weight
-
-    return draw_numbers, cut_holes
+        return (*ce_data.mask_batch(real, args.overlap, args.ring, args.fill), W)
+    if numbers[0].dtype == torch.bool:
+        hole = numbers[0]
+    else:
+        hole = ce_masks.random_masks(args.mask, len(real), None, real.shape[-1], real.device,
+                                     args.mask_per_batch, numbers=numbers)        # (B, 1, S, S)
+    if args.rec_loss == "hole":        # the paper's masked Eq. (1), 10x on the hidden rim
+        weight = ce_losses.hole_weights(hole, args.overlap, args.overlap_weight)
+    else:                              # official train_random.lua:412-437, whole-image MSE
+        weight = ce_losses.context_weights(hole, args.overlap_weight if args.overlap > 0 else 1.0)
+    return ce_data.apply_mask(real, hole, args.fill), real, weight
 
 
-def masked_step(train_step, cut_holes):
-    """(real batch, its mask numbers) -> train_step(*cut_holes(real, *numbers)): the masking (paper 3.3) and the
-    training step as one function, which cuda_graphed captures whole, the masks' kernels included."""
-    return lambda real, *numbers: train_step(*cut_holes(real, *numbers))
+def train_step(real, numbers, m, args):
+    """One iteration of paper 3.2 on a batch of real images; m: build_training's namespace.
+    Returns (5,) statistics on the device (no host sync): loss_D, loss_rec, loss_adv, D(y),
+    D(G(x)). With lambda_adv = 0, D is never run."""
+    masked, target, weight = cut_hole(real, numbers, args, m.W)
+    with m.ctx:
+        fake = m.forward_G(masked)      # G(x): (B, 3, 64, 64) centre or (B, 3, S, S) image
+
+    # ---- D step, Eq. (2): max_D  log D(y) + log(1 - D(G(x))), on the detached G(x)
+    if args.lam_adv > 0:
+        m.D.requires_grad_(True)
+        with m.ctx:
+            logit_real, logit_fake = m.forward_D(target), m.forward_D(fake.detach())
+        loss_d = ce_losses.discriminator_loss(logit_real, logit_fake, args.d_reduction)
+        m.optD.zero_grad(set_to_none=True)
+        loss_d.backward()
+        m.optD.step()
+        m.D.requires_grad_(False)       # the G step needs gradients through D, not for D
+        # DEVIATION: D is run again on G(x) after its update (PyTorch's DCGAN); official
+        # train.lua reuses the D output computed before the update.
+        with m.ctx:
+            loss_adv = ce_losses.generator_adversarial_loss(m.forward_D_frozen(fake))
+    else:
+        loss_d = loss_adv = logit_real = logit_fake = torch.zeros((), device=real.device)
+
+    # ---- G step, Eq. (3): min_G  lambda_rec L_rec (Eq. 1) + lambda_adv L_adv, the same G(x)
+    loss_rec = ce_losses.reconstruction_loss(fake, target, weight)
+    loss_g = ce_losses.joint_loss(loss_rec, loss_adv, args.lam_rec, args.lam_adv)
+    m.optG.zero_grad(set_to_none=True)
+    loss_g.backward()
+    m.optG.step()
+    with torch.no_grad():
+        d_real, d_fake = torch.sigmoid(logit_real.float()), torch.sigmoid(logit_fake.float())
+        return torch.stack([loss_d.float(), loss_rec.float(), loss_adv.float(),
+                            d_real.mean(), d_fake.mean()])
 
 
-def make_train_step(G, D, optG, optD, W, args, ctx=contextlib.nullcontext(), ddp=None):
-    """The iteration of paper 3.2 as a function of one masked batch: a D step on (real centre, detached G(x)),
-    then a G step with the joint loss of Eq. (3) reusing that same G(x) (whole images instead of centres for the
-    random-mask model; its W comes with each batch). Returns a (5,) tensor: loss_D, loss_rec,
-    loss_adv, D(x), D(G(x)), left on the device (no host sync). With lambda_adv = 0, D is never run.
-
-    ctx is the autocast context (cli.Hardware.ctx; none by default). ddp wraps G and D for
-    DistributedDataParallel (gradients averaged across ranks in backward). The G step's pass through D uses the
-    plain module: D is frozen there, and DDP would wait for gradients that never come.
-    """
-    wrap = ddp or (lambda m: m)
-    maybe_compile = torch.compile if args.compile else (lambda m: m)
-    fG, fD, fD_frozen = maybe_compile(wrap(G)), maybe_compile(wrap(D)), maybe_compile(D)
-    use_d = args.lam_adv > 0
-
-    def train_step(masked, target, weight=W):
-        with ctx:
-            fake = fG(masked)                    # (B, 3, 64, 64) centre or (B, 3, 128, 128) image: the only G forward
-        # ---- D step, Eq. (2): max log D(y) + log(1 - D(G(x))), on the detached fake
-        if use_d:
-            D.requires_grad_(True)
-            with ctx:
-                logit_real, logit_fake = fD(target), fD(fake.detach())
-            loss_d = ce_losses.discriminator_loss(logit_real, logit_fake, args.d_reduction)
-            optD.zero_grad(set_to_none=True)
-            loss_d.backward()
-            optD.step()
-            D.requires_grad_(False)   # the G step needs gradients through D, not for D's weights
-            # DEVIATION: D is run again on the fake after its update (PyTorch's DCGAN); official train.lua reuses
-            # the D output computed before the update.
-            with ctx:
-                loss_adv = ce_losses.generator_adversarial_loss(fD_frozen(fake))
-        else:
-            loss_d = loss_adv = logit_real = logit_fake = torch.zeros((), device=masked.device)
-        # ---- G step, Eq. (3): lambda_rec * L_rec (Eq. 1) + lambda_adv * L_adv, same batch, same G(x)
-        loss_rec = ce_losses.reconstruction_loss(fake, target, weight)
-        loss_g = ce_losses.joint_loss(loss_rec, loss_adv, args.lam_rec, args.lam_adv)
-        optG.zero_grad(set_to_none=True)
-        loss_g.backward()
-        optG.step()
-        with torch.no_grad():
-            return torch.stack([loss_d.float(), loss_rec.float(), loss_adv.float(),
-                                torch.sigmoid(logit_real.float()).mean(), torch.sigmoid(logit_fake.float()).mean()])
-
-    return train_step
-
-
-GRAPH_WARMUP = 3   # ordinary steps before the capture: cudnn's autotuning, cuBLAS's workspace, Adam's state
-
-
-def cuda_graphed(train_step, warmup=GRAPH_WARMUP):
-    """train_step, captured whole (the masks (masked_step), G forward, the D update, the G update, both Adam steps)
-    in one CUDA graph and replayed: one launch per step instead of hundreds, which is what bounds the paper's batch
-    of 64 on a fast GPU. Same arguments and result, except that the result is one tensor that the next replay
-    overwrites: use it (as RunState.add does) or clone it before the next call. Every call is one real training
-    step: the first `warmup` run eagerly on a side stream (as capture requires); the next one is captured with its
-    batch copied into the graph's static inputs, then replayed; after that each call copies its batch (the real
-    images and the masks' random numbers) into those inputs and replays. The batch must keep its shapes (Batches
-    drops the last partial batch). Needs Adam(capturable=True) (build_training) and, under autocast, no cast cache
-    (cli.Hardware(cuda_graph=True)). Other threads' CUDA calls (the copies of Batches' streaming thread and of
-    make_masker's worker, on their own streams) do not disturb the capture. The eager make_train_step stays the
-    reference the graph is tested against (tests/test_cuda_graph.py)."""
-    side, graph, static, out, calls = torch.cuda.Stream(), None, None, None, 0
-
-    def step(*batch):
-        nonlocal graph, static, out, calls
-        calls += 1
-        if calls <= warmup:
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                result = train_step(*batch)
-            torch.cuda.current_stream().wait_stream(side)
-            return result
-        if graph is None:
-            static = [b.clone() for b in batch]          # clone keeps the memory format (channels_last)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: the threads that prepare the next step (the masks' numbers, a streamed batch's pinned
-            # copy on its own stream) may go on during the capture; only this thread's calls are restricted
-            try:
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    out = train_step(*static)            # recorded, not run: the replay below runs it
-            except RuntimeError as e:                    # a bug, ours or torch's: say how to train meanwhile
-                raise RuntimeError(f"capturing the training step as a CUDA graph failed ({str(e).splitlines()[0]}); "
-                                   "--no-cuda-graph trains with the same step launched kernel by kernel") from e
-        else:
-            if [b.shape for b in batch] != [s.shape for s in static]:
-                raise RuntimeError(f"cuda_graphed: batch shapes {[tuple(b.shape) for b in batch]} differ from the "
-                                   f"captured {[tuple(s.shape) for s in static]}")
-            for s, b in zip(static, batch):
-                s.copy_(b)
-        graph.replay()
-        return out
-
-    return step
-
-
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Logging, evaluation, the end of a run
 
 def is_log_step(step, args, total):
-    """Every --log-every steps and the last; also steps 1 and 10 when the interval is longer, so that a run shows
-    life (and an ETA) within seconds. A function of the step alone: a resumed run writes the same lines."""
+    """Every --log-every steps and the last; also steps 1 and 10 when the interval is longer, so a
+    run shows life (and an ETA) within seconds. A function of the step: a resume logs the same."""
     return step % args.log_every == 0 or step == total or (args.log_every > 10 and step in (1, 10))
 
 
 def log_window(run, stop, args, total, epoch, world, master):
-    """A log line with the window's mean statistics (the only CPU-GPU sync of a normal step). With several ranks,
-    one all-reduce makes them agree on stopping (a signal or a NaN on any rank). Returns: stop now?"""
+    """A log line with the window's mean statistics (the only CPU-GPU sync of a normal step).
+    Several ranks agree on stopping (a signal or a NaN on any rank). Returns: stop now?"""
     halt = bool(stop)
     if world > 1:
-        flags = torch.stack([torch.tensor(int(halt), device=run.acc.device), run.bad_step])
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        halt, run.bad_step = bool(flags[0]), flags[1]
+        halt, run.bad_step = accel.any_rank(halt, run.bad_step)
     rec = dict(zip(runstate.STATS, (run.acc / run.n_acc).tolist()))   # CPU-GPU sync point
     run.check_finite()
     dt = time.time() - run.t_log
     ips = run.n_acc * args.batch_size * world / dt
     use_d = args.lam_adv > 0
     run.d_wins = run.d_wins + 1 if use_d and rec["D_G_x"] < 0.01 else 0
-    # Common with the paper's small lambda_adv (0.001), where the L2 term does most of G's training: worth a look
+    # Common with the paper's small lambda_adv, where L2 does most of G's training: worth a look
     # at the samples, not a stop.
-    warn = (f" | warning: D has won outright for {run.d_wins} log windows (D(G(x)) ~ 0; usual with a small "
-            "--lam-adv such as the paper's 0.001); if samples stop improving, a lower --lam-adv or --lr-d usually "
-            "helps") if run.d_wins >= 3 else ""
-    gan = (f"loss_D {rec['loss_D']:.3f} | rec {rec['loss_rec']:.4f} | adv {rec['loss_adv']:.3f} | "
-           f"D(x) {rec['D_x']:.2f} | D(G(x)) {rec['D_G_x']:.2f}") if use_d else f"rec {rec['loss_rec']:.4f}"
+    warn = (f" | warning: D has won outright for {run.d_wins} log windows (D(G(x)) ~ 0; usual "
+            "with a small --lam-adv such as the paper's 0.001); if samples stop improving, a "
+            "lower --lam-adv or --lr-d usually helps") if run.d_wins >= 3 else ""
+    gan = (f"loss_D {rec['loss_D']:.3f} | rec {rec['loss_rec']:.4f} | adv {rec['loss_adv']:.3f}"
+           f" | D(x) {rec['D_x']:.2f} | D(G(x)) {rec['D_G_x']:.2f}") if use_d \
+        else f"rec {rec['loss_rec']:.4f}"
     if master:   # the ETA: the window's pace (step 1's includes the warm-up)
-        print(f"step {run.step}/{total} | epoch {epoch} | {gan} | {ips:,.0f} img/s | "
-              f"ETA {runstate.fmt_time((total - run.step) * dt / run.n_acc)}{warn}")
+        eta = runstate.fmt_time((total - run.step) * dt / run.n_acc)
+        print(f"step {run.step}/{total} | epoch {epoch} | {gan} | {ips:,.0f} img/s | ETA {eta}"
+              f"{warn}")
         cli.append_log(os.path.join(args.out, "log.jsonl"), {
-            "step": run.step, "epoch": epoch, **{k: round(v, 6) for k, v in rec.items()}, "img_per_s": round(ips, 1),
-            "time": round(time.time(), 2), **({"warning": "D wins"} if warn else {})})
+            "step": run.step, "epoch": epoch, **{k: round(v, 6) for k, v in rec.items()},
+            "img_per_s": round(ips, 1), "time": round(time.time(), 2),
+            **({"warning": "D wins"} if warn else {})})
     run.acc.zero_()
     run.n_acc, run.t_log = 0, time.time()
     return halt
 
 
 def evaluate_and_save(run, nets, args, val_u8, fixed, hw, epoch, total):
-    """Held-out metrics (ce_eval), a sample grid, the log record, best.pt, ckpt.pt, and now and then the curves
-    and the GIF; none of it when a loss, a weight or the evaluation is NaN/Inf (the run stops, naming the last good
-    checkpoint)."""
+    """Held-out metrics (ce_eval), a sample grid, the log record, best.pt, ckpt.pt, and now and
+    then the curves and the GIF; none of it when a loss, a weight or the evaluation is NaN/Inf
+    (the run stops, naming the last good checkpoint)."""
     run.check_finite(nets)
     G = nets["G"]
-    r = ce_eval.evaluate(G, val_u8, args.overlap, args.ring, args.fill, ("model",), dtype=hw.dtype,
-                         mask=args.mask, size=ce_model.INPUT_SIZE[args.arch])["model"]
+    r = ce_eval.evaluate(G, val_u8, args, methods=("model",), dtype=hw.dtype)["model"]
     run.check_finite(evaluation=r)
-    masked, filled = ce_eval.inpaint(G, fixed, args.overlap, args.ring, args.fill, hw.dtype, args.mask)
+    masked, filled = ce_eval.inpaint(G, fixed, args, dtype=hw.dtype)
     os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-    figures.save_grid(os.path.join(args.out, "samples", f"step_{run.step:07d}.png"), [masked, filled, fixed])
+    figures.save_grid(os.path.join(args.out, "samples", f"step_{run.step:07d}.png"),
+                      [masked, filled, fixed])
     is_best = r["psnr"] > run.best
     run.best = max(run.best, r["psnr"])
-    # order matters for a kill at any moment: the log record, then best.pt, then ckpt.pt (which resumes)
+    # the order matters for a kill at any moment: the log record, best.pt, then ckpt.pt (resumes)
     cli.append_log(os.path.join(args.out, "log.jsonl"),
-                      {"step": run.step, "eval": {k: round(v, 4) for k, v in r.items()}})
+                   {"step": run.step, "eval": {k: round(v, 4) for k, v in r.items()}})
     if is_best:
         runstate.save(os.path.join(args.out, "best.pt"), nets, args, run, epoch)
     runstate.save(os.path.join(args.out, "ckpt.pt"), nets, args, run, epoch)
     run.last_good = os.path.join(args.out, "ckpt.pt")
     if run.step == total or time.time() - run.t_pictures >= PICTURES_EVERY_S:
         draw_pictures(run, args)
-    print(f"eval @ {run.step}: held-out PSNR {r['psnr']:.2f} dB, L1 {r['l1']:.2f} %, L2 {r['l2']:.2f} % "
-          f"(hole, {r['n_images']} images){' *best*' if is_best else ''}")
+    print(f"eval @ {run.step}: held-out PSNR {r['psnr']:.2f} dB, L1 {r['l1']:.2f} %, "
+          f"L2 {r['l2']:.2f} % (hole, {r['n_images']} images){' *best*' if is_best else ''}")
     run.t_log = time.time()  # evaluation is not training time
 
 
-PICTURES_EVERY_S = 60   # curves.png and evolution.gif: redrawn at an evaluation at most this often, and at the end
+PICTURES_EVERY_S = 60   # curves.png and evolution.gif: redrawn at most this often, and at the end
 
 
 def draw_pictures(run, args):
-    """OUT/curves.png and OUT/evolution.gif from the log and the sample grids so far. About a second each time
-    (matplotlib's text layout), so at an evaluation at most every PICTURES_EVERY_S seconds, and when the run ends
-    or is stopped by a signal."""
+    """OUT/curves.png and OUT/evolution.gif from the log and the sample grids so far (about a
+    second of matplotlib: so at most every PICTURES_EVERY_S, and when the run ends or stops)."""
     figures.plot_curves([args.out], os.path.join(args.out, "curves.png"))
     figures.make_gif(args.out)
     run.t_pictures = time.time()
 
 
 def finish(run, nets, args, stop, halt, world, total, epoch, master):
-    """Ranks check that they hold the same weights; a signal saves ckpt.pt and says how to resume."""
-    if world > 1:  # DDP's promise, checked once at the end
-        flat = torch.cat([p.detach().float().flatten() for p in nets["G"].parameters()])
-        ref = flat.clone()
-        dist.broadcast(ref, 0)
-        diff = (flat - ref).abs().max()
-        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-        if master:
-            print(f"DDP: {world} ranks, max |weight - rank 0 weight| = {diff.item():.3g}")
-        dist.destroy_process_group()
+    """Ranks check that they hold the same weights; a signal saves ckpt.pt and says how to
+    resume; otherwise the last line names the best checkpoint."""
+    if world > 1:
+        accel.same_weights_check(nets["G"], world, master)
     if halt:   # a signal (on any rank): save where we are and say how to go on
         run.check_finite(nets)
         sig = stop[0] if stop else signal.SIGTERM
-        name = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(sig, signal.Signals(sig).name)
+        names = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+        name = names.get(sig, signal.Signals(sig).name)
         if master:
             runstate.save(os.path.join(args.out, "ckpt.pt"), nets, args, run, epoch)
             print(f"\n{name}: saved {args.out}/ckpt.pt at step {run.step}/{total}. "
                   f"Resume with: python ce_train.py --resume {args.out}")
-            try:       # the pictures are a convenience: failing to draw them must not change how the run ends
+            try:       # the pictures are a convenience: failing to draw them changes nothing
                 if os.path.exists(os.path.join(args.out, "log.jsonl")):
                     draw_pictures(run, args)
             except OSError as e:
                 print(f"warning: curves/GIF not redrawn ({e})", file=sys.stderr)
         sys.exit(128 + sig)
     if master:
-        best = next((p for p in ("best.pt", "ckpt.pt") if os.path.exists(os.path.join(args.out, p))), None)
-        result = f"best held-out PSNR {run.best:.2f} dB" if math.isfinite(run.best) else "no evaluation in this run"
+        best = next((p for p in ("best.pt", "ckpt.pt")
+                     if os.path.exists(os.path.join(args.out, p))), None)
+        result = (f"best held-out PSNR {run.best:.2f} dB" if math.isfinite(run.best)
+                  else "no evaluation in this run")
         print(f"done: {run.step} steps, {result}" + (
-            f". Evaluate with: python ce_eval.py --ckpt {args.out}/{best}" if best else "; no checkpoint written"))
+            f". Evaluate with: python ce_eval.py --ckpt {args.out}/{best}" if best
+            else "; no checkpoint written"))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    args = config.parse_args(argv, __doc__)
-    if hasattr(sys.stdout, "reconfigure"):       # (a notebook's stdout has none)
-        sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once, also when piped to a file
-    rank, world = setup_distributed(args)
-    master = rank == 0                            # only rank 0 prints, logs, samples and checkpoints
+    args, resumed = config.resolve(build_parser, argv, VARIANTS, __doc__)
+    if hasattr(sys.stdout, "reconfigure"):            # (a notebook's stdout has none)
+        sys.stdout.reconfigure(line_buffering=True)   # progress shows at once, also in a pipe
+    rank, world, args.device = accel.setup_distributed(args.device)
+    master = rank == 0                        # only rank 0 prints, logs, samples and checkpoints
     hw = cli.Hardware(args.device, args.dtype, args.channels_last, args.cuda_graph)
-    torch.manual_seed(args.seed)                  # same initial weights on every rank
-    with runstate.run_folder(args, master):         # OUT is this run's until it ends: a second run is refused
-        # ---- data: decoded once into uint8 (ce_datasets), batches cut, augmented and masked on the device (ce_data)
-        train_u8 = datasets.load_split(args.data, args.data_root, "train", args.load_size, args.shapes_n)
-        val_u8 = datasets.load_split(args.data, args.data_root, "val", args.load_size,
-                                        args.shapes_n)[:args.eval_images]
-        size = ce_model.INPUT_SIZE[args.arch]                 # 128 px crops (Fig. 2), 227 for AlexNet (5.2)
-        batches = ce_data.Batches(train_u8, args.batch_size, hw.device, args.seed, args.flip, size,
-                                  hw.channels_last, torch.float32, rank, world)
+    hw.use_fast_kernels()
+    torch.manual_seed(args.seed)              # the same initial weights on every rank
+    with runstate.run_folder(args, master):   # OUT is this run's until it ends
+        # ---- data: decoded once into uint8 (ce_utils/datasets.py), batches made on the device
+        load = (args.data, args.data_root)
+        train_u8 = datasets.load_split(*load, "train", args.load_size, args.shapes_n)
+        val_u8 = datasets.load_split(*load, "val", args.load_size, args.shapes_n)
+        val_u8 = val_u8[:args.eval_images]
+        size = ce_model.input_size(args)       # 128 px crops (Fig. 2), 227 for AlexNet (5.2)
+        batches = accel.make_batches(train_u8, args.batch_size, hw.device, args.seed, args.flip,
+                                     size, hw.channels_last, torch.float32, rank, world)
         total = args.steps or args.epochs * batches.steps_per_epoch
-        fixed = ce_data.eval_batch(val_u8[:16], size).to(hw.device)   # the same 16 held-out images in every grid
+        fixed = ce_data.eval_batch(val_u8[:16], size).to(hw.device)  # the same 16 in each grid
 
         # ---- networks and optimisers (paper 4); a resumed run takes up all of its state
-        G, D, optG, optD, W = build_training(args, hw, world)
-        nets = dict(G=G, D=D, optG=optG, optD=optD)
+        m = build_training(args, hw, world)
+        nets = dict(G=m.G, D=m.D, optG=m.optG, optD=m.optD)
         run = runstate.RunState(hw.device)
-        if args.resume:
-            runstate.resume(args, nets, run, hw.device, master, total)
-        draw_numbers, cut_holes = make_masker(args, W, rank, world)
-        train_step = masked_step(make_train_step(G, D, optG, optD, W, args, hw.ctx, ddp_wrapper(hw.device, world)),
-                                 cut_holes)
-        if args.cuda_graph:                       # CUDA, one device: the same step, masking included, as one graph
-            train_step = cuda_graphed(train_step)
-        if master:
-            runstate.announce(args, world, len(train_u8), len(val_u8), G, D, total)
+        if resumed:
+            runstate.resume(args, resumed, nets, run, hw.device, master, total)
+        draw_numbers = accel.mask_numbers_ahead(args, rank, world)  # () for the centre
 
-        # ---- train: batch -> D step (Eq. 2) -> G step (Eq. 3) -> log -> evaluate, sample, checkpoint
-        G.train(), D.train()
+        def step(real, *numbers):
+            return train_step(real, numbers, m, args)
+        if args.cuda_graph:                   # one CUDA device: the same step as one graph
+            step = accel.cuda_graphed(step)
+        if master:
+            runstate.announce(args, world, len(train_u8), len(val_u8), m.G, m.D, total)
+
+        # ---- train: batch -> hole -> D step (Eq. 2) -> G step (Eq. 3) -> log -> evaluate, save
+        m.G.train(), m.D.train()
         halt = False
-        with cli.signals_caught() as stop:    # SIGINT/SIGTERM/SIGHUP: finish the step, save, say how to resume
+        with cli.signals_caught() as stop:    # SIGINT/SIGTERM/SIGHUP: finish the step, save
             run.t_log = time.time()
             while run.step < total and not halt:
-                real = batches.get(run.step)                                    # (B, 3, 128, 128) in [-1, 1]
-                numbers = draw_numbers(real, run.step)        # the step's random mask numbers (none for the centre)
-                run.add(train_step(real, *numbers))  # hole (3.3) + W of Eq. (1), D and G steps; (5,) on the device
-                halt = bool(stop) and world == 1  # several ranks agree on stopping at the next log step
+                real = batches.get(run.step)                         # (B, 3, 128, 128) in [-1, 1]
+                run.add(step(real, *draw_numbers(real, run.step)))  # (5,) stats, on the device
+                halt = bool(stop) and world == 1   # several ranks agree at the next log step
                 if is_log_step(run.step, args, total):
-                    halt = log_window(run, stop, args, total, batches.epoch_of(run.step - 1), world, master)
+                    epoch = batches.epoch_of(run.step - 1)
+                    halt = log_window(run, stop, args, total, epoch, world, master)
                 if master and (run.step % args.eval_every == 0 or run.step == total):
-                    evaluate_and_save(run, nets, args, val_u8, fixed, hw, batches.epoch_of(run.step), total)
+                    epoch = batches.epoch_of(run.step)
+                    evaluate_and_save(run, nets, args, val_u8, fixed, hw, epoch, total)
             finish(run, nets, args, stop, halt, world, total, batches.epoch_of(run.step), master)
 
 

@@ -1,10 +1,10 @@
-"""The classical baselines a Context Encoder is measured against (paper 5.1 compares with hand-designed fills):
-fill (the masked input as it is: the constant hole colour), context mean (each image's mean visible colour) and
-harmonic (diffusion: Laplace's equation solved in the hole with the visible pixels as boundary values). The central
-square is solved exactly with the discrete sine transform; any other hole by conjugate gradients. No learning, no
-model; ce_eval.py scores them with the same metrics and masks as the model.
+"""Classical fills a Context Encoder is measured against (paper 5.1 compares hand-designed fills):
+fill (the masked input as it is), context mean (each image's mean visible colour) and harmonic
+(Laplace's equation in the hole, the visible pixels as boundary values: the central square by the
+discrete sine transform, any other hole by conjugate gradients). No learning; ce_eval.py scores
+them with the same metrics and masks as the model.
 
-    python -c "import torch; from ce_utils import baselines as b; print(b.harmonic_fill(torch.rand(1, 3, 128, 128), 39, 89).shape)"
+    python ce_eval.py --ckpt runs/shapes/best.pt    # the model and these baselines, one table
 """
 import math
 
@@ -16,7 +16,8 @@ BASELINES = ("fill", "context_mean", "harmonic")
 
 
 def _dst_basis(h, device):
-    """Orthonormal DST-I matrix S (S @ S = I) and eigenvalues of the 1-D Dirichlet Laplacian tridiag(-1, 2, -1)."""
+    """Orthonormal DST-I matrix S (S @ S = I) and the eigenvalues of the 1-D Dirichlet Laplacian
+    tridiag(-1, 2, -1)."""
     k = torch.arange(1, h + 1, dtype=torch.float64, device=device)
     S = math.sqrt(2.0 / (h + 1)) * torch.sin(math.pi * k[:, None] * k[None, :] / (h + 1))
     lam = 2 - 2 * torch.cos(math.pi * k / (h + 1))
@@ -24,10 +25,10 @@ def _dst_basis(h, device):
 
 
 def harmonic_fill(images, a, b):
-    """Classical diffusion inpainting: the solution of Laplace's equation in the square [a, b)^2 whose boundary
-    values are the surrounding context pixels. Solved exactly with the discrete sine transform (the 5-point
-    Laplacian of a square is diagonal in that basis). images (B, C, S, S) -> the filled (B, C, h, h) square.
-    Hand-written: torchvision has no Laplace solver; the sine transform gives the exact solution in one step."""
+    """Classical diffusion inpainting: the solution of Laplace's equation in the square [a, b)^2
+    whose boundary values are the surrounding context pixels. images (B, C, S, S) -> the filled
+    (B, C, h, h) square. Solved exactly in one step with the discrete sine transform (the 5-point
+    Laplacian of a square is diagonal in that basis); torchvision has no Laplace solver."""
     x = images.double()
     h = b - a
     rhs = torch.zeros(x.shape[0], x.shape[1], h, h, dtype=torch.float64, device=x.device)
@@ -41,7 +42,7 @@ def harmonic_fill(images, a, b):
 
 
 def baseline_region(name, masked, overlap, ring):
-    """The 64x64 region a classical baseline produces from the masked input alone (no learning)."""
+    """The 64x64 region a classical baseline makes from the masked input alone (no learning)."""
     lo, hi = ce_data.region_bounds(masked.shape[-1])
     a, b = ce_data.hole_bounds(masked.shape[-1], overlap, ring)
     out = masked.clone()
@@ -52,28 +53,28 @@ def baseline_region(name, masked, overlap, ring):
         out[..., a:b, a:b] = mean
     elif name == "harmonic":
         out[..., a:b, a:b] = harmonic_fill(masked, a, b)
-    elif name != "fill":         # "fill": the masked input as it is (the constant fill value in the hole)
+    elif name != "fill":         # "fill": the masked input as it is (the fill value in the hole)
         raise ValueError(name)
     return out[..., lo:hi, lo:hi]
 
 
 def _neighbour_sum(u):
-    """Sum of the 4 neighbours of every pixel, (B, C, H, W); pixels outside the image count as absent (0)."""
+    """Sum of the 4 neighbours of every pixel, (B, C, H, W); pixels outside the image count as 0."""
     p = torch.nn.functional.pad(u, (1, 1, 1, 1))
     return p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:]
 
 
-CG_CHUNK_ELEMENTS = 1 << 20   # CPU: at most this many values (8 MB in float64) per conjugate-gradient solve
+CG_CHUNK_ELEMENTS = 1 << 20   # CPU: at most this many values (8 MB in float64) per CG solve
 
 
 def harmonic_fill_mask(images, mask, tol=1e-6, max_iter=5000):
-    """Diffusion inpainting of an arbitrary hole: in every hidden pixel, the 5-point Laplace equation
-    deg(p) u_p = sum of its neighbours (deg = neighbours inside the image), with the visible pixels as boundary
-    values. A symmetric positive definite system on the hole, solved per image and channel by conjugate gradients
-    in float64 on the device until ||residual|| <= tol ||rhs||. images (B, C, H, W), mask (B, 1, H, W) bool ->
-    images with the hole filled. On the centre square it equals harmonic_fill's exact DST solution (tested).
-    On a CPU, solved a few images at a time: small tensors are reused by the allocator (256 images at 227 px in one
-    solve spent 2/3 of their time in the kernel, mapping memory), and each chunk stops at its own convergence."""
+    """Diffusion inpainting of an arbitrary hole: in every hidden pixel, the 5-point Laplace
+    equation deg(p) u_p = sum of its neighbours (deg = neighbours inside the image), the visible
+    pixels as boundary values; solved per image and channel by conjugate gradients in float64 until
+    ||residual|| <= tol ||rhs||. images (B, C, H, W), mask (B, 1, H, W) bool -> images, hole filled.
+    On the centre square it equals harmonic_fill (tested). On a CPU, a few images at a time: the
+    allocator reuses small tensors instead of mapping fresh memory for large ones, and each chunk
+    stops at its own convergence."""
     mask = mask.expand(len(images), *mask.shape[1:])
     if images.device.type != "cpu" or len(images) == 0:
         return _harmonic_cg(images, mask, tol, max_iter)
@@ -107,12 +108,14 @@ def _harmonic_cg(images, mask, tol, max_iter):
 
 
 def baseline_image(name, masked, mask):
-    """The whole image a classical baseline makes from a masked input with an arbitrary hole `mask` (B, 1, H, W)."""
+    """The whole image a classical baseline makes from a masked input with any hole `mask`
+    (B, 1, H, W)."""
     if name == "fill":
         return masked
     if name == "context_mean":   # each image's mean visible colour in every hidden pixel
         vis = (~mask).to(masked.dtype)
-        mean = (masked * vis).sum(dim=(2, 3), keepdim=True) / vis.sum(dim=(2, 3), keepdim=True).clamp_min(1)
+        seen = vis.sum(dim=(2, 3), keepdim=True).clamp_min(1)
+        mean = (masked * vis).sum(dim=(2, 3), keepdim=True) / seen
         return torch.where(mask, mean, masked)
     if name == "harmonic":
         return harmonic_fill_mask(masked, mask)

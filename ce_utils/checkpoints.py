@@ -1,59 +1,58 @@
-"""The checkpoint format of ce_train.py runs: what a file holds (weights, optimisers, the run's flags, its step and
-state), written atomically and never with NaN/Inf, and checked in one place (check_checkpoint) whenever one is
-read: a missing, truncated, foreign or incompatible file is a one-line CheckpointError. load_checkpoint rebuilds
-the networks (ce_model.py) from the flags saved in the file.
+"""The checkpoint format of ce_train.py: weights, optimisers, flags, step and RNG state, written
+atomically and checked in one place (check_checkpoint) whenever read, so that a bad file is a
+one-line CheckpointError. load_checkpoint rebuilds the networks from the flags saved in the file.
 
-    python -c "from ce_utils import checkpoints as c; G, D, s = c.load_checkpoint('runs/shapes/best.pt'); print(s['step'])"
+    python -c "import ce_utils.checkpoints as c; print(c.load_checkpoint('runs/shapes')[2]['step'])"
 """
 import os
 
 import torch
 
 import ce_model
+from ce_utils import cli
 from ce_utils.cli import CheckpointError
 
 
 def save_checkpoint(path, state):
-    """Write `state` atomically: a temp file in the same folder, flushed to disk, then renamed over `path`.
+    """Write `state`, stamped with FORMAT, by cli.atomic_write: a kill leaves the old or new file.
 
-    A kill at any moment leaves either the previous complete file or the new complete file, never half of one.
-    The file is stamped with FORMAT. Nothing is written for a state holding a NaN/Inf tensor (CheckpointError), and
-    a failed write (a full disk) is a CheckpointError naming the file; the previous file is left intact either way.
+    A state holding a NaN/Inf tensor is not written, and a failed write (a full disk) is a
+    CheckpointError naming the file; the previous file is left intact either way.
     """
     path = os.fspath(path)
     bad = first_nonfinite(state)
     if bad:
         raise CheckpointError(f"{path}: not written: {bad} holds NaN/Inf")
-    tmp = f"{path}.ce-tmp{os.getpid()}"  # the temp-file pattern of cli.atomic_write
-    try:
-        with open(tmp, "wb") as f:
+
+    def write(f):
+        try:
             torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch's serializer turns a failed write into a RuntimeError
-        cause = e if isinstance(e, OSError) else (e.__context__ or e)
-        why = cause.strerror if getattr(cause, "strerror", None) else str(cause).splitlines()[0][:120]
-        raise CheckpointError(f"{path}: could not be written ({why}); the previous {os.path.basename(path)}, if "
-                              "any, is intact") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        except RuntimeError as e:  # torch.save wraps a failed write (OSError) in a RuntimeError
+            cause = e.__context__
+            why = str(cause or e).splitlines()[0][:120]
+            raise cause if isinstance(cause, OSError) else OSError(why) from None
+
+    try:
+        cli.atomic_write(path, write)
+    except OSError as e:  # atomic_write's message: could not be written (why); previous one intact
+        raise CheckpointError(f"{path}: {e.strerror}") from None
 
 
 def read_checkpoint(path, resume=False):
-    """Load a checkpoint dict on the CPU, checked by check_checkpoint for evaluation (or, with `resume`, for a
-    resumed run), or raise CheckpointError saying what is wrong with the file."""
+    """Load a checkpoint dict on the CPU, checked by check_checkpoint for evaluation (or, with
+    `resume`, for a resumed run), or raise CheckpointError saying what is wrong with the file."""
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file (give OUT/ckpt.pt or OUT/best.pt of a run)")
+        raise CheckpointError(f"{path}: no such checkpoint file "
+                              "(give OUT/ckpt.pt or OUT/best.pt of a run)")
     try:
-        # weights_only: a checkpoint holds tensors and plain types only, so nothing in it can run code.
+        # weights_only: a checkpoint holds tensors and plain types only, so nothing in it runs code.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file; all mean the same to the user
-        why = "holds Python objects besides tensors" if "weights_only" in str(e) else str(e).splitlines()[0][:100]
+        why = ("holds Python objects besides tensors" if "weights_only" in str(e)
+               else str(e).splitlines()[0][:100])
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {why}); "
                               "it may be truncated or not written by ce_train.py") from None
     state = check_checkpoint(state, path, resume)
@@ -70,31 +69,34 @@ def load_checkpoint(path, device="cpu"):
     return G.to(device), D.to(device), state
 
 
-RUN_HOW = ("capturable", "fused", "foreach")   # an optimiser's implementation on this machine, not its state
+RUN_HOW = ("capturable", "fused", "foreach")   # an optimiser's implementation here, not its state
 
 
 def load_weights(modules, state):
-    """Load state[k] into each module or optimiser of {k: m}; a mismatch (a missing, extra or reshaped tensor) is
-    a CheckpointError naming the file and the part."""
+    """Load state[k] into each module or optimiser of {k: m}; a mismatch (a missing, extra or
+    reshaped tensor) is a CheckpointError naming the file and the part."""
     for k, m in modules.items():
         try:
-            own = [{f: g.get(f) for f in RUN_HOW} for g in m.param_groups] if hasattr(m, "param_groups") else None
+            own = ([{f: g.get(f) for f in RUN_HOW} for g in m.param_groups]
+                   if hasattr(m, "param_groups") else None)
             m.load_state_dict(state[k])
             if own is not None:
                 keep_implementation(m, own)
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
             why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise CheckpointError(f"{state['path']}: {k} does not fit the network of the checkpoint's own flags "
-                                  f"({why})") from None
+            raise CheckpointError(f"{state['path']}: {k} does not fit the network of the "
+                                  f"checkpoint's own flags ({why})") from None
 
 
 def keep_implementation(opt, own):
-    """load_state_dict takes an optimiser's implementation flags from the file: a graphed GPU run saves Adam as
-    fused and capturable, with its step counts on the GPU. Put back the flags this optimiser was built with (`own`,
-    one dict per group), its step counts where they need to be (on the parameters' device for fused or capturable,
-    on the CPU otherwise) and its moments in their parameter's memory layout (a CPU run's are NCHW, a GPU run's
-    parameters channels_last; the fused Adam refuses the mix). Else a graphed run's checkpoint fails an assertion
-    at its first step on a CPU, and a CPU run's cannot be resumed on a GPU."""
+    """Put back the implementation flags `own` (one dict per group) that load_state_dict took from
+    the file, with the step counts where they belong (the parameters' device for fused or
+    capturable Adam, else the CPU) and the moments in their parameter's memory layout.
+
+    Why: a graphed GPU run saves Adam fused and capturable, its steps on the GPU and its parameters
+    channels_last; without this its checkpoint fails at the first step on a CPU, and a CPU run's
+    cannot be resumed on a GPU (the fused Adam refuses mixed layouts).
+    """
     for group, flags in zip(opt.param_groups, own):
         group.update(flags)
         on_device = bool(flags.get("capturable") or flags.get("fused"))
@@ -103,47 +105,57 @@ def keep_implementation(opt, own):
             for k, v in st.items():
                 if k == "step" and isinstance(v, torch.Tensor):
                     st[k] = v.to(p.device if on_device else "cpu", torch.float32)
-                elif isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                elif (isinstance(v, torch.Tensor) and v.shape == p.shape
+                      and v.stride() != p.stride()):
                     st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The checkpoint format: what a file holds, checked in one place (check_checkpoint) whenever one is read
+# ------------------------------------------------------------------------------------------------
+# The checkpoint format: what a file holds, checked in one place (check_checkpoint) on every read
 
-# 1: files written before the format had a number (no "format" key); 2: the "format" key, the schema checked on
-# load. Every flag below has been saved since the first version (git log -S on each flag), so a file of either
-# format that lacks one is damaged or foreign, not old: it is refused. Only the open log window, added to format 1
-# late, is filled in.
+# 1: files written before the format had a number (no "format" key); 2: the "format" key, the
+# schema checked on load. Every flag below has been saved since the first version (git log -S on
+# each flag), so a file of either format that lacks one is damaged or foreign, not old: it is
+# refused. Only the open log window, added to format 1 late, is filled in.
 FORMAT = 2
-# The flags that rebuild the networks and their input (the mask), with their types: enough to evaluate or inpaint.
-EVAL_ARGS = {"width": int, "bottleneck": int, "bottleneck_bn": bool, "bias": bool, "overlap": int, "ring": str,
-             "fill": str, "load_size": int, "data": str, "data_root": str, "mask": str, "arch": str,
-             "alexnet_width": float}
-# The other flags of ce_train.py that a resumed run takes over (tests/test_checkpoint_compat.py keeps this list
-# complete: a new training flag needs a line here and, for older files, a default in FILLED).
-RESUME_ARGS = {"variant": str, "shapes_n": int, "flip": bool, "batch_size": int, "epochs": int, "steps": int,
-               "lr_g": float, "lr_d": float, "beta1": float, "beta2": float, "lam_rec": float, "lam_adv": float,
-               "overlap_weight": float, "rec_reduction": str, "d_reduction": str, "init": str, "seed": int,
-               "log_every": int, "eval_every": int, "eval_images": int, "mask_per_batch": bool, "rec_loss": str,
+# The flags that rebuild the networks and their input (the mask), with their types: enough to
+# evaluate or inpaint.
+EVAL_ARGS = {"width": int, "bottleneck": int, "bottleneck_bn": bool, "bias": bool, "overlap": int,
+             "ring": str, "fill": str, "load_size": int, "data": str, "data_root": str,
+             "mask": str, "arch": str, "alexnet_width": float}
+# The other flags of ce_train.py that a resumed run takes over (tests/test_checkpoint_compat.py
+# keeps this list complete: a new training flag needs a line here and, for older files, a default
+# in NEW_FLAGS).
+RESUME_ARGS = {"variant": str, "shapes_n": int, "flip": bool, "batch_size": int, "epochs": int,
+               "steps": int, "lr_g": float, "lr_d": float, "beta1": float, "beta2": float,
+               "lam_rec": float, "lam_adv": float, "overlap_weight": float, "rec_reduction": str,
+               "d_reduction": str, "init": str, "seed": int, "log_every": int,
+               "eval_every": int, "eval_images": int, "mask_per_batch": bool, "rec_loss": str,
                "cfc_dropout": float}
-CHOICES = {"ring": ("visible", "hidden"), "fill": ("mean", "zero"), "rec_reduction": ("all", "split"),
-           "d_reduction": ("sum", "mean"), "init": ("dcgan", "torch"), "variant": ("paper", "official", "seed"),
-           "mask": ("center", "block", "region"), "rec_loss": ("hole", "image"), "arch": ("dcgan", "alexnet")}
-# Flags added with random masks and the AlexNet model: a file without them was written before they existed, when
-# the only behaviour was this one, so they are filled in (for any format).
-NEW_FLAGS = {"mask": "center", "mask_per_batch": False, "rec_loss": "hole", "arch": "dcgan", "alexnet_width": 1.0,
-             "cfc_dropout": 0.5}
-# Keys an older file may lack, with the value its version certainly had: {key: (newest format lacking it, value)}.
-FILLED = {"log_window": (1, None)}   # None: an empty window; the first log line after resuming averages fewer steps
+CHOICES = {"ring": ("visible", "hidden"), "fill": ("mean", "zero"),
+           "rec_reduction": ("all", "split"), "d_reduction": ("sum", "mean"),
+           "init": ("dcgan", "torch"), "variant": ("paper", "official", "seed"),
+           "mask": ("center", "block", "region"), "rec_loss": ("hole", "image"),
+           "arch": ("dcgan", "alexnet")}
+# Flags added with random masks and the AlexNet model: a file without them was written before they
+# existed, when the only behaviour was this one, so they are filled in (for any format).
+NEW_FLAGS = {"mask": "center", "mask_per_batch": False, "rec_loss": "hole", "arch": "dcgan",
+             "alexnet_width": 1.0, "cfc_dropout": 0.5}
+# Keys an older file may lack, with the value its version certainly had:
+# {key: (newest format lacking it, value)}. log_window None: an empty window, so the first log
+# line after resuming averages fewer steps.
+FILLED = {"log_window": (1, None)}
 
 
 def check_checkpoint(state, path, resume=False):
-    """The one check of a checkpoint's layout. Always: G and D as dicts of tensors and the flags that rebuild them
-    (ce_model.ARCH_KEYS); the other EVAL_ARGS flags are checked if present, and one that is absent raises a
-    CheckpointError naming it when it is first asked for (state["args"] is a _Flags), so that a weights-only file still loads.
-    With `resume`: everything a resumed run needs (every flag, optimisers, step, RNG). What an older format
-    certainly held is filled in (state["note"] says so); anything else missing or malformed is refused with a
-    CheckpointError naming it, and so is a NaN/Inf weight."""
+    """The one check of a checkpoint's layout, raising a CheckpointError naming what is wrong.
+
+    Always: G and D as dicts of tensors and the flags that rebuild them (ce_model.ARCH_KEYS); other
+    EVAL_ARGS flags are checked if present, and an absent one is refused only when asked for
+    (state["args"] becomes a _Flags), so that a weights-only file still loads. With `resume`:
+    everything a resumed run needs (every flag, optimisers, step, RNG). What an older format
+    certainly held is filled in (state["note"] says so); a NaN/Inf weight is refused.
+    """
     def refuse(what):
         raise CheckpointError(f"{path}: {what}")
 
@@ -151,48 +163,52 @@ def check_checkpoint(state, path, resume=False):
         refuse("not a ce_train.py checkpoint (it holds no dict of named parts)")
     fmt = state.get("format", 1)
     if type(fmt) is not int or not 1 <= fmt <= FORMAT:
-        refuse(f"checkpoint format {fmt!r}; this code reads formats 1 to {FORMAT} (written by a newer version?)")
+        refuse(f"checkpoint format {fmt!r}; this code reads formats 1 to {FORMAT} "
+               "(written by a newer version?)")
     if isinstance(state.get("args"), dict):
         state["args"] = {**NEW_FLAGS, **state["args"]}
-    _check_part(state, ("G", "D"), EVAL_ARGS, ce_model.ARCH_KEYS + (tuple(EVAL_ARGS) if resume else ()), refuse)
+    required = ce_model.ARCH_KEYS + (tuple(EVAL_ARGS) if resume else ())
+    _check_part(state, ("G", "D"), EVAL_ARGS, required, refuse)
     if resume:
-        _check_resume(state, lambda what: refuse(f"cannot resume from it: {what} (evaluating it still works: "
-                                                 f"ce_eval.py --ckpt {path})"))
+        _check_resume(state, lambda what: refuse(f"cannot resume from it: {what} (evaluating it "
+                                                 f"still works: ce_eval.py --ckpt {path})"))
         filled = [k for k, (newest, value) in FILLED.items() if fmt <= newest and k not in state]
         for k in filled:
             state[k] = FILLED[k][1]
         if filled:  # the caller prints it (ce_model.py prints nothing)
-            state["note"] = (f"note: {path} is a format-{fmt} checkpoint without {', '.join(filled)}; resuming with "
-                             "an empty log window (the first log line after it averages fewer steps)")
+            state["note"] = (f"note: {path} is a format-{fmt} checkpoint without "
+                             f"{', '.join(filled)}; resuming with an empty log window "
+                             "(the first log line after it averages fewer steps)")
     bad = first_nonfinite({k: state[k] for k in ("G", "D", "optG", "optD") if k in state})
     if bad:
-        refuse(f"{bad} holds NaN/Inf (saved after a diverging update by an older version); use an earlier "
-               "checkpoint")
+        refuse(f"{bad} holds NaN/Inf (saved after a diverging update by an older version); "
+               "use an earlier checkpoint")
     state["args"] = _Flags(state["args"], path)
     return state
 
 
 class _Flags(dict):
-    """A checkpoint's flags (args): asking for an absent one raises a CheckpointError naming it and the file (one
-    line for the user, not a KeyError traceback). Only for reading: torch.save it as a plain dict."""
+    """A checkpoint's flags (args): asking for an absent one raises a CheckpointError naming it and
+    the file (one line for the user, not a KeyError traceback). For reading: save a plain dict."""
 
     def __init__(self, flags, path):
         super().__init__(flags)
         self.path = path
 
     def __missing__(self, k):
-        raise CheckpointError(f"{self.path}: its flags (args) lack {k}, which this needs; it was not written by "
-                              "ce_train.py, or by a version without that flag")
+        raise CheckpointError(f"{self.path}: its flags (args) lack {k}, which this needs; it was "
+                              "not written by ce_train.py, or by a version without that flag")
 
 
 def _check_part(state, weights, flags, required, refuse):
-    """`weights`: dicts of named tensors. state["args"]: a dict holding the `required` flags; each flag k of
-    `flags` that it holds is of type flags[k] and one of CHOICES[k]."""
+    """`weights`: dicts of named tensors. state["args"]: a dict holding the `required` flags; each
+    flag k of `flags` that it holds is of type flags[k] and one of CHOICES[k]."""
     for k in weights:
         w = state.get(k)
         if w is None:
             refuse(f"not a ce_train.py checkpoint: '{k}' is missing")
-        if not isinstance(w, dict) or not all(isinstance(n, str) and isinstance(t, torch.Tensor) for n, t in w.items()):
+        if not isinstance(w, dict) or not all(isinstance(n, str) and isinstance(t, torch.Tensor)
+                                              for n, t in w.items()):
             refuse(f"'{k}' is not a dict of named tensors")
     a = state.get("args")
     if not isinstance(a, dict):
@@ -202,13 +218,16 @@ def _check_part(state, weights, flags, required, refuse):
         refuse(f"its flags (args) lack {', '.join(missing)}")
     for k, typ in flags.items():
         v = a.get(k)
-        ok = (isinstance(v, (int, float)) and not isinstance(v, bool)) if typ is float else type(v) is typ
+        if typ is float:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        else:
+            ok = type(v) is typ
         if k in a and (not ok or v not in CHOICES.get(k, (v,))):
             refuse(f"flag {k} is {v!r}, not a valid value")
 
 
 def _check_resume(state, refuse):
-    """What a resumed run needs besides the weights: optimiser states, step, RNG state, best PSNR, every flag."""
+    """What a resumed run needs besides the weights: optimisers, step, RNG, best PSNR, all flags."""
     for k in ("optG", "optD"):
         o = state.get(k)
         if not isinstance(o, dict) or not {"state", "param_groups"} <= set(o):
@@ -217,22 +236,31 @@ def _check_resume(state, refuse):
     if type(state.get("step")) is not int or state["step"] < 0:
         refuse(f"'step' is {'missing' if 'step' not in state else repr(state['step'])}")
     rng = state.get("rng")
-    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) or rng["torch"].dtype != torch.uint8:
+    if (not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor)
+            or rng["torch"].dtype != torch.uint8):
         refuse(f"'rng' (the random number state) is {'missing' if rng is None else 'malformed'}")
     best = state.get("best_psnr")
     if isinstance(best, bool) or not isinstance(best, (int, float)):
         refuse(f"'best_psnr' is {'missing' if best is None else repr(best)}")
     window = state.get("log_window")
-    if window is not None and not (isinstance(window, dict) and isinstance(window.get("acc"), torch.Tensor)
-                                   and type(window.get("n_acc")) is int and type(window.get("d_wins")) is int):
+    if window is not None and not (isinstance(window, dict)
+                                   and isinstance(window.get("acc"), torch.Tensor)
+                                   and type(window.get("n_acc")) is int
+                                   and type(window.get("d_wins")) is int):
         refuse("'log_window' is malformed")
 
 
 def first_nonfinite(state, name=""):
-    """The name of the first floating-point tensor in `state` (nested dicts, lists) holding NaN or Inf, or None."""
+    """The name of the first floating-point tensor in `state` (nested dicts, lists) holding NaN or
+    Inf, or None."""
     if isinstance(state, torch.Tensor):
-        return name if state.is_floating_point() and not bool(torch.isfinite(state).all()) else None
-    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+        if state.is_floating_point() and not bool(torch.isfinite(state).all()):
+            return name
+        return None
+    if isinstance(state, dict):
+        items = state.items()
+    else:
+        items = enumerate(state) if isinstance(state, (list, tuple)) else ()
     for k, v in items:
         bad = first_nonfinite(v, f"{name}.{k}" if name else str(k))
         if bad:

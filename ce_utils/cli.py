@@ -123,45 +123,56 @@ def run(main, argv=None):
         sys.stdout = stdout
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Device and precision: decided here, once, for train, eval, bench and sweep
 
 def resolve_device(name, p):
-    """'auto' -> cuda if available, else cpu; a device that does not exist is a parse-time error of parser p."""
+    """'auto' -> cuda if available, else cpu; a device that does not exist is an error of parser p."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(name)
     except RuntimeError:
         p.error(f"--device {name}: not a device name (cpu, cuda, cuda:N)")
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        p.error(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible); use --device cpu")
+    n_cuda = torch.cuda.device_count()
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= n_cuda):
+        p.error(f"--device {name}: no such CUDA device here ({n_cuda} visible); use --device cpu")
     if dev.type not in ("cpu", "cuda"):
         p.error(f"--device {name}: only cpu and cuda are supported")
     return name
 
 
-class Hardware:
-    """Where and how the tensors run. Defaults: on CUDA bf16 autocast and channels_last (speed), on CPU fp32 NCHW.
+def precision(device, dtype="auto", channels_last=None):
+    """(autocast dtype name, channels_last) for a device: "auto" is bf16 and NHWC on CUDA, fp32 and
+    NCHW on a CPU.
+    DEVIATION: on CUDA the networks run under bf16 autocast with channels_last tensors (--dtype
+    fp32 and --no-channels-last turn them off); the losses are computed in float32 either way."""
+    cuda = torch.device(device).type == "cuda"
+    name = ("bf16" if cuda else "fp32") if dtype == "auto" else dtype
+    return name, cuda if channels_last is None else bool(channels_last)
 
-    DEVIATION: on CUDA the networks run under bf16 autocast with channels_last tensors (--dtype fp32 and
-    --no-channels-last turn them off); the losses are computed in float32 either way.
-    """
+
+class Hardware:
+    """Where and how the tensors run (precision() decides); building one changes nothing global.
+    ctx: the autocast context (a null one for fp32); mem_fmt: the networks' memory format."""
 
     def __init__(self, device="cpu", dtype="auto", channels_last=None, cuda_graph=False):
         self.device = torch.device(device)
-        cuda = self.device.type == "cuda"
-        self.dtype_name = ("bf16" if cuda else "fp32") if dtype == "auto" else dtype
+        self.dtype_name, self.channels_last = precision(self.device, dtype, channels_last)
         self.dtype = torch.bfloat16 if self.dtype_name == "bf16" else None       # None: no autocast
-        self.channels_last = cuda if channels_last is None else bool(channels_last)
         self.mem_fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        # autocast's cache of cast weights must be off inside a CUDA graph capture (PyTorch's AMP notes)
-        self.ctx = torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=not cuda_graph) if self.dtype \
-            else contextlib.nullcontext()
-        if cuda:
+        # autocast's cache of cast weights must be off inside a CUDA graph capture (AMP notes)
+        self.ctx = contextlib.nullcontext() if self.dtype is None else torch.autocast(
+            self.device.type, dtype=self.dtype, cache_enabled=not cuda_graph)
+
+    def use_fast_kernels(self):
+        """On CUDA, process-wide: cuDNN autotuning and TF32 matrix products (called once by each
+        script's main; ce_masks computes its fields in full float32 regardless)."""
+        if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        return self
 
 
 # ----------------------------------------------------------------------------------------------------------------

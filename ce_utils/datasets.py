@@ -1,15 +1,16 @@
-"""Datasets on disk -> uint8 arrays (N, S, S, 3), decoded once and cached: the file side of the data, with nothing
-from the paper in it (ce_data.py makes the masked batches from these arrays).
+"""Datasets on disk -> uint8 arrays (N, S, S, 3), decoded once and cached: the file side of the
+data, nothing from the paper (ce_data.py makes the masked batches from these arrays).
 
-    python -c "from ce_utils import datasets as d; print(d.load_split('shapes', 'data', 'val').shape)"
+    python -c "from ce_utils import datasets; print(datasets.load_split('shapes', 'data', 'val'))"
 
---data shapes: embedded, offline, procedurally generated (ce_utils/synthetic.py); tiny: Tiny ImageNet, downloaded on first
-use (ce_utils/tinyimagenet.py); imagenet: DIR/train/<class>/*, DIR/val/...; folder: any folder of images, searched recursively.
+--data shapes: embedded, offline, generated (ce_utils/synthetic.py); tiny: Tiny ImageNet, downloaded
+on first use (ce_utils/tinyimagenet.py); imagenet: DIR/train/<class>/*, DIR/val/...; folder: the
+same, or any folder of images (searched recursively, a share held out by name hash). split_files
+reads these layouts for training and evaluation, labelled_files for the linear probe (ce_probe.py).
 
-Every image file, for a dataset or for `ce_eval.py --image` (ce_utils/photos.py), is opened by read_rgb: regular files
-only (a FIFO named x.jpg is refused, never waited on), Pillow's decompression-bomb limit, EXIF orientation applied,
-any mode to RGB. Each split is decoded into a cache on disk as it is made (ce_utils/diskcache.py: the file format and its
-CRC32 checksums, checked when it is loaded).
+Every image file (datasets, `ce_eval.py --image`) is opened by read_rgb: regular files only (a FIFO
+named x.jpg is refused, never waited on), Pillow's decompression-bomb limit, EXIF orientation, any
+mode to RGB. Each split is decoded into a checksummed cache on disk (ce_utils/diskcache.py).
 """
 import contextlib
 import multiprocessing as mp
@@ -23,20 +24,23 @@ import zlib
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from ce_utils import cli, diskcache, synthetic, tinyimagenet
+from ce_utils import cli, diskcache, progress, synthetic, tinyimagenet
 from ce_utils.cli import DataError
 
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is an error (counted and skipped), not grey pixels
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is an error (counted, skipped), not grey
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
+              ".pbm"}
 SHAPES_VAL = 512  # fixed held-out split of the embedded data, generated from its own seed
+VAL_FRACTION, VAL_MAX = 0.05, 1000   # a plain folder's held-out split: this share, at most this
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Processes for decoding and for generating the embedded data (ce_utils/synthetic.py).
 
 def _pool(workers):
-    """A process pool for decoding. Not fork: forking a process whose torch threads hold locks can deadlock the
-    children. forkserver forks workers from a clean server process that has imported this module once."""
+    """A process pool for decoding. Not fork: forking a process whose torch threads hold locks
+    can deadlock the children; forkserver forks workers from a clean process that imported this
+    module."""
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload([__name__])
@@ -46,42 +50,44 @@ def _pool(workers):
 
 
 def generate_shapes(n, seed, size=128, workers=1, out=None):
-    """The embedded dataset (synthetic.make_shapes): n images, uint8 (n, size, size, 3), on `workers` processes.
-    out: a diskcache.Rows to stream them into (e.g. the cache file); by default a new in-memory array is returned."""
+    """The embedded dataset (synthetic.make_shapes): n images, uint8 (n, size, size, 3), on
+    `workers` processes. out: a diskcache.Rows to stream them into (the cache file); default: a
+    new array."""
     rows = out if out is not None else diskcache.Rows(None, n, size)
-    progress = _Progress(n, f"generating {n} images of the embedded 'shapes' data") if n > 2048 else None
+    show = progress.Progress(n, f"generating {n} images of the embedded 'shapes' data", above=2048)
     jobs = [(seed, a, min(a + 256, n), size) for a in range(0, n, 256)]
     with contextlib.ExitStack() as stack:
-        # a pool pays off only for many images on many cores: starting it imports this module and torch (on a
-        # loaded 2-core machine, 10,000 images took 22 s in this process and 43 s with a 2-process pool)
+        # a pool pays off only for many images on many cores: each worker first imports this module
+        # and torch
         mapper = stack.enter_context(_pool(workers)).imap if workers >= 4 and n >= 20000 else map
         for block in mapper(synthetic.make_block, jobs):
             rows.add(block)
-            if progress:
-                progress(rows.n, final=rows.n == n)
+            show(rows.n)
     return rows if out is not None else rows.finish()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Reading one image file: the one decoding path, used by the datasets and by `ce_eval.py --image`.
 
 def _kind(mode):
     """What a non-regular file is, in words."""
     for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device")):
         if test(mode):
             return name
     return "not a regular file"
 
 
 def _open_regular(path):
-    """Open `path` for reading if it is a regular file (or a link to one); DataError otherwise. Opening a FIFO
-    blocks until someone writes to it, so the type is checked first with stat, and again on the open file
-    (O_NONBLOCK: the check itself cannot block, and a file swapped in between is caught)."""
+    """Open `path` for reading if it is a regular file (or a link to one); DataError otherwise.
+    Opening a FIFO blocks until someone writes to it, so the type is checked with stat first, and
+    again on the open file (O_NONBLOCK: the check cannot block; a file swapped in is caught)."""
+    not_image = "not an image file; only regular files are read"
     try:
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
-            raise DataError(f"{path}: {_kind(st.st_mode)}, not an image file; only regular files are read")
+            raise DataError(f"{path}: {_kind(st.st_mode)}, {not_image}")
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except FileNotFoundError:
         link = " (a symbolic link to a missing file)" if os.path.islink(path) else ""
@@ -91,15 +97,17 @@ def _open_regular(path):
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise DataError(f"{path}: {_kind(st.st_mode)}, not an image file; only regular files are read")
+        raise DataError(f"{path}: {_kind(st.st_mode)}, {not_image}")
     return os.fdopen(fd, "rb")
 
 
 def _to_rgb(im):
-    """Any Pillow mode -> RGB: 16/32-bit and float greyscale rescaled, alpha composited on white, CMYK converted."""
+    """Any Pillow mode -> RGB: 16/32-bit and float greyscale rescaled, alpha composited on white,
+    CMYK converted."""
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         a = np.asarray(im, dtype=np.float32)
-        a = a * 255 if a.max(initial=0) <= 1 and im.mode == "F" else (a / 257 if a.max(initial=0) > 255 else a)
+        top = a.max(initial=0)
+        a = a * 255 if top <= 1 and im.mode == "F" else (a / 257 if top > 255 else a)
         im = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L")
     if im.mode == "P":
         im = im.convert("RGBA")
@@ -110,13 +118,12 @@ def _to_rgb(im):
 
 
 def read_rgb(path, draft=None):
-    """One image file -> an RGB Pillow image, upright. Any problem with the file is a DataError naming it.
+    """One image file -> an RGB Pillow image, upright; any problem with the file is a DataError.
 
-    Only regular files are opened. Pillow's decompression-bomb check refuses images of more than
-    2 * Image.MAX_IMAGE_PIXELS pixels (179 M by default); between 1x and 2x Pillow only warns, and these images
-    (e.g. 108 MP phone photos) are decoded without the warning. The EXIF orientation tag is applied
-    (ImageOps.exif_transpose), so a phone photo is not read sideways. `draft`: a JPEG may be decoded at a reduced
-    scale whose shorter side stays >= draft pixels (libjpeg DCT scaling: faster for small targets).
+    Only regular files are opened. Images over 2 * Image.MAX_IMAGE_PIXELS are refused as possible
+    decompression bombs; between 1x and 2x (large phone photos) Pillow's warning is silenced. The
+    EXIF orientation is applied, so a phone photo is not read sideways. `draft`: a JPEG may be
+    decoded at a reduced scale whose shorter side stays >= draft px (libjpeg DCT scaling: faster).
     """
     with _open_regular(path) as f:
         try:
@@ -127,16 +134,19 @@ def read_rgb(path, draft=None):
                         im.draft(im.mode, (draft, draft))
                     return _to_rgb(ImageOps.exif_transpose(im) if _orientation(im) != 1 else im)
         except Image.DecompressionBombError as e:
-            raise DataError(f"{path}: refused as a possible decompression bomb ({e}); shrink it below "
-                            f"{2 * Image.MAX_IMAGE_PIXELS:,} pixels if it is a real image") from None
+            limit = 2 * Image.MAX_IMAGE_PIXELS
+            raise DataError(f"{path}: refused as a possible decompression bomb ({e}); shrink it "
+                            f"below {limit:,} pixels if it is a real image") from None
         except UnidentifiedImageError:
-            raise DataError(f"{path}: not a readable image (empty, or not a format Pillow knows)") from None
-        except Exception as e:   # Pillow's decoders raise many types for a damaged file; all mean the same here
+            raise DataError(f"{path}: not a readable image (empty, or not a format Pillow "
+                            "knows)") from None
+        except Exception as e:   # Pillow's decoders raise many types for a damaged file: all alike
             raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
 
 def _orientation(im):
-    """The EXIF orientation tag (1: upright); a damaged EXIF block counts as upright, the pixels may be fine."""
+    """The EXIF orientation tag (1: upright); a damaged EXIF block counts as upright (the pixels
+    may be fine)."""
     try:
         return im.getexif().get(0x0112, 1)
     except Exception:    # malformed EXIF raises assorted types inside Pillow
@@ -150,7 +160,8 @@ def center_square(w, h):
 
 
 def decode_image(path, size):
-    """Decode one file: shorter side resized to `size`, centre-cropped square. Returns (uint8 (S, S, 3), upsampled)."""
+    """Decode one file: shorter side resized to `size`, centre-cropped square.
+    Returns (uint8 (S, S, 3), whether it was upsampled)."""
     im = read_rgb(path, draft=size)
     w, h = im.size
     scale = size / min(w, h)
@@ -171,14 +182,14 @@ def _decode_worker(job):
         return None, False, str(e)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Listing a folder: images used, everything else counted.
 
 def list_images(root, skipped=None):
-    """Image files below `root` (recursive, sorted, hidden names skipped, symbolic links followed once) and the
-    number of other regular files ignored. `skipped`, if given, is a dict that receives the counts of entries that
-    cannot be used: "special" files (FIFOs, sockets, devices), "dangling" links, "unreadable" folders, with a few
-    "examples"."""
+    """Image files below `root` (recursive, sorted, hidden names skipped, symbolic links followed
+    once) and the number of other regular files ignored. `skipped`, if given, is a dict that gets
+    the counts of entries that cannot be used: "special" files (FIFOs, sockets, devices),
+    "dangling" links, "unreadable" folders, and a few "examples"."""
     files, other = [], 0
     skipped = {} if skipped is None else skipped
     seen, stack = set(), [root]
@@ -186,7 +197,7 @@ def list_images(root, skipped=None):
         folder = stack.pop()
         try:
             st = os.stat(folder)
-            if (st.st_dev, st.st_ino) in seen:     # a link loop, or one folder linked twice: listed once
+            if (st.st_dev, st.st_ino) in seen:     # a link loop, or a folder linked twice: once
                 continue
             seen.add((st.st_dev, st.st_ino))
             with os.scandir(folder) as it:
@@ -223,10 +234,11 @@ def _count(skipped, what, example):
 
 
 def listing_note(root, other, skipped):
-    """One line about the entries of a data folder that are not used (a documented, counted skip)."""
+    """One line about the entries of a data folder that are not used (a counted skip)."""
     parts = [f"ignored {other} file(s) that are not images (by extension)"] if other else []
     for key, words in (("special", "special file(s) (FIFO, socket, device)"),
-                       ("dangling", "symbolic link(s) to missing files"), ("unreadable", "unreadable folder(s)")):
+                       ("dangling", "symbolic link(s) to missing files"),
+                       ("unreadable", "unreadable folder(s)")):
         if skipped.get(key):
             parts.append(f"skipped {skipped[key]} {words}")
     if parts:
@@ -235,51 +247,30 @@ def listing_note(root, other, skipped):
         print(f"{level}: {root}: {'; '.join(parts)}{ex}", file=sys.stderr)
 
 
-class _Progress:
-    """A one-line progress display on stderr (rate-limited), like the ones people expect from tqdm."""
-
-    def __init__(self, total, desc):
-        self.total, self.desc, self.t0, self.last = total, desc, time.time(), 0.0
-
-    def __call__(self, done, final=False):
-        now = time.time()
-        if not final and now - self.last < 0.5:
-            return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-9)
-        eta = (self.total - done) / max(rate, 1e-9)
-        end = "\n" if final else ""
-        print(f"\r{self.desc}: {done}/{self.total} ({rate:,.0f} img/s, ETA {eta:.0f}s)   ", end=end,
-              file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Decoding a split into the cache (ce_utils/diskcache.py: the files on disk and their checksums).
 
 def decode_files(files, size, desc, workers=None, out=None):
-    """Decode `files` in parallel (all cores) into uint8 (N, size, size, 3); unreadable files are skipped.
-
-    out: a diskcache.Rows to stream the images into (the cache file); by default a new in-memory array.
-    Returns (array, or `out` when given, stats) where stats counts skipped and upsampled files and names a few
-    skipped ones.
-    """
+    """Decode `files` in parallel (all cores) into uint8 (N, size, size, 3); unreadable files are
+    skipped. out: a diskcache.Rows to stream the images into (the cache file); default: a new
+    array. Returns (the array or `out`, stats): skipped and upsampled counts, a few skipped."""
     n = len(files)
     rows = out if out is not None else diskcache.Rows(None, n, size)
     skipped, upsampled = [], 0
-    progress = _Progress(n, desc)
+    show = progress.Progress(n, desc)
     workers = workers or min(os.cpu_count() or 1, 32)
     jobs = [(f, size) for f in files]
     pool = _pool(workers) if n >= 64 and workers > 1 else None
     try:
-        results = pool.imap(_decode_worker, jobs, chunksize=32) if pool else map(_decode_worker, jobs)
+        results = (pool.imap(_decode_worker, jobs, chunksize=32) if pool
+                   else map(_decode_worker, jobs))
         for i, (arr, up, err) in enumerate(results):
             if arr is None:
                 skipped.append(err)
             else:
                 rows.add(arr[None])
                 upsampled += up
-            progress(i + 1)
-        progress(n, final=True)
+            show(i + 1)
     finally:
         if pool is not None:
             pool.terminate()
@@ -290,31 +281,33 @@ def decode_files(files, size, desc, workers=None, out=None):
 def cached_images(files, size, cache_dir, name, root, workers=None):
     """Decode `files` once into DIR/.ce_cache/NAME-SIZE-KEY.npy and memory-map it on later runs.
 
-    The key hashes the file list, sizes, mtimes and load size, so a changed folder never reuses a stale cache;
-    a cache whose shape or checksums disagree with its metadata is rebuilt. The file is written as the images
-    are decoded (never the whole split in memory) under a temp name, and renamed when complete.
+    The key hashes the file list, sizes, mtimes and load size: a changed folder never reuses a
+    stale cache; one whose shape or checksums disagree with its metadata is rebuilt. The file is
+    written as the images are decoded (never the whole split in memory) under a temp name, and
+    renamed when complete.
     """
     key = diskcache.files_key(files, size, root)
     npy = os.path.join(cache_dir, f"{name}-{size}-{key}.npy")
-    meta_path = npy[:-4] + ".json"
-    arr, meta = diskcache.read_cache(npy, meta_path, {"version": diskcache.CACHE_VERSION, "size": size, "key": key})
+    want = {"version": diskcache.CACHE_VERSION, "size": size, "key": key}
+    arr, meta = diskcache.read_cache(npy, npy[:-4] + ".json", want)
     if arr is not None:
         return arr, meta
     diskcache.remove_dead_temps(cache_dir, f"{name}-{size}-")
     rows = diskcache.Rows(npy, len(files), size)
     try:
-        _, stats = decode_files(files, size, f"decoding {name} ({len(files)} files) into a {size}px uint8 cache",
-                                workers, out=rows)
-        meta = {"version": diskcache.CACHE_VERSION, "size": size, "key": key, "n_files": len(files), **stats}
+        desc = f"decoding {name} ({len(files)} files) into a {size}px uint8 cache"
+        _, stats = decode_files(files, size, desc, workers, out=rows)
+        meta = {**want, "n_files": len(files), **stats}
         if os.path.isdir(cache_dir):
-            for old in os.listdir(cache_dir):  # drop caches of an earlier state of the same split and size
+            for old in os.listdir(cache_dir):  # caches of an earlier state of this split and size
                 if (old.startswith(f"{name}-{size}-") and not old.startswith(f"{name}-{size}-{key}")
                         and cli.TMP_SUFFIX not in old):
-                    with contextlib.suppress(FileNotFoundError):   # another process (a DDP rank) got there first
+                    # another process (a DDP rank) may have removed it first
+                    with contextlib.suppress(FileNotFoundError):
                         os.remove(os.path.join(cache_dir, old))
         arr = rows.finish(meta)
     finally:
-        rows.discard()             # an error or Ctrl-C before finish(): the temp file goes (after it: a no-op)
+        rows.discard()     # an error or Ctrl-C before finish(): the temp file goes (after: no-op)
     return arr, {**meta, "n": len(arr)}
 
 
@@ -322,19 +315,21 @@ def _report(meta, what):
     """One warning line for skipped or upsampled images (a documented, counted skip)."""
     if meta.get("skipped"):
         ex = "; ".join(meta.get("skipped_examples", []))
-        print(f"warning: {what}: skipped {meta['skipped']} unreadable image file(s), e.g. {ex}", file=sys.stderr)
-    if meta.get("upsampled"):
-        print(f"note: {what}: {meta['upsampled']} image(s) smaller than {meta['size']}px were upsampled",
+        print(f"warning: {what}: skipped {meta['skipped']} unreadable image file(s), e.g. {ex}",
               file=sys.stderr)
+    if meta.get("upsampled"):
+        print(f"note: {what}: {meta['upsampled']} image(s) smaller than {meta['size']}px were "
+              "upsampled", file=sys.stderr)
 
 
 def _shapes_split(root, split, size, n):
-    """The embedded data's split, from its cache or generated into it (ce_utils/synthetic.py; no files to decode)."""
+    """The embedded data's split, from its cache or generated into it (ce_utils/synthetic.py)."""
     seed = 1 if split == "train" else 2   # the held-out split has its own seed
     cache_dir = os.path.join(root, ".ce_cache")
     stem = f"shapes-{split}-{size}-n{n}-v"
     npy = os.path.join(cache_dir, f"{stem}{diskcache.CACHE_VERSION}.npy")
-    arr, _ = diskcache.read_cache(npy, npy[:-4] + ".json", {"version": diskcache.CACHE_VERSION, "size": size, "n": n})
+    want = {"version": diskcache.CACHE_VERSION, "size": size, "n": n}
+    arr, _ = diskcache.read_cache(npy, npy[:-4] + ".json", want)
     if arr is not None:
         return arr
     diskcache.remove_dead_temps(cache_dir, stem)
@@ -349,25 +344,33 @@ def _shapes_split(root, split, size, n):
         arr = rows.finish({"version": diskcache.CACHE_VERSION, "size": size})
     finally:
         rows.discard()
-    print(f"generated {n} {split} images of the embedded 'shapes' data in {time.time() - t0:.1f}s", file=sys.stderr)
+    print(f"generated {n} {split} images of the embedded 'shapes' data in {time.time() - t0:.1f}s",
+          file=sys.stderr)
     return arr
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Datasets -> uint8 arrays (N, S, S, 3).
+# ------------------------------------------------------------------------------------------------
+# The layouts on disk: the files of each split and their classes (one reader: train, eval, probe).
 
-def _split_files(files, val_fraction=0.05):
-    """Deterministic train/val split of one folder: by a hash of each file name (stable when files are added).
-    Names are hashed as the file system's bytes (os.fsencode), so a name that is not valid UTF-8 is fine."""
-    order = sorted(files, key=lambda f: (zlib.crc32(os.fsencode(os.path.basename(f))), f))
-    n_val = min(max(1, int(len(files) * val_fraction)), 1000) if len(files) > 1 else 0
+def hash_order(files):
+    """Files in an order unrelated to their numbering: by the crc32 of each name's bytes as the file
+    system holds them (os.fsencode: a name that is not valid UTF-8 hashes too)."""
+    return sorted(files, key=lambda f: (zlib.crc32(os.fsencode(os.path.basename(f))), f))
+
+
+def _split_files(files, val_fraction=VAL_FRACTION):
+    """(train, val) of one plain folder: the first files in hash order are held out, so the split
+    stays put when files are added."""
+    order = hash_order(files)
+    n_val = min(max(1, int(len(files) * val_fraction)), VAL_MAX) if len(files) > 1 else 0
     val = set(order[:n_val])
     return [f for f in files if f not in val], sorted(val)
 
 
-def _folder_files(data, root, split):
-    """The files of one split of --data imagenet|folder, and (other files, skipped-entry counts) of the listing."""
-    has_splits = os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "val"))
+def _folder_files(data, root, split, val_fraction):
+    """One split of --data imagenet|folder: (files, the folder whose subfolders are the classes,
+    other files, skipped entries). DIR/train, DIR/val, DIR/test if there, else DIR split by hash."""
+    has_splits = all(os.path.isdir(os.path.join(root, s)) for s in ("train", "val"))
     if data == "imagenet" and not has_splits:
         raise DataError(f"{root}: --data imagenet needs {root}/train/<class>/* and {root}/val/; "
                         "use --data folder for a plain folder of images")
@@ -376,46 +379,127 @@ def _folder_files(data, root, split):
         if split == "test" and not os.path.isdir(os.path.join(root, "test")):
             raise DataError(f"{root}: no test/ folder; use --split val")
         files, other = list_images(os.path.join(root, split), skipped)
-    elif split == "test":   # a plain folder is split into train and val only: never evaluate val as "test"
-        raise DataError(f"{root}: a plain folder of images has a train and a held-out (val) split only (no "
-                        "train/, val/, test/ folders); use --split val")
-    else:
-        files, other = list_images(root, skipped)
-        files = _split_files(files)[0 if split == "train" else 1]
-    return files, other, skipped
+        return files, os.path.join(root, split), other, skipped
+    if split == "test":   # a plain folder is split into train and val only: never val as "test"
+        raise DataError(f"{root}: a plain folder of images has a train and a held-out (val) split "
+                        "only (no train/, val/, test/ folders); use --split val")
+    files, other = list_images(root, skipped)
+    return _split_files(files, val_fraction)[0 if split == "train" else 1], root, other, skipped
 
 
-def dataset_files(data, root, split):
-    """The image files of one split of --data tiny|imagenet|folder, and the folder to key the cache on."""
+def split_files(data, root, split, val_fraction=VAL_FRACTION):
+    """The image files of one split of --data tiny|imagenet|folder, and the folder whose
+    subfolders name their classes (None for Tiny ImageNet's val and test: see labelled_files)."""
     if data != "tiny" and not os.path.isdir(root):
-        raise DataError(f"{root}: data root does not exist or is not a folder; pass --data-root DIR pointing at "
-                        "your images")
+        raise DataError(f"{root}: data root does not exist or is not a folder; pass --data-root "
+                        "DIR pointing at your images")
     if data == "tiny":
         base = tinyimagenet.ensure_tiny(root, os.environ.get("CE_TINY_URL"))
-        sub = {"train": "train", "val": os.path.join("val", "images"), "test": os.path.join("test", "images")}[split]
+        sub = {"train": "train", "val": os.path.join("val", "images"),
+               "test": os.path.join("test", "images")}[split]
         skipped = {}
-        files, other = list_images(os.path.join(base, sub), skipped)
+        files, _ = list_images(os.path.join(base, sub), skipped)
         other = 0   # Tiny ImageNet's own annotation files are expected there
+        classes = os.path.join(base, "train") if split == "train" else None
     elif data in ("imagenet", "folder"):
-        files, other, skipped = _folder_files(data, root, split)
+        files, classes, other, skipped = _folder_files(data, root, split, val_fraction)
     else:
         raise DataError(f"unknown dataset {data!r}")
     listing_note(root, other, skipped)
     if not files:
         raise DataError(f"{root}: no image files found for split '{split}' of --data {data} "
                         f"(looked for {', '.join(sorted(IMAGE_EXTS))})")
-    return files
+    return files, classes
+
+
+def dataset_files(data, root, split):
+    """The image files of one split of --data tiny|imagenet|folder (what train and eval decode)."""
+    return split_files(data, root, split)[0]
+
+
+def _by_class(files, folder):
+    """{first subfolder of `folder`: [its files]}, and the number of files directly in `folder`."""
+    classes, loose = {}, 0
+    for f in files:
+        parts = os.path.relpath(f, folder).split(os.sep)
+        if len(parts) < 2:
+            loose += 1
+        else:
+            classes.setdefault(parts[0], []).append(f)
+    return classes, loose
+
+
+def _tiny_val(base, files, index):
+    """Tiny ImageNet's held-out files labelled by val/val_annotations.txt (file <tab> wnid ...)."""
+    path = os.path.join(base, "val", "val_annotations.txt")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: missing; the Tiny ImageNet validation labels are needed here")
+    ann, bad = {}, 0
+    with open(path) as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 2:
+                ann[fields[0]] = fields[1]
+            elif line.strip():
+                bad += 1
+    if not ann:
+        raise DataError(f"{path}: no 'file<TAB>wnid' lines; the Tiny ImageNet validation labels "
+                        "are missing")
+    val = [(f, index[ann[os.path.basename(f)]]) for f in files
+           if ann.get(os.path.basename(f)) in index]
+    if len(val) < len(files) or bad:
+        print(f"note: {base}/val: skipped {len(files) - len(val)} image(s) with no annotation or a "
+              f"class absent from train/, and {bad} malformed annotation line(s)", file=sys.stderr)
+    return val
+
+
+def labelled_files(data, root, val_fraction=VAL_FRACTION):
+    """(train, val, class names) for the linear probe: the files of each split as split_files gives
+    them to training, as lists of (path, class index); a class is a file's first folder below its
+    split (train/ and val/, or a plain DIR), Tiny ImageNet's val is labelled by its annotations."""
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: data root does not exist or is not a folder; pass --data-root "
+                        "DIR")
+    if data == "tiny" and tinyimagenet.find_tiny(root) is None:   # found, never downloaded here
+        raise DataError(f"{root}: no Tiny ImageNet here (expected {root}/tiny-imagenet-200/train/ "
+                        "and val/val_annotations.txt); run `python ce_train.py --data tiny "
+                        f"--data-root {root}` once to download it, or extract "
+                        f"tiny-imagenet-200.zip into {root}")
+    files, folder = split_files(data, root, "train", val_fraction)
+    train_c, loose = _by_class(files, folder)
+    names = sorted(train_c)
+    index = {c: i for i, c in enumerate(names)}
+    files, folder = split_files(data, root, "val", val_fraction)
+    if folder is None:
+        val = _tiny_val(tinyimagenet.find_tiny(root), files, index)
+    else:
+        val_c, val_loose = _by_class(files, folder)
+        if val_loose and folder != root:
+            raise DataError(f"{folder}: {val_loose} image(s) directly in val/, not in class "
+                            "folders (ImageNet's flat validation layout); sort them into "
+                            "val/<class>/ first")
+        loose += val_loose
+        extra = sorted(set(val_c) - set(index))
+        if extra:
+            print(f"note: {folder}: skipped class folder(s) absent from train/: "
+                  f"{', '.join(extra[:5])}", file=sys.stderr)
+        val = [(f, index[c]) for c in names for f in val_c.get(c, [])]
+    if loose:
+        print(f"note: {root}: ignored {loose} image(s) outside class subfolders", file=sys.stderr)
+    return [(f, index[c]) for c in names for f in train_c[c]], val, names
 
 
 def load_split(data, root, split, size=128, shapes_n=10000):
     """uint8 (N, S, S, 3) images of one split, decoded once and cached under the data root."""
     if data == "shapes":
         if split == "test":
-            raise DataError("the embedded shapes data has a train and a held-out (val) split only; use --split val")
+            raise DataError("the embedded shapes data has a train and a held-out (val) split only; "
+                            "use --split val")
         return _shapes_split(root, split, size, shapes_n if split == "train" else SHAPES_VAL)
     files = dataset_files(data, root, split)
     arr, meta = cached_images(files, size, os.path.join(root, ".ce_cache"), f"{data}-{split}", root)
     _report(meta, f"{data}/{split}")
     if len(arr) == 0:
-        raise DataError(f"{root}: none of the {len(files)} image files of split '{split}' could be decoded")
+        raise DataError(f"{root}: none of the {len(files)} image files of split '{split}' could be "
+                        "decoded")
     return arr

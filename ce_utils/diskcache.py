@@ -1,10 +1,10 @@
-"""The on-disk image store of the datasets: DATA_ROOT/.ce_cache/NAME.npy holds the decoded images as uint8 rows
-(N, S, S, 3), memory-mapped when loaded; NAME.json next to it says what it holds (version, image size, the key of
-the file list, counts) and carries a CRC32 checksum per 16 MB block of rows. The rows are written to disk as they
-are made, under a temp name renamed when complete, the metadata last; at each load the metadata and every checksum
-are checked, and a stale, truncated or damaged store is rebuilt, never used. ce_utils/datasets.py decides what goes in.
+"""The on-disk image cache of the datasets: DATA_ROOT/.ce_cache/NAME.npy holds the decoded images
+as uint8 rows (N, S, S, 3), memory-mapped when loaded; NAME.json says what it holds and carries a
+CRC32 per block of rows. Written under a temp name, metadata last; checked at every load, and a
+stale or damaged cache is rebuilt, never used. ce_utils/datasets.py decides what goes in.
 
-    python -c "from ce_utils import datasets; datasets.load_split('shapes', 'data', 'val')"; ls data/.ce_cache
+    python -c "import ce_utils.datasets as d; d.load_split('shapes', 'data', 'val')"
+    ls data/.ce_cache
 """
 import concurrent.futures
 import contextlib
@@ -26,8 +26,8 @@ CACHE_VERSION = 2          # 2: CRC32 checksums in the metadata; new embedded-da
 CRC_BLOCK_BYTES = 1 << 24  # one CRC32 per 16 MB of images: a damaged cache names the images it lost
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The cache: DATA_ROOT/.ce_cache/NAME.npy (uint8 rows) + NAME.json (what it holds, CRC32 per block of rows).
+# ------------------------------------------------------------------------------------------------
+# The cache: DATA_ROOT/.ce_cache/NAME.npy (uint8 rows) + NAME.json (what it holds, CRC32 per block).
 
 def _crc_rows(size):
     """Images per checksum block."""
@@ -35,17 +35,18 @@ def _crc_rows(size):
 
 
 class Rows:
-    """Images appended one block after another into a preallocated (capacity, S, S, 3) uint8 array, with a CRC32
-    per block of rows computed as blocks fill (from memory just written, so the cache is never read back whole).
+    """Images appended into a preallocated (capacity, S, S, 3) uint8 array, with a CRC32 per block
+    of rows computed as blocks fill (from memory just written: the cache is never read back whole).
 
-    With a path, the array is a memory-mapped temp file PATH.ce-tmp<pid> (numpy open_memmap): the images go to
-    disk as they are made and the process holds only a few of them. finish() shrinks the file to the rows
-    written (skipped files leave no gap: rows are written densely, so nothing is moved), renames it to PATH and
-    writes the metadata last. Without a path, or if the file cannot be made, a plain in-memory array.
+    With a path, the array is a memory-mapped temp file PATH.ce-tmp<pid>, so the images go to disk
+    as they are made. finish() shrinks it to the rows written (rows are dense: nothing moves),
+    renames it to PATH and writes the metadata last. Without a path, or if the file cannot be
+    made, a plain in-memory array.
     """
 
     def __init__(self, npy, capacity, size):
-        self.npy, self.tmp, self.arr, self.n, self.crcs, self.rows = npy, None, None, 0, [], _crc_rows(size)
+        self.npy, self.tmp, self.arr = npy, None, None
+        self.n, self.crcs, self.rows = 0, [], _crc_rows(size)
         shape = (capacity, size, size, 3)
         if npy is not None:
             try:
@@ -89,7 +90,8 @@ class Rows:
         os.replace(self.tmp, self.npy)
         self.tmp = None
         meta = {**(meta or {}), "n": self.n, "crc_rows": self.rows, "crc32": self.crcs}
-        cli.atomic_write(self.npy[:-4] + ".json", json.dumps(meta))   # last: a cache is used only once complete
+        # last: a cache is used only once complete
+        cli.atomic_write(self.npy[:-4] + ".json", json.dumps(meta))
         return np.load(self.npy, mmap_mode="c")
 
     def discard(self):
@@ -102,37 +104,39 @@ class Rows:
 
 
 def _fallback_to_memory(npy, e, nbytes):
-    """A cache that cannot be written (read-only data folder, full disk): keep the images in memory this once,
-    if they fit in half of it; otherwise one clear error rather than swapping or being killed."""
+    """A cache that cannot be written (read-only data folder, full disk): keep the images in
+    memory this once, if they fit in half of it; else one clear error, not swapping or a kill."""
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):   # not POSIX: assume it fits
         ram = 2 * nbytes
     why = f"cannot write the cache {npy} ({e.strerror or e})"
     if nbytes > ram / 2:
-        raise DataError(f"{why}, and its {nbytes / 1e9:.1f} GB of images do not fit in memory; free disk space "
-                        f"there or make {os.path.dirname(npy)} writable")
-    print(f"warning: {why}; keeping the images in memory ({nbytes / 1e9:.1f} GB) and making them again next run",
-          file=sys.stderr)
+        raise DataError(f"{why}, and its {nbytes / 1e9:.1f} GB of images do not fit in memory; "
+                        f"free disk space there or make {os.path.dirname(npy)} writable")
+    print(f"warning: {why}; keeping the images in memory ({nbytes / 1e9:.1f} GB) and making them "
+          "again next run", file=sys.stderr)
 
 
 def _reserve(path, nbytes):
-    """Allocate the cache file's disk space now: a full disk is then one clear error up front, not a crash
-    (SIGBUS) when a memory-mapped page cannot be written later. Filesystems without fallocate are left sparse."""
+    """Allocate the cache file's disk space now: a full disk is then one clear error up front, not a
+    crash (SIGBUS) when a memory-mapped page cannot be written later. Without fallocate: sparse."""
     if hasattr(os, "posix_fallocate"):
         fd = os.open(path, os.O_RDWR)
         try:
             os.posix_fallocate(fd, 0, nbytes)
         except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):   # these: not supported here
-                raise OSError(e.errno, f"{e.strerror}: the cache needs {nbytes / 1e9:.1f} GB", path) from None
+            # EINVAL, EOPNOTSUPP, ENOSYS: fallocate is not supported here
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise OSError(e.errno, f"{e.strerror}: the cache needs {nbytes / 1e9:.1f} GB",
+                              path) from None
         finally:
             os.close(fd)
 
 
 def _npy_header(shape, length):
-    """A .npy version 1.0 header for uint8 C-order `shape`, padded with spaces to exactly `length` bytes (the
-    length of the header it replaces: the data stays where it is)."""
+    """A .npy version 1.0 header for uint8 C-order `shape`, padded with spaces to exactly `length`
+    bytes (the length of the header it replaces: the data stays where it is)."""
     text = repr({"descr": "|u1", "fortran_order": False, "shape": tuple(int(x) for x in shape)})
     text = text.ljust(length - 10 - 1) + "\n"
     if length > 65535 + 10 or len(text) != length - 10:
@@ -141,27 +145,28 @@ def _npy_header(shape, length):
 
 
 def _damaged_blocks(arr, meta):
-    """Indices of the blocks of rows whose CRC32 differs from the one stored when the cache was written.
+    """Indices of the blocks of rows whose CRC32 differs from the one stored with the cache.
 
-    Reads the whole array once (CRC32 runs at about 1 GB/s per core and zlib releases the GIL, so the blocks are
-    checked on several threads: disk speed is the limit for large caches)."""
+    Reads the whole array once, on several threads (zlib releases the GIL while it checksums)."""
     rows, crcs = meta["crc_rows"], meta["crc32"]
     if not isinstance(rows, int) or rows < 1 or len(crcs) != -(-len(arr) // rows):
         return [0]
     big = arr.nbytes > 1 << 31
     if big:
         t0 = time.time()
-        print(f"checking the cache ({arr.nbytes / 1e9:.1f} GB) against its checksums ...", file=sys.stderr)
+        print(f"checking the cache ({arr.nbytes / 1e9:.1f} GB) against its checksums ...",
+              file=sys.stderr)
     with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as ex:
-        same = list(ex.map(lambda i: zlib.crc32(arr[i * rows:(i + 1) * rows]) == crcs[i], range(len(crcs))))
+        same = list(ex.map(lambda i: zlib.crc32(arr[i * rows:(i + 1) * rows]) == crcs[i],
+                           range(len(crcs))))
     if big:
         print(f"checked in {time.time() - t0:.0f}s", file=sys.stderr)
     return [i for i, ok in enumerate(same) if not ok]
 
 
 def read_cache(npy, meta_path, expect):
-    """The cached array (memory-mapped) if its metadata matches `expect` and its checksums match its bytes, else
-    (None, None) after one warning line (a stale, truncated or damaged cache is rebuilt, never used)."""
+    """The cached array (memory-mapped) and its metadata if they match `expect` and the checksums,
+    else (None, None) after one warning line (a stale or damaged cache is rebuilt, never used)."""
     if not (os.path.isfile(npy) and os.path.isfile(meta_path)):
         return None, None
     why = "stale or damaged"
@@ -175,8 +180,8 @@ def read_cache(npy, meta_path, expect):
             bad = _damaged_blocks(arr, meta)
             if bad:
                 ok, r = False, meta["crc_rows"]
-                why = (f"damaged: checksum mismatch in {len(bad)} block(s) of {r} images, first images "
-                       f"{bad[0] * r}-{min((bad[0] + 1) * r, len(arr)) - 1}")
+                why = (f"damaged: checksum mismatch in {len(bad)} block(s) of {r} images, "
+                       f"first images {bad[0] * r}-{min((bad[0] + 1) * r, len(arr)) - 1}")
     except (OSError, ValueError, KeyError, TypeError):
         ok = False
     if not ok:
@@ -186,12 +191,14 @@ def read_cache(npy, meta_path, expect):
 
 
 def remove_dead_temps(cache_dir, prefix):
-    """Delete `prefix`*.ce-tmp<pid> files in the cache folder left by builds that were killed (their process is
-    gone): a half-built ImageNet cache is tens of GB. A live process's temp file (another DDP rank) is kept."""
+    """Delete `prefix`*.ce-tmp<pid> files left in the cache folder by killed builds (their
+    process is gone): a half-built ImageNet cache is large. A live process's file is kept (another
+    DDP rank's)."""
     with contextlib.suppress(OSError):
         for name in os.listdir(cache_dir):
             pid = name.rpartition(cli.TMP_SUFFIX)[2]
-            if name.startswith(prefix) and cli.TMP_SUFFIX in name and pid.isdigit() and int(pid) != os.getpid():
+            ours = name.startswith(prefix) and cli.TMP_SUFFIX in name
+            if ours and pid.isdigit() and int(pid) != os.getpid():
                 try:
                     os.kill(int(pid), 0)
                 except ProcessLookupError:
@@ -202,10 +209,11 @@ def remove_dead_temps(cache_dir, prefix):
 
 
 def files_key(files, size, root):
-    """A digest of the file list (relative paths, sizes, mtimes) and load size: a changed folder -> a new cache.
-    Paths are hashed as the file system's bytes (os.fsencode): names that are not valid UTF-8 are fine."""
+    """A digest of the file list (relative paths, sizes, mtimes) and load size: a changed folder ->
+    a new cache. Paths are hashed as the file system's bytes (os.fsencode), so any name works."""
     h = hashlib.sha1(f"v{CACHE_VERSION} size={size}\n".encode())
     for f in files:
         st = os.stat(f)
-        h.update(os.fsencode(os.path.relpath(f, root)) + f"\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        line = f"\t{st.st_size}\t{st.st_mtime_ns}\n".encode()
+        h.update(os.fsencode(os.path.relpath(f, root)) + line)
     return h.hexdigest()[:16]

@@ -1,10 +1,8 @@
-"""Pictures of the inpainting (Pathak et al., CVPR 2016, Fig. 4-5 style) and of training: no model and no metrics
-here, only drawing. Sample grids (masked | filled | original, titled columns) and the evolution GIF are written by
-ce_train.py during training (OUT/samples/step_*.png, OUT/evolution.gif); training curves by ce_train.py
-(OUT/curves.png), `ce_eval.py --plot` and ce_sweep.py, with short labels and a note naming each run's flags;
-ce_eval.py's --figure and --image use the grid, the hole outline and the figure notes.
+"""Pictures of the inpainting (paper Fig. 4-5 style) and of training, drawing only: sample grids
+(masked | filled | original) and the evolution GIF of ce_train.py, training curves for ce_train.py,
+`ce_eval.py --plot` and ce_sweep.py, and the hole outline of ce_eval.py's --figure and --image.
 
-    python -c "import torch; from ce_utils import figures as f; print(f.save_grid('grid.png', [torch.zeros(2, 3, 64, 64)] * 3))"
+    python -c "import ce_utils.figures as f; f.plot_curves(['runs/shapes'], 'curves.png')"
 """
 import io
 import json
@@ -17,24 +15,24 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 import ce_data
 from ce_utils import cli
 
-GRID_TITLES = ("masked", "filled", "original")  # save_grid's column titles when it is given 3 columns
+GRID_TITLES = ("masked", "filled", "original")  # save_grid's column titles for 3 columns
 TITLE_H = 20                 # px: the strip above a sample grid that names its columns
-GRID_INFO = "ce_title_h"     # PNG text keys: that strip's height (make_gif skips the strip) and its titles
+GRID_INFO = "ce_title_h"     # PNG text keys: that strip's height (make_gif skips it), its titles
 GRID_INFO_TITLES = "ce_titles"
-GRID_INFO_ROW = "ce_row_h"   # ... and the height of one row of images with its gap (the GIF keeps whole rows)
+GRID_INFO_ROW = "ce_row_h"   # ... and one row of images with its gap (the GIF keeps whole rows)
 GIF_STRIP_H = 22             # px: the dark strip above each GIF frame with the step number
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Sample grids
 
 def to_uint8(x):
-    """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3): de-normalised, so saved samples are not too dark."""
+    """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), de-normalised (samples are not too dark)."""
     return (ce_data.unit(x) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def font(size):
-    """Pillow's built-in font at `size` px; Pillow < 10.1 has only a fixed ~11 px bitmap font, used as is."""
+    """Pillow's built-in font at `size` px; Pillow < 10.1 has only a fixed ~11 px bitmap font."""
     try:
         return ImageFont.load_default(size=size)
     except TypeError:
@@ -47,30 +45,31 @@ def draw_centred(draw, xy, text, fnt, fill):
     try:
         left, _, right, _ = draw.textbbox((0, 0), text, font=fnt)
         _, top, _, bottom = draw.textbbox((0, 0), "Ag", font=fnt)
-    except (AttributeError, ValueError):  # Pillow < 9.2 measures only FreeType fonts: the bitmap one is 6 x 11 px
+    except (AttributeError, ValueError):  # Pillow < 9.2 measures only FreeType fonts: bitmap 6 x 11
         left, top, right, bottom = 0, 0, 6 * len(text), 11
     draw.text((xy[0] - (left + right) / 2, xy[1] - (top + bottom) / 2), text, font=fnt, fill=fill)
 
 
 def grid_body(columns, per_row=4, gap=4):
-    """uint8 (H, W, 3): each image's columns side by side, `per_row` images per row, white gaps between them."""
+    """uint8 (H, W, 3): each image's columns side by side, `per_row` images per row, white gaps."""
     from torchvision.utils import (
-        make_grid,  # imported here: importing torchvision takes seconds; only grids need it
+        make_grid,  # imported here: importing torchvision is slow; only grids need it
     )
-    tuples = torch.cat([ce_data.unit(c).cpu() for c in columns], dim=3)   # (N, 3, H, k*W): one image's tuple
+    # (N, 3, H, k*W): one image's tuple
+    tuples = torch.cat([ce_data.unit(c).cpu() for c in columns], dim=3)
     grid = make_grid(tuples, nrow=per_row, padding=gap, pad_value=1.0)
-    if len(tuples) > 1:  # make_grid also pads the outer border (and returns a lone image unpadded): crop it
+    if len(tuples) > 1:  # make_grid also pads the border (a lone image: unpadded): crop it
         grid = grid[:, gap:grid.shape[1] - gap, gap:grid.shape[2] - gap]
-    # the rounding of torchvision's save_image: x * 255 + 0.5, truncated; written here to add a title strip
+    # the rounding of torchvision's save_image: x * 255 + 0.5, truncated; here to add a title strip
     return grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def save_grid(path, columns, per_row=4, gap=4, titles=None):
-    """Save a PNG of image tuples: columns = [masked, filled, original, ...], each (N, 3, H, W) in [-1, 1].
+    """Save a PNG of image tuples: columns = [masked, filled, original, ...], each (N, 3, H, W).
 
-    Each image's tuple is laid out side by side; `per_row` tuples per row, white gaps between tuples. A strip on
-    top names the columns over every tuple: `titles` (default: masked | filled | original for 3 columns; () for
-    no strip).
+    Each image's tuple is laid out side by side; `per_row` tuples per row, white gaps between
+    tuples. A strip on top names the columns over every tuple: `titles` (default: masked | filled |
+    original for 3 columns; () for no strip).
     """
     body = grid_body(columns, per_row, gap)
     titles = (GRID_TITLES if len(columns) == 3 else ()) if titles is None else tuple(titles)
@@ -92,7 +91,7 @@ def save_grid(path, columns, per_row=4, gap=4, titles=None):
 
 
 def outline(images, mask, colour=(1.0, 1.0, -1.0)):
-    """Draw the 1-px border of each hole (hidden pixels next to a visible one) in yellow, for figures."""
+    """Draw the 1-px border of each hole (hidden pixels next to a visible one) in yellow."""
     hole = mask.float()
     edge = mask & (torch.nn.functional.max_pool2d(1 - hole, 3, stride=1, padding=1) > 0)
     out = images.clone()
@@ -101,7 +100,7 @@ def outline(images, mask, colour=(1.0, 1.0, -1.0)):
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Figures with notes under them, training curves
 
 def pyplot():
@@ -115,18 +114,19 @@ FOOT_PT = 7  # font size of the notes under a figure
 
 
 def note_lines(notes, width_in):
-    """`notes` (one per model) wrapped to a figure `width_in` inches wide, and the height in inches they need."""
-    chars = int(width_in * 72 / (FOOT_PT * 0.62))  # characters per line: an average glyph is ~0.6 of the font size
+    """`notes` (one per model) wrapped to a figure `width_in` inches wide, and their height (in)."""
+    # characters per line: an average glyph is ~0.6 of the font size
+    chars = int(width_in * 72 / (FOOT_PT * 0.62))
     lines = [ln for note in notes for ln in textwrap.wrap(note, chars, subsequent_indent="    ")]
     return lines, (len(lines) * FOOT_PT * 1.35 / 72 + 0.15 if lines else 0.0)
 
 
 def finish_figure(fig, path, lines=(), dpi=80):
-    """Write the note `lines` in the strip left free at the bottom of the laid-out figure, and save it as a PNG
-    (folders created, written atomically)."""
+    """Write the note `lines` in the strip left free at the bottom of the laid-out figure, and save
+    it as a PNG (folders created, written atomically)."""
     if lines:
-        fig.text(0.01, 0.06 / fig.get_size_inches()[1], "\n".join(lines), ha="left", va="bottom", fontsize=FOOT_PT,
-                 linespacing=1.35, family="monospace")
+        fig.text(0.01, 0.06 / fig.get_size_inches()[1], "\n".join(lines), ha="left", va="bottom",
+                 fontsize=FOOT_PT, linespacing=1.35, family="monospace")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     pyplot().close(fig)
@@ -141,11 +141,12 @@ def read_log(run):
     return [r for r in recs if "loss_rec" in r], [r for r in recs if "eval" in r]
 
 
-IGNORED_IN_LABELS = {"out", "resume", "device", "quick", "log_every", "eval_every", "compile", "data_root"}
+IGNORED_IN_LABELS = {"out", "resume", "device", "quick", "log_every", "eval_every", "compile",
+                     "data_root"}
 
 
 def run_args(path):
-    """The flags (args.json) of a run folder, or of the run folder holding checkpoint `path`; {} if unreadable."""
+    """The flags (args.json) of a run folder or of checkpoint `path`'s folder; {} if unreadable."""
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     try:
         with open(os.path.join(folder, "args.json")) as f:
@@ -155,7 +156,8 @@ def run_args(path):
 
 
 def ratio_label(a):
-    """'x1000' for lambda_rec / lambda_adv = 1000 (the seed report's sweep labels); None without both weights."""
+    """'x1000' for lambda_rec / lambda_adv = 1000 (the seed report's sweep labels); None without
+    both weights."""
     rec, adv = a.get("lam_rec"), a.get("lam_adv")
     if not isinstance(rec, (int, float)) or not isinstance(adv, (int, float)):
         return None
@@ -163,11 +165,11 @@ def ratio_label(a):
 
 
 def run_labels(paths, labels=None):
-    """Short labels of several runs (or checkpoints) for titles and legends, and one note per run naming it and
-    the flags in which the runs differ (args.json). Returns (labels, notes).
+    """Short labels of several runs (or checkpoints) for titles and legends, and one note per run
+    naming it and the flags in which the runs differ (args.json). Returns (labels, notes).
 
-    Labels: `labels` if given; else the ratio "x1000" when only lambda_rec/lambda_adv differ (a lambda sweep);
-    else "A", "B", ...  A single run is labelled by its folder name, with no note.
+    Labels: `labels` if given; else the ratio "x1000" when only lambda_rec/lambda_adv differ (a
+    lambda sweep); else "A", "B", ...  A single run is labelled by its folder name, with no note.
     Notes: "A = runs/a: lam_adv=0.01 width=32".
     """
     args = [run_args(p) for p in paths]
@@ -176,7 +178,8 @@ def run_labels(paths, labels=None):
     keys = sorted(k for k in set().union(*args) if k not in IGNORED_IN_LABELS
                   and len({json.dumps(a.get(k)) for a in args}) > 1)
     if labels is None:
-        labels = [ratio_label(a) for a in args] if keys and set(keys) <= {"lam_rec", "lam_adv"} else []
+        sweep = keys and set(keys) <= {"lam_rec", "lam_adv"}
+        labels = [ratio_label(a) for a in args] if sweep else []
         if None in labels or len(set(labels)) < len(paths):  # not a clean sweep: letters
             labels = [chr(ord("A") + i) if i < 26 else str(i + 1) for i in range(len(paths))]
     notes = []
@@ -190,13 +193,13 @@ MARKERS_UP_TO = 40  # series with at most this many points are drawn with a mark
 
 
 def plot_curves(runs, path, labels=None):
-    """Training curves of one or several runs, overlaid: losses, D outputs and held-out PSNR against step.
-
-    Legend: short labels (see run_labels); several runs: a note per run under the plot names its differing flags.
-    """
+    """Training curves of one or several runs, overlaid: losses, D outputs and held-out PSNR against
+    step. Legend: short labels (see run_labels); several runs: a note per run under the plot names
+    its differing flags."""
     plt = pyplot()
-    panels = [("loss_D", "loss_D"), ("loss_rec", "loss_rec (Eq. 1)"), ("loss_adv", "loss_adv (G, Eq. 2)"),
-              ("D_x", "D(x)"), ("D_G_x", "D(G(x))"), ("psnr", "held-out PSNR, hole (dB)")]
+    panels = [("loss_D", "loss_D"), ("loss_rec", "loss_rec (Eq. 1)"),
+              ("loss_adv", "loss_adv (G, Eq. 2)"), ("D_x", "D(x)"), ("D_G_x", "D(G(x))"),
+              ("psnr", "held-out PSNR, hole (dB)")]
     labels, notes = run_labels(runs, labels)
     lines, foot = note_lines(notes, 12)
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.5 + foot))
@@ -205,15 +208,15 @@ def plot_curves(runs, path, labels=None):
         for ax, (key, title) in zip(axes.flat, panels):
             recs = evals if key == "psnr" else train
             ys = [r["eval"]["psnr"] if key == "psnr" else r[key] for r in recs]
-            ax.plot([r["step"] for r in recs], ys, marker="o" if len(recs) <= MARKERS_UP_TO else None, ms=3,
-                    label=label)
+            ax.plot([r["step"] for r in recs], ys,
+                    marker="o" if len(recs) <= MARKERS_UP_TO else None, ms=3, label=label)
     for ax, (key, title) in zip(axes.flat, panels):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
-        ax.ticklabel_format(useOffset=False, style="plain")  # real values on the ticks, no "+1e4" offset
+        ax.ticklabel_format(useOffset=False, style="plain")  # real values on ticks, no "+1e4"
         ax.grid(alpha=0.3)
     axes[1, 2].legend(fontsize=8)
-    # A fixed layout in inches (tight_layout measures every tick label: it took 2/3 of a short test run)
+    # A fixed layout in inches: tight_layout, which measures every tick label, is slow
     left, right, top, bottom, gap = 0.7, 0.15, 0.35, 0.5 + foot, 0.75
     w, h = (12 - left - right - 2 * gap) / 3, (6.5 - 0.35 - 0.5 - gap) / 2
     fig.subplots_adjust(left=left / 12, right=1 - right / 12, top=1 - top / (6.5 + foot),
@@ -221,15 +224,15 @@ def plot_curves(runs, path, labels=None):
     return finish_figure(fig, path, lines, dpi=72)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # The evolution GIF
 
 def gif_frame(path, rows, scale):
-    """The first `rows` rows of one sample grid (its title strip skipped), scaled, with a dark strip on top that
-    names the step (and the columns): drawn after scaling, so the text stays legible."""
+    """The first `rows` rows of one sample grid (its title strip skipped), scaled, with a dark strip
+    on top that names the step (and the columns): drawn after scaling, so the text stays legible."""
     with Image.open(path) as src:
         top, titles = int(src.info.get(GRID_INFO, 0)), src.info.get(GRID_INFO_TITLES, "")
-        row = int(src.info.get(GRID_INFO_ROW, 128 + 4))     # 128 px images and 4 px gaps in older grids
+        row = int(src.info.get(GRID_INFO_ROW, 128 + 4))   # older grids: 128 px images, 4 px gaps
         im = src.convert("RGB")
     im = im.crop((0, top, im.width, min(im.height, top + rows * row - 4)))
     im = im.resize((int(im.width * scale), int(im.height * scale)), Image.BILINEAR)
@@ -242,8 +245,8 @@ def gif_frame(path, rows, scale):
 
 
 def make_gif(run, max_frames=20, rows=2, scale=0.5):
-    """OUT/evolution.gif: the first `rows` rows of each sample grid over training, at most `max_frames` frames.
-    None (nothing written) before the first sample grid."""
+    """OUT/evolution.gif: the first `rows` rows of each sample grid over training, at most
+    `max_frames` frames. None (nothing written) before the first sample grid."""
     folder = os.path.join(run, "samples")
     names = sorted(f for f in (os.listdir(folder) if os.path.isdir(folder) else ())
                    if f.startswith("step_") and f.endswith(".png"))
@@ -251,8 +254,9 @@ def make_gif(run, max_frames=20, rows=2, scale=0.5):
         return None
     k = min(max_frames, len(names))  # evenly spaced frames, first and last included
     pick = sorted({round(i * (len(names) - 1) / max(k - 1, 1)) for i in range(k)})
-    frames = [gif_frame(os.path.join(run, "samples", names[i]), rows, scale).quantize(colors=128) for i in pick]
+    frames = [gif_frame(os.path.join(run, "samples", names[i]), rows, scale).quantize(colors=128)
+              for i in pick]
     path = os.path.join(run, "evolution.gif")
-    cli.atomic_write(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
-                                                       duration=400, loop=0))
+    cli.atomic_write(path, lambda f: frames[0].save(f, format="GIF", save_all=True,
+                                                    append_images=frames[1:], duration=400, loop=0))
     return path

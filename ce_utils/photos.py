@@ -1,9 +1,8 @@
-"""A user's photo for `ce_eval.py --image`, the image side only (no model; ce_eval.py's inpaint_photo and
-run_images put it through the network): the files and folders given, each with a unique output name; the central
-square the model sees; a user's own mask (white = hole) cropped and scaled exactly as the photo; and the result
-pasted back into the photo at its own size, every pixel outside the hole kept bit for bit.
+"""The image side of `ce_eval.py --image` (no model): the photos given, each with a unique output
+name; the central square the model sees; a user's mask (white = hole) cropped and scaled as the
+photo; and the result pasted back at the photo's size, every pixel outside the hole kept exactly.
 
-    python -c "import PIL.Image; from ce_utils import photos; print(photos.photo_square(PIL.Image.new('RGB', (640, 480)))[1])"
+    python ce_eval.py --ckpt runs/shapes/best.pt --image photo.jpg   # inpainted/photo_full.png
 """
 import collections
 import os
@@ -15,14 +14,15 @@ from PIL import Image
 
 from ce_utils import cli, datasets
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Inputs, the square the model sees, the result pasted back at full size.
 
 def photo_inputs(paths):
     """Files and folders given to --image -> (image files, a unique output name for each, problems).
 
-    A folder contributes its image files (recursively, as datasets.list_images); a folder without any is a problem.
-    Two inputs with one stem (a/x.jpg, b/x.png) get names x-1, x-2 (one note line), never one file over another.
+    A folder contributes its image files (recursively, as datasets.list_images); a folder without
+    any is a problem. Two inputs with one stem (a/x.jpg, b/x.png) get names x-1, x-2 (one note
+    line), never one file over another.
     """
     files, bad = [], []
     for p in paths:
@@ -50,46 +50,49 @@ def photo_inputs(paths):
         taken.add(f"{stem}-{k}")
         names.append(f"{stem}-{k}")
     if clashes:
-        print(f"note: {sum(count[s] for s in clashes)} inputs share a name ({', '.join(sorted(clashes))}); "
-              "their outputs are numbered in the order given: NAME-1_*, NAME-2_*, ...", file=sys.stderr)
+        print(f"note: {sum(count[s] for s in clashes)} inputs share a name "
+              f"({', '.join(sorted(clashes))}); their outputs are numbered in the order given: "
+              "NAME-1_*, NAME-2_*, ...", file=sys.stderr)
     return files, names, bad
 
 
 def photo_square(im, size=128):
-    """The model's view of a photo: its central square, scaled to size x size. Returns (uint8 (size, size, 3),
-    (left, top, side) of that square in the photo)."""
+    """The model's view of a photo: its central square, scaled to size x size. Returns
+    (uint8 (size, size, 3), (left, top, side) of that square in the photo)."""
     left, top, side = datasets.center_square(*im.size)
     crop = im.crop((left, top, left + side, top + side))
-    return np.asarray(crop.resize((size, size), Image.BICUBIC) if side != size else crop), (left, top, side)
+    if side != size:
+        crop = crop.resize((size, size), Image.BICUBIC)
+    return np.asarray(crop), (left, top, side)
 
 
 def paste_full(im, filled, square, hole):
-    """The photo at its own size with only the hole replaced: the hole [a, b)^2 of the filled size x size image
-    (uint8), scaled back to the square's scale and pasted; every other pixel of `im` is kept bit for bit.
-    Returns (image, (x, y, side) of the replaced square in the photo)."""
+    """The photo at its own size with only the hole replaced: the hole [a, b)^2 of the filled
+    size x size image (uint8), scaled back to the square's scale and pasted; every other pixel of
+    `im` is kept bit for bit. Returns (image, (x, y, side) of the replaced square in the photo)."""
     left, top, side = square
     scale = side / filled.shape[0]
     a, b = round(hole[0] * scale), round(hole[1] * scale)
-    # the destination pixels a..b-1 of the square cover exactly [a / scale, b / scale) of the small image
-    patch = Image.fromarray(filled).resize((b - a, b - a), Image.BICUBIC, box=(a / scale, a / scale,
-                                                                              b / scale, b / scale))
+    # the destination pixels a..b-1 of the square cover exactly [a / scale, b / scale) of `filled`
+    box = (a / scale, a / scale, b / scale, b / scale)
+    patch = Image.fromarray(filled).resize((b - a, b - a), Image.BICUBIC, box=box)
     out = im.copy()
     out.paste(patch, (left + a, top + a))
     return out, (left + a, top + a, b - a)
 
 
 def shown(path):
-    """A path as printable text: bytes that are not UTF-8 (kept by Python as surrogates) shown as U+FFFD."""
+    """A path as printable text: bytes that are not UTF-8 (Python's surrogates) shown as U+FFFD."""
     return os.fsencode(path).decode("utf-8", "replace")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # A user's own hole (--mask MASK.png), for models trained with random masks.
 
 def read_user_mask(path, photo, square, size):
-    """A user's mask image (white = hole) -> (1, 1, size, size) bool, cropped and scaled exactly as the photo: a
-    mask of another size is first scaled to the photo's size. One-line errors for an unreadable, empty or all-hole
-    mask."""
+    """A user's mask image (white = hole) -> (1, 1, size, size) bool, cropped and scaled exactly as
+    the photo: a mask of another size is first scaled to the photo's size. One-line errors for an
+    unreadable, empty or all-hole mask."""
     m = datasets.read_rgb(path).convert("L")
     if m.size != photo.size:
         m = m.resize(photo.size, Image.NEAREST)
@@ -97,19 +100,21 @@ def read_user_mask(path, photo, square, size):
     m = m.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
     hole = torch.from_numpy(np.asarray(m) > 127)[None, None]
     if not hole.any():
-        raise cli.DataError(f"{path}: no hole in the photo's central square (white = hole, black = keep); "
-                               "draw the region to fill in white")
+        raise cli.DataError(f"{path}: no hole in the photo's central square (white = hole, "
+                            "black = keep); draw the region to fill in white")
     if hole.all():
-        raise cli.DataError(f"{path}: the whole central square is a hole; leave some context (black) to fill from")
+        raise cli.DataError(f"{path}: the whole central square is a hole; leave some context "
+                            "(black) to fill from")
     return hole
 
 
 def paste_full_mask(photo, filled, square, hole):
-    """The photo at its own size with only the hidden pixels replaced: the size x size prediction and mask scaled
-    back to the square (bicubic, nearest); every other pixel of the photo is kept bit for bit."""
+    """The photo at its own size with only the hidden pixels replaced: the size x size prediction
+    and mask scaled back to the square (bicubic, nearest); every other pixel is kept bit for bit."""
     left, top, side = square
     big = np.asarray(Image.fromarray(filled).resize((side, side), Image.BICUBIC))
-    keep = np.asarray(Image.fromarray(hole[0, 0].cpu().numpy()).resize((side, side), Image.NEAREST))
+    small = Image.fromarray(hole[0, 0].cpu().numpy())
+    keep = np.asarray(small.resize((side, side), Image.NEAREST))
     out = np.array(photo)
     region = out[top:top + side, left:left + side]
     region[keep] = big[keep]

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 
 import torch
@@ -63,8 +62,8 @@ class RunState:
         if what:
             good = (f"Last good checkpoint: {self.last_good} (left intact); resume from it with another --seed"
                     if self.last_good else "Last good checkpoint: none (this run has written none)")
-            sys.exit(f"error: {what}; training stopped without saving. {good}. Try a lower --lr-g/--lr-d or "
-                     "--lam-adv.")
+            raise cli.UserError(f"{what}; training stopped without saving. {good}. Try a lower "
+                                "--lr-g/--lr-d or --lam-adv.")
 
 
 def rng_state():
@@ -81,11 +80,10 @@ def save(path, nets, args, run, epoch):
         "rng": rng_state(), "versions": {"torch": str(torch.__version__), "python": platform.python_version()}})
 
 
-def resume(args, nets, run, device, master, total):
+def resume(args, state, nets, run, device, master, total):
     """Take up a run where its checkpoint left it: weights, optimisers, run state, RNG; the log rewound to it.
     --steps counts in total. Other data or another run folder (fine-tuning, a branch): best PSNR and the last good
     checkpoint start afresh there, so that NEW/best.pt is written and named."""
-    state = checkpoints.read_checkpoint(args.resume, resume=True)
     checkpoints.load_weights(nets, state)
     run.load_state_dict(state)
     torch.set_rng_state(state["rng"]["torch"])
@@ -129,7 +127,7 @@ def announce(args, world, n_train, n_val, G, D, total):
               "--bottleneck 4000 --batch-size 64")
     q, alexnet = config.CPU_QUICK, args.arch == "alexnet"
     if on_cpu and (alexnet or args.width > q["width"] or args.bottleneck > q["bottleneck"]):
-        sec = cpu_step_seconds(G, D if args.lam_adv > 0 else None, args.batch_size, ce_model.INPUT_SIZE[args.arch])
+        sec = cpu_step_seconds(G, D if args.lam_adv > 0 else None, args.batch_size, ce_model.input_size(args))
         if not alexnet:
             smaller = f"; the CPU quick-start network is --width {q['width']} --bottleneck {q['bottleneck']} " \
                       f"--batch-size {q['batch_size']}"

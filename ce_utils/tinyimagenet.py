@@ -1,36 +1,34 @@
-"""Tiny ImageNet for --data tiny (200 classes, 64x64 px; 100,000 train, 10,000 val images): found under
-DATA_ROOT/tiny-imagenet-200, or downloaded on first use with a progress line (resumed after an interruption; size
-and MD5 checked against the published archive; CE_TINY_URL to fetch it from elsewhere), its zip checked (CRCs) and
-extracted atomically. ce_utils/datasets.py lists and decodes the images from there.
+"""Tiny ImageNet for --data tiny (200 classes, 64x64 px; 100,000 train, 10,000 val images): found
+under DATA_ROOT/tiny-imagenet-200 (or DATA_ROOT itself), or downloaded on first use with a progress
+line (resumed after an interruption; size and MD5 checked against the published archive;
+CE_TINY_URL to fetch it from elsewhere), its zip checked (CRCs) and extracted atomically.
+ce_utils/datasets.py lists and decodes the images from there.
 
-    python -c "from ce_utils import tinyimagenet; print(tinyimagenet.ensure_tiny('data'))"     # downloads 248 MB on first use
+    python -c "from ce_utils import tinyimagenet as t; print(t.ensure_tiny('data'))"  # 248 MB once
 """
 import hashlib
 import http.client
 import os
 import shutil
 import sys
-import time
 import urllib.error
 import urllib.request
 import zipfile
 
+from ce_utils import progress
 from ce_utils.cli import DataError
 
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_MD5, TINY_SIZE = "90528d7ca1a48142e341f4ef8d21d0de", 248_100_043   # published with the archive
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Tiny ImageNet: find, or download + check + extract.
 
 def download(url, dest, check=None):
-    """Download `url` to `dest` via `dest.part` with a progress display; rename only when complete (and when
-    `check(part)`, if given, has not raised).
-
-    A `.part` left by an interrupted run is resumed with an HTTP Range request where the server allows it,
-    otherwise started again. A finished archive is never confused with a partial one.
-    """
+    """Download `url` to `dest` via `dest.part` with a progress line; rename it only when complete
+    (and when `check(part)`, if given, has not raised). A `.part` left by an interrupted run is
+    resumed with an HTTP Range request where the server allows it, otherwise started again."""
     part = dest + ".part"
     have = os.path.getsize(part) if os.path.exists(part) else 0
     req = urllib.request.Request(url, headers={"User-Agent": "context-encoder"})
@@ -44,7 +42,6 @@ def download(url, dest, check=None):
         total = done = have
     else:
         total, done = _fetch(r, url, part, have)
-    print(file=sys.stderr)
     if total and done != total:
         raise DataError(f"{url}: download stopped at {done} of {total} bytes; run again to resume")
     if check is not None:
@@ -53,12 +50,14 @@ def download(url, dest, check=None):
 
 
 def _fetch(r, url, part, have):
-    """Write the response `r` to `part` (appended if the server resumed at byte `have`); (expected, got) bytes."""
+    """Write the response `r` to `part` (appended if the server resumed at byte `have`);
+    returns (expected, got) bytes."""
     with r:
         resumed = have and getattr(r, "status", 200) == 206
         total = int(r.headers.get("Content-Length") or 0) + (have if resumed else 0)
         done = have if resumed else 0
-        t0, last = time.time(), 0.0
+        show = progress.Progress(total or None, f"downloading {url}", "MB", "MB/s", scale=1e6,
+                                 start=done)
         with open(part, "ab" if resumed else "wb") as f:
             while True:
                 chunk = r.read(1 << 20)
@@ -66,68 +65,84 @@ def _fetch(r, url, part, have):
                     break
                 f.write(chunk)
                 done += len(chunk)
-                if time.time() - last > 0.5:
-                    last = time.time()
-                    pct = f"{100 * done / total:.0f}% of {total / 1e6:.0f} MB" if total else f"{done / 1e6:.0f} MB"
-                    rate = (done - (have if resumed else 0)) / max(last - t0, 1e-9) / 1e6
-                    print(f"\rdownloading {url}: {pct} ({rate:.1f} MB/s)   ", end="", file=sys.stderr, flush=True)
+                show(done)
+        show(done, final=True)
     return total, done
 
 
 def _check_published(part):
-    """The default URL's download must be the published archive: TINY_SIZE bytes with MD5 TINY_MD5 (zip CRCs
-    alone would pass a re-packed or different archive). A short file is kept to resume; a wrong one deleted."""
+    """The default URL's download must be the published archive: TINY_SIZE bytes with MD5 TINY_MD5
+    (zip CRCs alone would pass a re-packed archive). A short file is kept to resume; a wrong one
+    deleted."""
     size = os.path.getsize(part)
     if size < TINY_SIZE:
-        raise DataError(f"{part}: {size:,} bytes of the {TINY_SIZE:,} of {TINY_URL}; run again to resume")
+        raise DataError(f"{part}: {size:,} bytes of the {TINY_SIZE:,} of {TINY_URL}; run again to "
+                        "resume")
     h = hashlib.md5(usedforsecurity=False)   # a checksum, not security
     with open(part, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     if size != TINY_SIZE or h.hexdigest() != TINY_MD5:
         os.remove(part)
-        raise DataError(f"{part}: not the published Tiny ImageNet archive ({size:,} bytes, MD5 {h.hexdigest()}; "
-                        f"expected {TINY_SIZE:,} bytes, MD5 {TINY_MD5}); deleted it: run again to download it "
-                        f"again, or fetch {TINY_URL} by hand, check its MD5 and put it in {os.path.dirname(part)}")
+        raise DataError(f"{part}: not the published Tiny ImageNet archive ({size:,} bytes, MD5 "
+                        f"{h.hexdigest()}; expected {TINY_SIZE:,} bytes, MD5 {TINY_MD5}); deleted "
+                        f"it: run again to download it again, or fetch {TINY_URL} by hand, check "
+                        f"its MD5 and put it in {os.path.dirname(part)}")
 
 
 def _check_zip(path):
-    """Raise DataError unless `path` is a complete zip holding tiny-imagenet-200/train/ (CRCs checked)."""
+    """Raise DataError unless `path` is a complete zip holding tiny-imagenet-200/train/ (CRCs)."""
     hint = ("delete it and run again to download it, or place tiny-imagenet-200.zip (from "
             f"{TINY_URL}) in that folder by hand")
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
             if not any(n.startswith("tiny-imagenet-200/train/") for n in names):
-                raise DataError(f"{path}: not a Tiny ImageNet archive (no tiny-imagenet-200/train/ in it); {hint}")
+                raise DataError(f"{path}: not a Tiny ImageNet archive (no tiny-imagenet-200/train/ "
+                                f"in it); {hint}")
             bad = z.testzip()
             if bad is not None:
                 raise DataError(f"{path}: archive is corrupt (bad CRC in {bad}); {hint}")
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise DataError(f"{path}: not a readable zip archive ({e}); it may be truncated; {hint}") from None
+        raise DataError(f"{path}: not a readable zip archive ({e}); it may be truncated; "
+                        f"{hint}") from None
 
 
-def ensure_tiny(root, url=None):
-    """Return DIR/tiny-imagenet-200, extracting DIR/tiny-imagenet-200.zip or downloading it first if needed."""
-    url = url or os.environ.get("CE_TINY_URL") or TINY_URL
+def find_tiny(root):
+    """The extracted Tiny ImageNet folder: DIR/tiny-imagenet-200, or DIR itself when it holds
+    train/ and val/val_annotations.txt; None when neither is there."""
     target = os.path.join(root, "tiny-imagenet-200")
     if os.path.isdir(os.path.join(target, "train")):
         return target
+    if (os.path.isdir(os.path.join(root, "train"))
+            and os.path.isfile(os.path.join(root, "val", "val_annotations.txt"))):
+        return root
+    return None
+
+
+def ensure_tiny(root, url=None):
+    """find_tiny(root), extracting DIR/tiny-imagenet-200.zip, or downloading it first, if needed."""
+    url = url or os.environ.get("CE_TINY_URL") or TINY_URL
+    found = find_tiny(root) if os.path.isdir(root) else None
+    if found:
+        return found
+    target = os.path.join(root, "tiny-imagenet-200")
     os.makedirs(root, exist_ok=True)
     archive = os.path.join(root, "tiny-imagenet-200.zip")
     if not os.path.isfile(archive):
-        try:   # the published checksum applies to the published URL (CE_TINY_URL may serve any archive)
+        try:   # the published checksum applies to the published URL (CE_TINY_URL may serve any zip)
             download(url, archive, _check_published if url == TINY_URL else None)
-        except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeouts, cut connections
-            raise DataError(f"could not download Tiny ImageNet from {url} ({type(e).__name__}: {e}); run again to "
-                            f"resume, or download it by hand and put tiny-imagenet-200.zip (or its extracted "
-                            f"tiny-imagenet-200/ folder) in {root}") from None
+        except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeouts, cuts
+            raise DataError(f"could not download Tiny ImageNet from {url} ({type(e).__name__}: "
+                            f"{e}); run again to resume, or download it by hand and put "
+                            "tiny-imagenet-200.zip (or its extracted tiny-imagenet-200/ folder) in "
+                            f"{root}") from None
     _check_zip(archive)
     tmp = os.path.join(root, ".tiny-imagenet-200.extracting")
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"extracting {archive} ...", file=sys.stderr)
     with zipfile.ZipFile(archive) as z:
-        z.extractall(tmp)   # zipfile drops absolute paths and '..' parts, so nothing lands outside tmp
-    os.replace(os.path.join(tmp, "tiny-imagenet-200"), target)  # atomic: a half extraction is never used
+        z.extractall(tmp)   # zipfile drops absolute paths and '..' parts: nothing lands outside tmp
+    os.replace(os.path.join(tmp, "tiny-imagenet-200"), target)  # atomic: never half extracted
     shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -9,15 +9,15 @@ import torch
 from conftest import TINY
 
 import ce_train
-from ce_utils import cli, config
+from ce_utils import accel, cli
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def test_flag_is_off_on_a_cpu_and_refused_when_asked_for(tmp_path, capsys):
-    assert config.parse_args(["--device", "cpu", "--out", str(tmp_path / "a")]).cuda_graph is False
+    assert ce_train.parse_args(["--device", "cpu", "--out", str(tmp_path / "a")]).cuda_graph is False
     with pytest.raises(SystemExit) as e:
-        config.parse_args(["--device", "cpu", "--cuda-graph", "--out", str(tmp_path / "b")])
+        ce_train.parse_args(["--device", "cpu", "--cuda-graph", "--out", str(tmp_path / "b")])
     assert e.value.code == 2 and "--cuda-graph needs a CUDA device" in capsys.readouterr().err
 
 
@@ -65,7 +65,7 @@ def test_gradients_take_their_parameters_strides_along_size_one_dimensions():
         torch.manual_seed(0)
         w = torch.nn.Parameter(torch.zeros(2, 1, 100))
         if hook:
-            ce_train.match_grad_strides([w])
+            accel.match_grad_strides([w])
         torch.bmm(torch.rand(10, 2, 100).transpose(0, 1), w.transpose(1, 2)).sum().backward()
         return w.stride(), w.grad.stride(), w.grad
     stride, before, g0 = grad_strides(False)
@@ -88,7 +88,7 @@ def test_a_failed_capture_says_how_to_train_without_the_graph(monkeypatch):
     for name, value in (("Stream", Stream), ("current_stream", Stream), ("CUDAGraph", object), ("graph", capture),
                         ("stream", lambda s: contextlib.nullcontext())):
         monkeypatch.setattr(torch.cuda, name, value)
-    step = ce_train.cuda_graphed(lambda x: x + 1, warmup=1)
+    step = accel.cuda_graphed(lambda x: x + 1, warmup=1)
     assert step(torch.zeros(2)).tolist() == [1.0, 1.0]               # the warm-up step runs as usual
     with pytest.raises(RuntimeError) as e:
         step(torch.zeros(2))
@@ -101,14 +101,16 @@ def losses(graph, mask, eager_like_graph=True, steps=20):
     those of an ungraphed run. cudnn is made deterministic, so that only the graph can make a difference."""
     torch.manual_seed(0)
     like = graph or eager_like_graph
-    t = config.default_args(device="cuda", width=16, bottleneck=64, mask=mask, cuda_graph=like)
+    t = ce_train.default_args(device="cuda", width=16, bottleneck=64, mask=mask, cuda_graph=like)
     hw = cli.Hardware("cuda", "auto", None, like)
     torch.backends.cudnn.benchmark = False          # Hardware turns autotuning on; the fixture restores it
-    G, D, optG, optD, W = ce_train.build_training(t, hw)
-    draw_numbers, cut_holes = ce_train.make_masker(t, W)
-    step = ce_train.masked_step(ce_train.make_train_step(G, D, optG, optD, W, t, hw.ctx), cut_holes)
+    m = ce_train.build_training(t, hw)
+    G, draw_numbers = m.G, accel.mask_numbers_ahead(t)
+
+    def step(real, *numbers):
+        return ce_train.train_step(real, numbers, m, t)
     if graph:
-        step = ce_train.cuda_graphed(step)                # the masks are built in the graph too
+        step = accel.cuda_graphed(step)                   # the masks are built in the graph too
     gen, rows = torch.Generator(device="cuda").manual_seed(1), []
     for k in range(steps):
         real = (torch.rand(16, 3, 128, 128, generator=gen, device="cuda") * 2 - 1).contiguous(
@@ -193,14 +195,14 @@ def test_streamed_batches_reach_the_gpu_and_feed_a_captured_step():
     import ce_data
     from ce_utils import synthetic
     imgs = synthetic.make_shapes(24, seed=4, size=144)
-    res = ce_data.Batches(imgs, 4, "cuda", seed=1, resident=True)
-    st = ce_data.Batches(imgs, 4, "cuda", seed=1, resident=False)
+    res = ce_data.Batches(imgs, 4, "cuda", seed=1)
+    st = accel.StreamedBatches(imgs, 4, "cuda", seed=1)
     assert st.streaming
 
     def energy(x):
         return x.square().mean(dim=(1, 2, 3))
-    graphed = ce_train.cuda_graphed(energy)
-    for step in range(ce_train.GRAPH_WARMUP + 4):                  # eager, captured, then replayed
+    graphed = accel.cuda_graphed(energy)
+    for step in range(accel.GRAPH_WARMUP + 4):                  # eager, captured, then replayed
         x = st.get(step)
         assert torch.equal(x, res.get(step))
         assert torch.equal(graphed(x), energy(x))

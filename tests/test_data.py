@@ -1,4 +1,5 @@
-"""Datasets: Tiny ImageNet from a zip served by file://, messy folders, the uint8 cache, device batches."""
+"""Datasets: Tiny ImageNet from a zip served by file://, messy folders, the uint8 cache, device
+batches."""
 import http.server
 import io
 import os
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 import ce_data
-from ce_utils import cli, datasets, synthetic
+from ce_utils import accel, cli, datasets, synthetic
 
 
 def jpeg_bytes(color=(200, 30, 30), size=(64, 64), mode="RGB"):
@@ -21,7 +22,8 @@ def jpeg_bytes(color=(200, 30, 30), size=(64, 64), mode="RGB"):
 
 
 def make_tiny_zip(path, n_classes=2, per_class=3, n_val=4):
-    """A zip in the official Tiny ImageNet layout (wnids, words, train/<wnid>/images, val annotations, test)."""
+    """A zip in the official Tiny ImageNet layout (wnids, words, train/<wnid>/images, val
+    annotations, test)."""
     wnids = [f"n{i:08d}" for i in range(n_classes)]
     with zipfile.ZipFile(path, "w") as z:
         r = "tiny-imagenet-200/"
@@ -49,7 +51,8 @@ def test_tiny_download_check_extract_and_cache(tmp_path, monkeypatch):
     train = datasets.load_split("tiny", str(root), "train")
     assert train.shape == (6, 128, 128, 3) and train.dtype == np.uint8
     assert (root / "tiny-imagenet-200" / "train").is_dir()
-    assert not (root / "tiny-imagenet-200.zip.part").exists()  # the stale part was replaced, then renamed
+    # the stale part was replaced, then renamed
+    assert not (root / "tiny-imagenet-200.zip.part").exists()
     assert zipfile.is_zipfile(root / "tiny-imagenet-200.zip")
     val = datasets.load_split("tiny", str(root), "val")
     test = datasets.load_split("tiny", str(root), "test")
@@ -73,7 +76,8 @@ class FlakyServer(http.server.BaseHTTPRequestHandler):
         self.send_response(206 if rng else 200)
         self.send_header("Content-Length", str(len(body)))
         if rng:
-            self.send_header("Content-Range", f"bytes {start}-{len(FlakyServer.data) - 1}/{len(FlakyServer.data)}")
+            n = len(FlakyServer.data)
+            self.send_header("Content-Range", f"bytes {start}-{n - 1}/{n}")
         self.end_headers()
         if FlakyServer.cut:
             FlakyServer.cut = False
@@ -90,14 +94,15 @@ def test_download_cut_half_way_then_resumed(tmp_path, monkeypatch):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FlakyServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        monkeypatch.setenv("CE_TINY_URL", f"http://127.0.0.1:{server.server_address[1]}/tiny-imagenet-200.zip")
+        url = f"http://127.0.0.1:{server.server_address[1]}/tiny-imagenet-200.zip"
+        monkeypatch.setenv("CE_TINY_URL", url)
         root = tmp_path / "data"                  # does not exist yet: created for Tiny ImageNet
         with pytest.raises(cli.DataError, match="run again to resume"):
             datasets.load_split("tiny", str(root), "train")
         part = root / "tiny-imagenet-200.zip.part"
         half = len(FlakyServer.data) // 2
         assert part.stat().st_size == half and not (root / "tiny-imagenet-200.zip").exists()
-        train = datasets.load_split("tiny", str(root), "train")       # the next run resumes from byte `half`
+        train = datasets.load_split("tiny", str(root), "train")   # the next run resumes at `half`
         assert FlakyServer.ranges == [None, f"bytes={half}-"]
         assert train.shape == (6, 128, 128, 3) and not part.exists()
         assert (root / "tiny-imagenet-200.zip").read_bytes() == FlakyServer.data
@@ -106,7 +111,8 @@ def test_download_cut_half_way_then_resumed(tmp_path, monkeypatch):
 
 
 def test_tiny_offline_is_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("CE_TINY_URL", "http://127.0.0.1:9/tiny-imagenet-200.zip")  # nothing listens on port 9
+    # nothing listens on port 9
+    monkeypatch.setenv("CE_TINY_URL", "http://127.0.0.1:9/tiny-imagenet-200.zip")
     with pytest.raises(cli.DataError, match="could not download.*by hand"):
         datasets.load_split("tiny", str(tmp_path), "train")
     assert not (tmp_path / "tiny-imagenet-200.zip").exists()
@@ -115,7 +121,8 @@ def test_tiny_offline_is_one_clear_error(tmp_path, monkeypatch):
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "not-tiny"])
 def test_bad_tiny_archive(tmp_path, damage):
     good = make_tiny_zip(tmp_path / "good.zip").read_bytes()
-    bad = {"garbage": b"<html>404</html>", "truncated": good[: len(good) // 2], "not-tiny": None}[damage]
+    bad = {"garbage": b"<html>404</html>", "truncated": good[: len(good) // 2],
+           "not-tiny": None}[damage]
     arc = tmp_path / "tiny-imagenet-200.zip"
     if bad is None:
         with zipfile.ZipFile(arc, "w") as z:
@@ -124,7 +131,8 @@ def test_bad_tiny_archive(tmp_path, damage):
         arc.write_bytes(bad)
     with pytest.raises(cli.DataError, match="tiny-imagenet-200.zip"):
         datasets.load_split("tiny", str(tmp_path), "train")
-    assert not (tmp_path / "tiny-imagenet-200").exists()  # nothing half-extracted is left to be mistaken
+    # nothing half-extracted is left to be mistaken for the data
+    assert not (tmp_path / "tiny-imagenet-200").exists()
 
 
 def make_messy_folder(root):
@@ -135,7 +143,8 @@ def make_messy_folder(root):
     rgba = Image.new("RGBA", (130, 130), (0, 0, 255, 255))
     rgba.putpixel((0, 0), (0, 0, 0, 0))
     rgba.save(root / "sub" / "rgba.png")
-    Image.new("RGB", (140, 140), (0, 200, 0)).convert("P", palette=Image.ADAPTIVE).save(root / "sub" / "palette.gif")
+    palette = Image.new("RGB", (140, 140), (0, 200, 0)).convert("P", palette=Image.ADAPTIVE)
+    palette.save(root / "sub" / "palette.gif")
     Image.fromarray(np.full((140, 140), 65535, np.uint16)).save(root / "deep16.png")
     Image.new("CMYK", (140, 140), (0, 255, 255, 0)).save(root / "cmyk.jpg")  # CMYK red
     Image.new("RGB", (40, 30), (9, 9, 9)).save(root / "small.png")            # upsampled, counted
@@ -176,16 +185,20 @@ def test_folder_split_cache_and_stale_cache(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "skipped 3 unreadable" in err and "upsampled" in err and "ignored 1 file" in err
     assert len(train) + len(val) == 37 and len(val) >= 1
-    assert np.array_equal(datasets.load_split("folder", str(root), "val"), val)   # deterministic split
+    # deterministic split
+    assert np.array_equal(datasets.load_split("folder", str(root), "val"), val)
     # a new file changes the file list: the cache is rebuilt, never silently reused
     Image.new("RGB", (128, 128), (1, 2, 3)).save(root / "new.png")
-    assert len(datasets.load_split("folder", str(root), "train")) + len(datasets.load_split("folder", str(root), "val")) == 38
+    sizes = [len(datasets.load_split("folder", str(root), s)) for s in ("train", "val")]
+    assert sum(sizes) == 38
     # a damaged cache file (wrong size) is detected and rebuilt
-    cache = [p for p in (root / ".ce_cache").iterdir() if p.name.startswith("folder-train") and p.suffix == ".npy"]
+    cache = [p for p in (root / ".ce_cache").iterdir()
+             if p.name.startswith("folder-train") and p.suffix == ".npy"]
     assert len(cache) == 1                                        # the stale one was removed
     cache[0].write_bytes(cache[0].read_bytes()[:1000])
     again = datasets.load_split("folder", str(root), "train")
-    assert "stale or damaged" in capsys.readouterr().err and len(again) == len(train) + (len(again) - len(train))
+    assert "stale or damaged" in capsys.readouterr().err
+    assert len(again) == len(train) + (len(again) - len(train))
     assert again.shape[1:] == (128, 128, 3) and len(again) >= len(train)
 
 
@@ -193,8 +206,9 @@ def test_imagenet_layout_and_errors(tmp_path):
     for split in ("train/n01", "train/n02", "val/n01"):
         os.makedirs(tmp_path / "inet" / split)
         Image.new("RGB", (150, 130), (5, 6, 7)).save(tmp_path / "inet" / split / "a.JPEG")
-    assert datasets.load_split("imagenet", str(tmp_path / "inet"), "train").shape == (2, 128, 128, 3)
-    assert datasets.load_split("imagenet", str(tmp_path / "inet"), "val").shape == (1, 128, 128, 3)
+    inet = str(tmp_path / "inet")
+    assert datasets.load_split("imagenet", inet, "train").shape == (2, 128, 128, 3)
+    assert datasets.load_split("imagenet", inet, "val").shape == (1, 128, 128, 3)
     with pytest.raises(cli.DataError, match="does not exist"):
         datasets.load_split("folder", str(tmp_path / "nowhere"), "train")
     os.makedirs(tmp_path / "empty")
@@ -208,16 +222,21 @@ def test_imagenet_layout_and_errors(tmp_path):
 def test_shapes_deterministic_and_cached(tmp_path):
     a = synthetic.make_shapes(5, seed=1)
     assert a.shape == (5, 128, 128, 3) and a.dtype == np.uint8
-    assert np.array_equal(a, synthetic.make_shapes(5, seed=1)) and not np.array_equal(a, synthetic.make_shapes(5, seed=2))
-    assert np.array_equal(datasets.generate_shapes(300, seed=1, workers=2)[:5], a)  # independent of workers/chunks
+    assert np.array_equal(a, synthetic.make_shapes(5, seed=1))
+    assert not np.array_equal(a, synthetic.make_shapes(5, seed=2))
+    # independent of workers/chunks
+    assert np.array_equal(datasets.generate_shapes(300, seed=1, workers=2)[:5], a)
     b = synthetic.make_shapes(40, seed=1)
-    assert np.array_equal(synthetic.make_block((1, 5, 40, 128)), b[5:])   # independent of the batch it is drawn in
+    # independent of the batch it is drawn in
+    assert np.array_equal(synthetic.make_block((1, 5, 40, 128)), b[5:])
     assert a.std() > 30  # not flat: real content crosses the hole
-    # colours in [0.03, 0.97] * 255 - 5.5 (floor) plus noise 0..12: never clipped, so 2 <= value <= 241 + 12
+    # colours in [0.03, 0.97] * 255 - 5.5 (floor) plus noise 0..12: never clipped, so
+    # 2 <= value <= 241 + 12
     assert b.min() >= 2 and b.max() <= 253
     train = datasets.load_split("shapes", str(tmp_path), "train", shapes_n=8)
     val = datasets.load_split("shapes", str(tmp_path), "val", shapes_n=8)
-    assert len(train) == 8 and len(val) == datasets.SHAPES_VAL and not np.array_equal(train[0], val[0])
+    assert len(train) == 8 and len(val) == datasets.SHAPES_VAL
+    assert not np.array_equal(train[0], val[0])
     assert np.array_equal(datasets.load_split("shapes", str(tmp_path), "train", shapes_n=8), train)
 
 
@@ -226,8 +245,10 @@ def test_batches_deterministic_per_step_and_augmented():
     b = ce_data.Batches(imgs, 4, "cpu", seed=7, flip=True)
     assert b.steps_per_epoch == 2
     x = b.get(0)
-    assert x.shape == (4, 3, 128, 128) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
-    assert torch.equal(x, ce_data.Batches(imgs, 4, "cpu", seed=7).get(0))   # same (seed, step) -> same batch
+    assert x.shape == (4, 3, 128, 128) and x.dtype == torch.float32
+    assert -1 <= x.min() and x.max() <= 1
+    # same (seed, step) -> same batch
+    assert torch.equal(x, ce_data.Batches(imgs, 4, "cpu", seed=7).get(0))
     assert not torch.equal(x, b.get(1))
     # one epoch visits distinct images; a crop is a real window of the source image
     idx = torch.cat([b.indices(0), b.indices(1)])
@@ -241,17 +262,19 @@ def test_batches_deterministic_per_step_and_augmented():
     r0, r1 = (ce_data.Batches(imgs, 2, "cpu", seed=7, rank=r, world=2) for r in (0, 1))
     g = ce_data.Batches(imgs, 4, "cpu", seed=7)
     assert torch.equal(torch.cat([r0.indices(0), r1.indices(0)]), g.indices(0))
-    assert torch.equal(torch.cat([r0.get(1), r1.get(1)]), g.get(1))        # same crops and flips too
+    assert torch.equal(torch.cat([r0.get(1), r1.get(1)]), g.get(1))   # same crops and flips too
     with pytest.raises(cli.DataError, match="fewer than one batch"):
         ce_data.Batches(imgs, 64, "cpu")
 
 
 def test_streaming_batches_equal_resident_and_prefetch_ahead():
-    """Data that does not fit on the device streams from host memory with batch k+1 prepared while k trains."""
+    """Data that does not fit on the device streams from host memory with batch k+1 prepared
+    while k trains."""
     imgs = synthetic.make_shapes(12, seed=4, size=144)
-    res = ce_data.Batches(imgs, 4, "cpu", seed=1, resident=True)
-    st = ce_data.Batches(imgs, 4, "cpu", seed=1, resident=False)
+    res = accel.make_batches(imgs, 4, "cpu", seed=1, resident=True)
+    st = accel.make_batches(imgs, 4, "cpu", seed=1, resident=False)
     assert st.streaming and not res.streaming
     for step in (0, 1, 2, 7, 3):   # in order, then a jump (as after --resume) and back
         assert torch.equal(st.get(step), res.get(step))
-        assert list(st._prepared.pending) == [(step + 1,)]      # the next batch is already being prepared
+        # the next batch is already being prepared
+        assert list(st._prepared.pending) == [(step + 1,)]

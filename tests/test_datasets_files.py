@@ -1,5 +1,6 @@
-"""Files as they come: EXIF-rotated photos, FIFOs, links, odd names, unreadable folders, decompression bombs, a
-damaged cache, a cache larger than memory should be, the Tiny ImageNet checksum, a folder with no test split."""
+"""Files as they come: EXIF-rotated photos, FIFOs, links, odd names, unreadable folders,
+decompression bombs, a damaged cache, a cache larger than memory should be, the Tiny ImageNet
+checksum, a folder with no test split."""
 import contextlib
 import hashlib
 import os
@@ -35,9 +36,11 @@ def deadline(seconds):
 
 
 def bomb_png(path, side=20000):
-    """A PNG whose header says side x side RGB (400 M pixels for 20000): a few dozen bytes on disk."""
+    """A PNG whose header says side x side RGB (400 M pixels for 20000): a few dozen bytes on
+    disk."""
     def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
     body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
@@ -45,15 +48,15 @@ def bomb_png(path, side=20000):
 
 
 def rotated_jpeg(path):
-    """A 64x48 JPEG stored sideways with EXIF orientation 6 (display: rotate 90 degrees clockwise), and the
-    upright pixels it stands for."""
+    """A 64x48 JPEG stored sideways with EXIF orientation 6 (display: rotate 90 degrees
+    clockwise), and the upright pixels it stands for."""
     stored = np.zeros((48, 64, 3), np.uint8)
     stored[:] = (0, 200, 0)
     stored[:16, :16] = (220, 0, 0)                       # red block at the stored top-left
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(stored).save(path, quality=95, exif=exif)
-    return np.rot90(stored, -1)                          # clockwise: the red block ends at the top-right
+    return np.rot90(stored, -1)                  # clockwise: the red block ends at the top-right
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -67,14 +70,16 @@ def test_exif_orientation_is_applied(tmp_path):
 
 
 def make_odd_folder(root):
-    """8 good images plus a FIFO named *.jpg, a link to an image, a dangling link, a non-UTF-8 name, a bomb."""
+    """8 good images plus a FIFO named *.jpg, a link to an image, a dangling link, a non-UTF-8
+    name, a bomb."""
     os.makedirs(root / "sub")
     for i in range(8):
         Image.new("RGB", (130, 130), (30 * i, 10, 10)).save(root / f"img{i}.png")
     os.mkfifo(root / "pipe.jpg")
     os.symlink(root / "img0.png", root / "sub" / "link.png")          # a link to a file: used
     os.symlink(root / "missing.png", root / "gone.png")               # dangling: skipped, counted
-    Image.new("RGB", (130, 130), (1, 2, 3)).save(os.path.join(os.fsencode(root), b"caf\xe9.png"))  # Latin-1 name
+    latin1 = os.path.join(os.fsencode(root), b"caf\xe9.png")             # a Latin-1 name
+    Image.new("RGB", (130, 130), (1, 2, 3)).save(latin1)
     bomb_png(root / "bomb.png")
 
 
@@ -94,16 +99,21 @@ def test_odd_entries_are_used_or_counted_never_fatal(tmp_path, monkeypatch, caps
     with deadline(30):
         files, other = datasets.list_images(str(root), skipped)
         names = sorted(os.path.basename(f) for f in files)
-        assert len(files) == 11 and "link.png" in names and "pipe.jpg" not in names and "gone.png" not in names
+        assert len(files) == 11 and "link.png" in names
+        assert "pipe.jpg" not in names and "gone.png" not in names
         assert skipped["special"] == 1 and skipped["dangling"] == 1 and skipped["unreadable"] == 1
-        held_out = datasets._split_files(files)[1]        # the split hashes the names' bytes: no crash
-        assert len(held_out) == 1 and "bomb" not in held_out[0]     # the bomb is in train, where it is skipped
+        held_out = datasets._split_files(files)[1]   # the split hashes the names' bytes: no crash
+        # the bomb is in train, where it is skipped
+        assert len(held_out) == 1 and "bomb" not in held_out[0]
         train = datasets.load_split("folder", str(root), "train")
         val = datasets.load_split("folder", str(root), "val")
     err = capsys.readouterr().err
-    assert "skipped 1 special file" in err and "skipped 1 symbolic link" in err and "skipped 1 unreadable folder" in err
-    assert "skipped 1 unreadable image" in err and "decompression bomb" in err       # the bomb: a counted skip
-    assert len(train) == 9 and len(val) == 1    # 8 + link + Latin-1 name; FIFO, dangling link, bomb skipped
+    assert "skipped 1 special file" in err and "skipped 1 symbolic link" in err
+    assert "skipped 1 unreadable folder" in err
+    # the bomb: a counted skip
+    assert "skipped 1 unreadable image" in err and "decompression bomb" in err
+    # 8 + link + Latin-1 name; FIFO, dangling link, bomb skipped
+    assert len(train) == 9 and len(val) == 1
 
 
 def test_special_files_and_bombs_are_refused_by_read_rgb(tmp_path):
@@ -128,18 +138,20 @@ def test_damaged_cache_is_detected_and_rebuilt(tmp_path, capsys, data):
     assert len(npy) == 1
     raw = bytearray(npy[0].read_bytes())
     mid = len(raw) // 2
-    raw[mid:mid + 16] = bytes(b ^ 0xFF for b in raw[mid:mid + 16])     # 16 flipped bytes, same file size
+    raw[mid:mid + 16] = bytes(b ^ 0xFF for b in raw[mid:mid + 16])   # 16 flipped bytes, same size
     npy[0].write_bytes(bytes(raw))
     capsys.readouterr()
     again = datasets.load_split(data, str(root), "train", **kw)
     assert "checksum mismatch" in capsys.readouterr().err
-    assert np.array_equal(again, first)                                 # rebuilt: equal to a fresh decode
-    assert np.array_equal(datasets.load_split(data, str(root), "train", **kw), first)   # and clean now
+    assert np.array_equal(again, first)                       # rebuilt: equal to a fresh decode
+    # and clean now
+    assert np.array_equal(datasets.load_split(data, str(root), "train", **kw), first)
     assert capsys.readouterr().err.count("checksum") == 0
 
 
 def test_cache_is_written_to_disk_not_built_in_memory(tmp_path):
-    """150 images (7.4 MB at 128 px) with 2 unreadable files among them: the process never holds the split."""
+    """150 images (7.4 MB at 128 px) with 2 unreadable files among them: the process never holds
+    the split."""
     root = tmp_path / "many"
     os.makedirs(root)
     for i in range(150):
@@ -150,7 +162,8 @@ def test_cache_is_written_to_disk_not_built_in_memory(tmp_path):
     full_bytes = 150 * 128 * 128 * 3
     tracemalloc.start()
     try:
-        arr, meta = datasets.cached_images(files, 128, str(root / ".ce_cache"), "t", str(root), workers=1)
+        arr, meta = datasets.cached_images(files, 128, str(root / ".ce_cache"), "t", str(root),
+                                           workers=1)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -167,15 +180,16 @@ def test_tiny_download_is_checked_against_the_published_md5(tmp_path, monkeypatc
     src = make_tiny_zip(tmp_path / "served.zip")
     data = src.read_bytes()
     monkeypatch.delenv("CE_TINY_URL", raising=False)
-    monkeypatch.setattr(tinyimagenet, "TINY_URL", src.as_uri())          # "the default URL", served locally
+    monkeypatch.setattr(tinyimagenet, "TINY_URL", src.as_uri())   # "the default URL", served here
     monkeypatch.setattr(tinyimagenet, "TINY_SIZE", len(data))
     monkeypatch.setattr(tinyimagenet, "TINY_MD5", "0" * 32)
     root = tmp_path / "data"
-    with pytest.raises(cli.DataError, match=r"tiny-imagenet-200.zip.part: not the published .* MD5") as e:
+    wrong = r"tiny-imagenet-200.zip.part: not the published .* MD5"
+    with pytest.raises(cli.DataError, match=wrong) as e:
         datasets.load_split("tiny", str(root), "train")
     assert hashlib.md5(data).hexdigest() in str(e.value) and "\n" not in str(e.value)
     assert not os.listdir(root)                                         # the wrong file is not kept
-    monkeypatch.setattr(tinyimagenet, "TINY_SIZE", len(data) + 1)        # shorter than published: resumable
+    monkeypatch.setattr(tinyimagenet, "TINY_SIZE", len(data) + 1)  # shorter than published: resume
     with pytest.raises(cli.DataError, match="run again to resume"):
         datasets.load_split("tiny", str(root), "train")
     assert (root / "tiny-imagenet-200.zip.part").stat().st_size == len(data)

@@ -1,5 +1,6 @@
-"""Figures read from outside: sample grids laid out by torchvision (pixel-identical to the hand-written layout) with
-a title strip, a legible GIF label, short labels with notes, curves, --plot --out, evaluation progress, --help."""
+"""Figures read from outside: sample grids laid out by torchvision (pixel-identical to the
+hand-written layout) with a title strip, a legible GIF label, short labels with notes, curves,
+--plot --out, evaluation progress, --help."""
 import json
 import math
 import os
@@ -15,7 +16,7 @@ from ce_utils import figures
 
 
 def hand_grid(columns, per_row, gap):
-    """The sample-grid layout as the project wrote it by hand before using torchvision (kept as the reference)."""
+    """The sample-grid layout the project wrote by hand before using torchvision (the reference)."""
     cols = [figures.to_uint8(c) for c in columns]
     n, h, w = cols[0].shape[:3]
     tuple_w = w * len(cols)
@@ -29,16 +30,19 @@ def hand_grid(columns, per_row, gap):
     return canvas
 
 
-@pytest.mark.parametrize("n,k,per_row,gap", [(16, 3, 4, 4), (5, 3, 2, 3), (1, 3, 4, 4), (7, 2, 3, 0), (3, 4, 8, 2)])
+@pytest.mark.parametrize("n,k,per_row,gap", [(16, 3, 4, 4), (5, 3, 2, 3), (1, 3, 4, 4),
+                                             (7, 2, 3, 0), (3, 4, 8, 2)])
 def test_grid_body_is_the_hand_written_layout(n, k, per_row, gap):
     g = torch.Generator().manual_seed(n * 100 + k)
     # values beyond [-1, 1] too: both clamp; sizes not square; a partial last row; one image; no gap
     columns = [torch.rand(n, 3, 12, 10, generator=g) * 2.4 - 1.2 for _ in range(k)]
-    assert np.array_equal(figures.grid_body(columns, per_row, gap), hand_grid(columns, per_row, gap))
+    assert np.array_equal(figures.grid_body(columns, per_row, gap),
+                          hand_grid(columns, per_row, gap))
 
 
 def test_save_grid_adds_a_strip_naming_the_columns(tmp_path):
-    columns = [torch.full((5, 3, 16, 64), v) for v in (-1.0, 0.0, 1.0)]      # black | grey | white images
+    # black | grey | white images
+    columns = [torch.full((5, 3, 16, 64), v) for v in (-1.0, 0.0, 1.0)]
     body = hand_grid(columns, 2, 4)
     path = figures.save_grid(str(tmp_path / "sub" / "g.png"), columns, per_row=2)   # folder created
     with Image.open(path) as im:
@@ -49,10 +53,13 @@ def test_save_grid_adds_a_strip_naming_the_columns(tmp_path):
     assert png.shape == (top + body.shape[0], body.shape[1], 3)
     assert np.array_equal(png[top:], body)                                  # the body is untouched
     strip = png[:top].min(axis=2)
-    for x0 in (0, 3 * 64 + 4):                                              # both tuples of a row carry titles
+    # both tuples of a row carry titles
+    for x0 in (0, 3 * 64 + 4):
         for j in range(3):
-            assert strip[:, x0 + 64 * j:x0 + 64 * (j + 1)].min() < 100     # dark text over every column
-    assert strip[:, 3 * 64:3 * 64 + 4].min() == 255                         # nothing drawn over the gap
+            # dark text over every column
+            assert strip[:, x0 + 64 * j:x0 + 64 * (j + 1)].min() < 100
+    # nothing drawn over the gap
+    assert strip[:, 3 * 64:3 * 64 + 4].min() == 255
     # titles=(): no strip, exactly the body; other titles are written as given
     figures.save_grid(str(tmp_path / "plain.png"), columns, per_row=2, titles=())
     assert np.array_equal(np.asarray(Image.open(tmp_path / "plain.png").convert("RGB")), body)
@@ -66,9 +73,11 @@ def test_gif_skips_the_title_strip_and_labels_the_step_on_a_dark_strip(tmp_path)
         figures.save_grid(str(tmp_path / "samples" / f"step_{step:07d}.png"), [red, red, red])
     gif = Image.open(figures.make_gif(str(tmp_path)))
     s = figures.GIF_STRIP_H
-    assert gif.n_frames == 3 and gif.size == (774, s + 130)   # 2 rows of 4 tuples, at half scale, under the strip
+    # 2 rows of 4 tuples, at half scale, under the strip
+    assert gif.n_frames == 3 and gif.size == (774, s + 130)
     frame = np.asarray(gif.convert("RGB")).astype(int)
-    assert np.abs(frame[s + 1, 1] - (255, 0, 0)).max() <= 8   # the body starts right under the strip: no titles
+    # the body starts right under the strip: no titles
+    assert np.abs(frame[s + 1, 1] - (255, 0, 0)).max() <= 8
     label = frame[:s, :150].max(axis=2)
     assert (label > 200).sum() > 50 and np.median(label) < 60  # bright text on a dark strip
 
@@ -88,9 +97,9 @@ def write_run(folder, args, steps):
         json.dump(args, f)
     with open(os.path.join(folder, "log.jsonl"), "w") as f:
         for s in steps:
-            # loss_rec varies in its 6th digit: matplotlib's default ticks would show an offset ("+5e-1")
-            f.write(json.dumps({"step": s, "loss_D": 1.0, "loss_rec": 0.5 + (s % 1000) * 1e-8, "loss_adv": 2.0,
-                                "D_x": 0.6, "D_G_x": 0.4}) + "\n")
+            # loss_rec varies in its 6th digit: matplotlib's default ticks would show "+5e-1"
+            f.write(json.dumps({"step": s, "loss_D": 1.0, "loss_rec": 0.5 + (s % 1000) * 1e-8,
+                                "loss_adv": 2.0, "D_x": 0.6, "D_G_x": 0.4}) + "\n")
             f.write(json.dumps({"step": s, "eval": {"psnr": 15.0 + (s % 1000) * 1e-3}}) + "\n")
 
 
@@ -99,8 +108,8 @@ def test_run_labels_short_with_notes(tmp_path):
     sweep = []
     for r in (1, 1000):   # the lambdas exactly as ce_sweep passes them (6 significant digits)
         sweep.append(str(tmp_path / f"ratio{r}"))
-        write_run(sweep[-1], {**base, "lam_rec": float(f"{r / (1 + r):.6g}"), "lam_adv": float(f"{1 / (1 + r):.6g}")},
-                  [1])
+        lams = {"lam_rec": float(f"{r / (1 + r):.6g}"), "lam_adv": float(f"{1 / (1 + r):.6g}")}
+        write_run(sweep[-1], {**base, **lams}, [1])
     labels, notes = figures.run_labels(sweep)
     assert labels == ["x1", "x1000"]
     assert notes[1] == f"x1000 = {sweep[1]}: lam_adv=0.000999001 lam_rec=0.999001"
@@ -110,8 +119,9 @@ def test_run_labels_short_with_notes(tmp_path):
     labels, notes = figures.run_labels(other)
     assert labels == ["A", "B", "C"]          # width differs too: not a sweep, letters
     assert notes[0] == f"A = {other[0]}: lam_adv=0.001 width=32"
-    labels, notes = figures.run_labels([os.path.join(other[2], "best.pt"), sweep[0]], ["mine", "theirs"])
-    assert labels == ["mine", "theirs"] and notes[0].startswith(f"mine = {os.path.join(other[2], 'best.pt')}: ")
+    best = os.path.join(other[2], "best.pt")
+    labels, notes = figures.run_labels([best, sweep[0]], ["mine", "theirs"])
+    assert labels == ["mine", "theirs"] and notes[0].startswith(f"mine = {best}: ")
     assert figures.run_labels([other[0]]) == (["a"], [])
 
 
@@ -125,16 +135,20 @@ def test_curves_short_labels_markers_plain_ticks_and_out_folder(tmp_path, monkey
     def spy(fig, path, lines=(), **kw):
         ax = fig.axes[1]       # loss_rec
         ax.figure.canvas.draw()
-        seen.update(legend=[t.get_text() for t in fig.axes[5].get_legend().get_texts()], notes=list(lines),
-                    markers=[ln.get_marker() for ln in ax.lines], offset=ax.yaxis.get_offset_text().get_text(),
+        seen.update(legend=[t.get_text() for t in fig.axes[5].get_legend().get_texts()],
+                    notes=list(lines), markers=[ln.get_marker() for ln in ax.lines],
+                    offset=ax.yaxis.get_offset_text().get_text(),
                     xoffset=ax.xaxis.get_offset_text().get_text())
         return real(fig, path, lines, **kw)
 
     monkeypatch.setattr(figures, "finish_figure", spy)
-    ce_eval.main(["--plot", *runs, "--out", str(tmp_path / "new" / "figs")])   # a folder that does not exist
-    assert os.path.isfile(tmp_path / "new" / "figs" / "curves.png") and "curves.png" in capsys.readouterr().out
+    # a folder that does not exist
+    ce_eval.main(["--plot", *runs, "--out", str(tmp_path / "new" / "figs")])
+    assert os.path.isfile(tmp_path / "new" / "figs" / "curves.png")
+    assert "curves.png" in capsys.readouterr().out
     assert seen["legend"] == ["x999", "x99"] and seen["notes"][0].startswith("x999 = ")
-    assert seen["markers"] == ["o", "None"]     # the 3-point series has markers, the 100-point one does not
+    # the 3-point series has markers, the 100-point one does not
+    assert seen["markers"] == ["o", "None"]
     assert seen["offset"] == "" and seen["xoffset"] == ""
     ce_eval.main(["--plot", runs[0], "--out", str(tmp_path / "deep" / "c.png")])
     assert Image.open(tmp_path / "deep" / "c.png").size[0] > 400
@@ -157,16 +171,18 @@ def test_comparison_figure_short_titles_and_notes_under_it(tmp_path, monkeypatch
     monkeypatch.setattr(figures, "finish_figure", spy)
     plain = ce_eval.comparison_figure([("A", G, args), ("B", G, args)], x, str(tmp_path / "a.png"))
     notes = ["A = runs/a: lam_adv=0.001 width=64", "B = runs/b: lam_adv=0.01 width=32 " + "x" * 300]
-    noted = ce_eval.comparison_figure([("A", G, args), ("B", G, args)], x, str(tmp_path / "b.png"), notes=notes)
+    noted = ce_eval.comparison_figure([("A", G, args), ("B", G, args)], x, str(tmp_path / "b.png"),
+                                      notes=notes)
     assert titles[1] == ["masked input", "A", "B", "context mean", "harmonic", "original"]
     (w0, h0), (w1, h1) = Image.open(plain).size, Image.open(noted).size
-    # 6 columns of 1.5 in + gaps = 9.5 in: 157 characters per line of 7 pt text, so the 334-character note takes
-    # 3 lines; 4 lines of 7 * 1.35 pt plus a 0.15 in margin, at 80 dpi
+    # 6 columns of 1.5 in + gaps = 9.5 in: 157 characters per line of 7 pt text, so the
+    # 334-character note takes 3 lines; 4 lines of 7 * 1.35 pt plus a 0.15 in margin, at 80 dpi
     assert w0 == w1 and abs((h1 - h0) - (4 * 7 * 1.35 / 72 + 0.15) * 80) <= 1
 
 
 def test_evaluate_progress_only_for_large_evaluations(monkeypatch, capsys):
-    monkeypatch.setattr(ce_eval, "PROGRESS_ABOVE", 10)       # 1000 in use; 10 here to keep the test small
+    # 1000 in use; 10 here to keep the test small
+    monkeypatch.setattr(ce_eval, "PROGRESS_ABOVE", 10)
     images = np.zeros((11, 128, 128, 3), np.uint8)
     monkeypatch.setattr(ce_eval, "PROGRESS_EVERY_S", 0.0)    # a line after every batch
     r = ce_eval.evaluate(None, images, methods=("fill",), batch_size=4)
@@ -176,8 +192,30 @@ def test_evaluate_progress_only_for_large_evaluations(monkeypatch, capsys):
     monkeypatch.setattr(ce_eval, "PROGRESS_EVERY_S", 1e9)     # rate-limited: only the final line
     ce_eval.evaluate(None, images, methods=("fill",), batch_size=4)
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
-    ce_eval.evaluate(None, images[:10], methods=("fill",), batch_size=4)   # not above the threshold: silent
+    # not above the threshold: silent
+    ce_eval.evaluate(None, images[:10], methods=("fill",), batch_size=4)
     assert capsys.readouterr().err == ""
+
+
+def test_evaluate_and_inpaint_take_a_runs_flags_as_one_mask_spec():
+    """evaluate(G, images, a) and inpaint(G, x, a), with a run's flags as a dict or a namespace,
+    give what the old loose form (overlap, ring, fill, mask=, size=) gave; arch sets the size."""
+    from types import SimpleNamespace
+    images = np.random.default_rng(0).integers(0, 256, (5, 140, 140, 3), dtype=np.uint8)
+    methods = ("fill", "context_mean")
+    for a in ({"mask": "block", "overlap": 4, "ring": "visible", "fill": "zero"},
+              {"overlap": 4, "ring": "hidden", "fill": "zero", "arch": "dcgan"}):
+        old = ce_eval.evaluate(None, images, a["overlap"], a["ring"], a["fill"], methods, 2,
+                               mask=a.get("mask", "center"), size=128)
+        for flags in (a, SimpleNamespace(**a), ce_eval.mask_spec(a)):
+            assert ce_eval.evaluate(None, images, flags, methods=methods, batch_size=2) == old
+        assert old != ce_eval.evaluate(None, images, methods=methods, batch_size=2)  # not defaults
+    assert ce_eval.mask_spec({**a, "arch": "alexnet"}).size == 227
+    G = torch.nn.Conv2d(3, 3, 1)
+    x = torch.rand(2, 3, 128, 128) * 2 - 1
+    a = {"mask": "region", "overlap": 7, "ring": "visible", "fill": "mean"}
+    old = ce_eval.inpaint(G, x, 7, "visible", "mean", None, "region")
+    assert all(torch.equal(u, v) for u, v in zip(old, ce_eval.inpaint(G, x, a)))
 
 
 def help_of(main, capsys):
@@ -190,7 +228,8 @@ def help_of(main, capsys):
 def flag_blocks(text):
     """{'--flag': its help text} from argparse's option list."""
     blocks, cur = {}, None
-    for line in re.split(r"\noptions:|\noptional arguments:", text)[1].splitlines():   # Python >= 3.10 | 3.9
+    # Python >= 3.10 | 3.9
+    for line in re.split(r"\noptions:|\noptional arguments:", text)[1].splitlines():
         if line.startswith("  -"):
             cur = line.split()[0].rstrip(",")
             blocks[cur] = line
@@ -203,14 +242,18 @@ def test_help_shows_examples_defaults_and_every_flag(capsys):
     import ce_bench
     import ce_sweep
     text = help_of(ce_eval.main, capsys)
-    assert "python ce_eval.py --ckpt runs/shapes/best.pt --json" in text and "(default: None)" not in text
+    assert "python ce_eval.py --ckpt runs/shapes/best.pt --json" in text
+    assert "(default: None)" not in text
     blocks = flag_blocks(text)
     assert "(default: 256)" in blocks["--batch-size"] and "(default: val)" in blocks["--split"]
     text = help_of(ce_bench.main, capsys)
     blocks = flag_blocks(text)
     assert "python ce_bench.py --batch-size 512 --steps 50" in text and len(blocks) >= 15
     assert all(len(b.split()) > 3 for b in blocks.values())      # every flag has a help text ...
-    flags_without_default = ("-h", "--compile", "--profile", "--skip-reference", "--json")   # on/off switches
-    assert all("(default:" in b for f, b in blocks.items() if f not in flags_without_default)  # ... and its default
+    # on/off switches
+    flags_without_default = ("-h", "--compile", "--profile", "--skip-reference", "--json")
+    # ... and each one but the switches its default
+    assert all("(default:" in b for f, b in blocks.items() if f not in flags_without_default)
     text = help_of(ce_sweep.main, capsys)
-    assert "-- CE_TRAIN_FLAGS" in text and "after `--`" in text and "(default: runs/sweep)" in " ".join(text.split())
+    assert "-- CE_TRAIN_FLAGS" in text and "after `--`" in text
+    assert "(default: runs/sweep)" in " ".join(text.split())

@@ -1,4 +1,5 @@
-"""Issue 5 tooling on tiny CPU runs: curves of several runs, bounded GIF, comparison figure, the lambda sweep."""
+"""Issue 5 tooling on tiny CPU runs: curves of several runs, bounded GIF, comparison figure, the
+lambda sweep."""
 import csv
 import json
 import os
@@ -14,13 +15,15 @@ from ce_utils import figures
 
 def test_sweep_writes_rows_curves_and_figure(tmp_path, tiny_flags, capsys):
     out = tmp_path / "sweep"
-    train = tiny_flags + ["--steps", "4", "--batch-size", "4", "--log-every", "2", "--eval-every", "2"]
+    train = tiny_flags + ["--steps", "4", "--batch-size", "4", "--log-every", "2",
+                          "--eval-every", "2"]
     ce_sweep.main(["--ratios", "1", "1000", "--out", str(out), "--n", "2", "--"] + train)
     with open(out / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["ratio"] for r in rows] == ["fill", "context_mean", "harmonic", "x1", "x1000"]
     x1, x1000 = rows[3], rows[4]
-    assert float(x1["lam_adv"]) == pytest.approx(0.5) and float(x1000["lam_rec"]) == pytest.approx(1000 / 1001, rel=1e-5)
+    assert float(x1["lam_adv"]) == pytest.approx(0.5)
+    assert float(x1000["lam_rec"]) == pytest.approx(1000 / 1001, rel=1e-5)
     assert x1["steps"] == "4" and int(x1["n_images"]) == 512 and float(x1["wall_s"]) > 0
     # the CSV holds what ce_eval computes for that checkpoint
     capsys.readouterr()
@@ -43,18 +46,22 @@ def test_run_labels_name_the_differing_flags(tmp_path):
         with open(tmp_path / name / "args.json", "w") as f:
             json.dump({"lam_adv": lam, "width": 64, "out": str(tmp_path / name)}, f)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    assert figures.run_labels([a, b]) == (["A", "B"], [f"A = {a}: lam_adv=0.001", f"B = {b}: lam_adv=0.01"])
+    assert figures.run_labels([a, b]) == (["A", "B"], [f"A = {a}: lam_adv=0.001",
+                                                       f"B = {b}: lam_adv=0.01"])
     assert figures.run_labels([a]) == (["a"], [])
 
 
 def test_gif_frame_count_and_size_are_bounded(tmp_path):
     os.makedirs(tmp_path / "samples")
     for s in range(1, 31):
-        Image.new("RGB", (1548, 524), (8 * s, 0, 0)).save(tmp_path / "samples" / f"step_{s * 100:07d}.png")
+        frame = Image.new("RGB", (1548, 524), (8 * s, 0, 0))
+        frame.save(tmp_path / "samples" / f"step_{s * 100:07d}.png")
     gif = Image.open(figures.make_gif(str(tmp_path), max_frames=12))
-    assert gif.n_frames == 12 and gif.size == (774, figures.GIF_STRIP_H + 130)   # + the strip naming the step
+    # + the strip naming the step
+    assert gif.n_frames == 12 and gif.size == (774, figures.GIF_STRIP_H + 130)
     gif.seek(11)
-    assert gif.convert("RGB").getpixel((600, figures.GIF_STRIP_H + 100))[0] == 240   # the last frame: last sample
+    # the last frame: last sample
+    assert gif.convert("RGB").getpixel((600, figures.GIF_STRIP_H + 100))[0] == 240
 
 
 def test_comparison_figure_psnr_labels(tmp_path):
@@ -74,12 +81,13 @@ def test_plot_cli_overlays_runs(tmp_path, tiny_flags, capsys):
     runs = []
     for lam in ("0.001", "0.01"):
         runs.append(str(tmp_path / f"run{lam}"))
-        ce_train.main(tiny_flags + ["--steps", "2", "--batch-size", "4", "--log-every", "1", "--lam-adv", lam,
-                                    "--out", runs[-1]])
+        ce_train.main(tiny_flags + ["--steps", "2", "--batch-size", "4", "--log-every", "1",
+                                    "--lam-adv", lam, "--out", runs[-1]])
     capsys.readouterr()
     ce_eval.main(["--plot", *runs, "--out", str(tmp_path / "both.png")])
     assert "both.png" in capsys.readouterr().out and Image.open(tmp_path / "both.png").size[0] > 400
-    assert figures.run_labels(runs)[0] == ["x999", "x99.9"]   # only lam_adv differs: labelled by lam_rec / lam_adv
+    # only lam_adv differs: labelled by lam_rec / lam_adv
+    assert figures.run_labels(runs)[0] == ["x999", "x99.9"]
     with pytest.raises(SystemExit) as e:     # neither --ckpt nor --plot: one-line usage error
         ce_eval.main([])
     assert e.value.code == 2 and "--plot RUN" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Eq. (1)-(3) on tiny tensors, by hand; and the official code's L2 weighting, transcribed, with allclose."""
+"""Eq. (1)-(3) on tiny tensors, by hand; and the official code's L2 weighting, transcribed,
+checked with allclose."""
 import math
 
 import pytest
@@ -28,9 +29,10 @@ def test_reconstruction_loss_by_hand():
 
 
 def test_official_weighting_transcribed():
-    """official train.lua builds wtl2Matrix: overlapL2Weight*wtl2 everywhere, then wtl2 on the inner square
-    [1+overlapPred, fineSize/2-overlapPred] (1-based, inclusive); the MSE gradient is multiplied by it, and the
-    adversarial gradient by (1 - wtl2). Our joint loss must give the same gradient w.r.t. G(x)."""
+    """official train.lua builds wtl2Matrix: overlapL2Weight*wtl2 everywhere, then wtl2 on the inner
+    square [1+overlapPred, fineSize/2-overlapPred] (1-based, inclusive); the MSE gradient is
+    multiplied by it, and the adversarial gradient by (1 - wtl2). Our joint loss must give the same
+    gradient w.r.t. G(x)."""
     fine, overlap_pred, wtl2, overlap_w = 128, 4, 0.999, 10
     torch.manual_seed(0)
     fake = torch.randn(2, 3, fine // 2, fine // 2, requires_grad=True)
@@ -39,36 +41,42 @@ def test_official_weighting_transcribed():
     wtl2_matrix = torch.full_like(real, wtl2 * overlap_w)
     lo, hi = 1 + overlap_pred, fine // 2 - overlap_pred
     wtl2_matrix[:, :, lo - 1:hi, lo - 1:hi] = wtl2
-    grad_mse = 2 * (fake.detach() - real) / real.numel()       # nn.MSECriterion (sizeAverage) backward
+    # nn.MSECriterion (sizeAverage) backward
+    grad_mse = 2 * (fake.detach() - real) / real.numel()
     official = grad_mse * wtl2_matrix
     # --- ours
     w = L.overlap_weights(64, overlap_pred, overlap_w)
-    loss = L.joint_loss(L.reconstruction_loss(fake, real, w), torch.zeros(()), lam_rec=wtl2, lam_adv=1 - wtl2)
+    loss = L.joint_loss(L.reconstruction_loss(fake, real, w), torch.zeros(()), lam_rec=wtl2,
+                        lam_adv=1 - wtl2)
     loss.backward()
     assert torch.allclose(fake.grad, official, rtol=1e-5, atol=1e-10)
 
 
 def test_discriminator_loss_by_hand():
     # logit 0 -> p = 0.5 -> BCE = ln 2 for either label; logit ln 3 -> p = 0.75
-    assert L.discriminator_loss(torch.zeros(4), torch.zeros(4)).item() == pytest.approx(2 * math.log(2))
-    assert L.discriminator_loss(torch.zeros(4), torch.zeros(4), "mean").item() == pytest.approx(math.log(2))
+    zero = torch.zeros(4)
+    assert L.discriminator_loss(zero, zero).item() == pytest.approx(2 * math.log(2))
+    assert L.discriminator_loss(zero, zero, "mean").item() == pytest.approx(math.log(2))
     real, fake = torch.full((3,), math.log(3)), torch.full((3,), math.log(3))
     # BCE(0.75, 1) = -ln 0.75 ; BCE(0.75, 0) = -ln 0.25
-    assert L.discriminator_loss(real, fake).item() == pytest.approx(-math.log(0.75) - math.log(0.25), rel=1e-6)
+    want = -math.log(0.75) - math.log(0.25)
+    assert L.discriminator_loss(real, fake).item() == pytest.approx(want, rel=1e-6)
 
 
 def test_generator_only_bce_and_joint():
     fake = torch.full((5,), math.log(3))          # D(G(x)) = 0.75
     assert L.generator_adversarial_loss(fake).item() == pytest.approx(-math.log(0.75), rel=1e-6)
-    assert L.joint_loss(torch.tensor(2.0), torch.tensor(3.0)).item() == pytest.approx(0.999 * 2 + 0.001 * 3)
-    assert L.joint_loss(torch.tensor(2.0), torch.tensor(3.0), 0.5, 0.25).item() == pytest.approx(1.75)
+    rec, adv = torch.tensor(2.0), torch.tensor(3.0)
+    assert L.joint_loss(rec, adv).item() == pytest.approx(0.999 * 2 + 0.001 * 3)
+    assert L.joint_loss(rec, adv, 0.5, 0.25).item() == pytest.approx(1.75)
 
 
 def test_losses_are_float32_under_bf16_inputs():
     x = torch.randn(2, 3, 64, 64).bfloat16()
     w = L.overlap_weights()
     assert L.reconstruction_loss(x, torch.zeros_like(x), w).dtype == torch.float32
-    assert L.discriminator_loss(torch.zeros(2).bfloat16(), torch.zeros(2).bfloat16()).dtype == torch.float32
+    half = torch.zeros(2).bfloat16()
+    assert L.discriminator_loss(half, half).dtype == torch.float32
 
 
 def test_bad_overlap_rejected():
@@ -77,8 +85,8 @@ def test_bad_overlap_rejected():
 
 
 def test_hole_weights_rim_is_a_square_neighbourhood():
-    """The rim of hole_weights (hidden pixels within --overlap px of a visible one, chessboard distance), computed as
-    a row pass and a column pass, equals one square max-pool over the visible map."""
+    """The rim of hole_weights (hidden pixels within --overlap px of a visible one, chessboard
+    distance), computed as a row pass and a column pass, equals one square max-pool."""
     import torch.nn.functional as F
 
     import ce_masks

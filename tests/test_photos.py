@@ -1,5 +1,6 @@
-"""ce_eval.py --image: what was cropped is said, the photo comes back at its own size with only the hole
-replaced, folders, same-name inputs, bad files counted, FIFOs and decompression bombs refused in one line."""
+"""ce_eval.py --image: what was cropped is said, the photo comes back at its own size with only the
+hole replaced, folders, same-name inputs, bad files counted, FIFOs and decompression bombs refused
+in one line."""
 import os
 
 import numpy as np
@@ -19,7 +20,8 @@ def ckpt(tmp_path_factory):
     """A tiny model trained for one step (its weights do not matter: only where its output goes)."""
     tmp = tmp_path_factory.mktemp("photos")
     out = str(tmp / "run")
-    ce_train.main(TINY + ["--data-root", str(tmp / "data"), "--steps", "1", "--batch-size", "4", "--out", out])
+    ce_train.main(TINY + ["--data-root", str(tmp / "data"), "--steps", "1", "--batch-size", "4",
+                          "--out", out])
     return os.path.join(out, "ckpt.pt")
 
 
@@ -33,7 +35,8 @@ def photo(path, w, h, seed=0):
 
 
 def inpaint(ckpt, inputs, out, capsys):
-    ce_eval.main(["--ckpt", ckpt, "--device", "cpu", "--image", *map(str, inputs), "--out", str(out)])
+    ce_eval.main(["--ckpt", ckpt, "--device", "cpu", "--image", *map(str, inputs),
+                  "--out", str(out)])
     return capsys.readouterr()
 
 
@@ -45,7 +48,7 @@ def test_full_size_result_replaces_only_the_hole(tmp_path, ckpt, capsys):
     assert Image.open(tmp_path / "f" / "wide_compare.png").size[0] == 3 * 128
     full = np.asarray(Image.open(tmp_path / "f" / "wide_full.png"))
     assert full.shape == orig.shape
-    # the hole of the 128-px input, [a, b)^2, at the scale of the 200-px square that starts at x = 50
+    # the hole of the 128-px input, [a, b)^2, at the scale of the 200-px square starting at x = 50
     args = checkpoints.read_checkpoint(ckpt)["args"]
     a, b = ce_data.hole_bounds(128, args["overlap"], args["ring"])
     lo, hi = round(a * 200 / 128), round(b * 200 / 128)
@@ -53,9 +56,10 @@ def test_full_size_result_replaces_only_the_hole(tmp_path, ckpt, capsys):
     outside[lo:hi, 50 + lo:50 + hi] = False
     assert np.array_equal(full[outside], orig[outside])                  # bit for bit
     assert f"only the {hi - lo}x{hi - lo} hole at ({50 + lo}, {lo}) replaced" in said
-    # inside: the 128-px prediction scaled up (averaged back down, it matches the filled image's hole)
+    # inside: the 128-px prediction scaled up (averaged back down, it matches the filled hole)
     filled = np.asarray(Image.open(tmp_path / "f" / "wide_filled.png")).astype(float)
-    down = np.asarray(Image.fromarray(full[lo:hi, 50 + lo:50 + hi]).resize((b - a, b - a), Image.BOX))
+    hole = Image.fromarray(full[lo:hi, 50 + lo:50 + hi])
+    down = np.asarray(hole.resize((b - a, b - a), Image.BOX))
     assert np.abs(down - filled[a:b, a:b]).mean() < 6
     assert np.abs(full[lo:hi, 50 + lo:50 + hi].astype(int) - orig[lo:hi, 50 + lo:50 + hi]).max() > 0
 
@@ -65,7 +69,8 @@ def test_exif_rotated_photo_comes_back_upright(tmp_path, ckpt, capsys):
     said = inpaint(ckpt, [tmp_path / "phone.jpg"], tmp_path / "f", capsys).out
     full = np.asarray(Image.open(tmp_path / "f" / "phone_full.png"))
     assert "phone.jpg: 48x64" in said and full.shape == upright.shape == (64, 48, 3)
-    assert full[4, 44, 0] > 180 and full[4, 4, 0] < 60                   # red at the top-right, as displayed
+    # red at the top-right, as displayed
+    assert full[4, 44, 0] > 180 and full[4, 4, 0] < 60
 
 
 def test_folder_same_names_and_a_bad_file(tmp_path, ckpt, capsys):
@@ -75,21 +80,29 @@ def test_folder_same_names_and_a_bad_file(tmp_path, ckpt, capsys):
     photo(tmp_path / "b" / "x.png", 140, 170, 2)
     (tmp_path / "a" / "broken.jpg").write_text("not a JPEG")
     res = inpaint(ckpt, [tmp_path / "a", tmp_path / "b"], tmp_path / "f", capsys)
-    assert Image.open(tmp_path / "f" / "x-1_full.png").size == (150, 130)    # a/x.png, in the order given
-    assert Image.open(tmp_path / "f" / "x-2_full.png").size == (140, 170)    # b/x.png: not written over
+    # a/x.png, in the order given
+    assert Image.open(tmp_path / "f" / "x-1_full.png").size == (150, 130)
+    # b/x.png: not written over
+    assert Image.open(tmp_path / "f" / "x-2_full.png").size == (140, 170)
     assert not (tmp_path / "f" / "x_full.png").exists()
     assert "2 inputs share a name (x)" in res.err
     lines = [line for line in res.err.splitlines() if "skipped" in line]
-    assert len(lines) == 1 and "inpainted 2 photo(s); skipped 1 input" in lines[0] and "broken.jpg" in lines[0]
+    assert len(lines) == 1 and "inpainted 2 photo(s); skipped 1 input" in lines[0]
+    assert "broken.jpg" in lines[0]
 
 
 def test_bomb_and_fifo_are_one_line_errors(tmp_path, ckpt, capsys):
     with pytest.raises(SystemExit) as e:
-        cli.run(ce_eval.main, ["--ckpt", ckpt, "--device", "cpu", "--image", str(bomb_png(tmp_path / "b.png"))])
+        cli.run(ce_eval.main, ["--ckpt", ckpt, "--device", "cpu",
+                               "--image", str(bomb_png(tmp_path / "b.png"))])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "decompression bomb" in err and "b.png" in err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "decompression bomb" in err and "b.png" in err
     os.mkfifo(tmp_path / "x.jpg")
-    with deadline(60), pytest.raises(SystemExit) as e:                   # a hang fails here, not forever
-        cli.run(ce_eval.main, ["--ckpt", ckpt, "--device", "cpu", "--image", str(tmp_path / "x.jpg")])
+    # a hang fails here, not forever
+    with deadline(60), pytest.raises(SystemExit) as e:
+        cli.run(ce_eval.main, ["--ckpt", ckpt, "--device", "cpu",
+                               "--image", str(tmp_path / "x.jpg")])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "x.jpg: a FIFO (named pipe), not an image file" in err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "x.jpg: a FIFO (named pipe), not an image file" in err

@@ -115,9 +115,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_flags,
     monkeypatch.setattr(ce_losses, "reconstruction_loss", poisoned)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
-        ce_train.main(tiny_flags + ["--steps", "6", "--batch-size", "4", "--eval-every", "2", "--log-every", "5",
-                                    "--out", str(out)])
-    msg = str(e.value.code)
+        cli.run(ce_train.main, tiny_flags + ["--steps", "6", "--batch-size", "4", "--eval-every", "2",
+                                             "--log-every", "5", "--out", str(out)])
+    msg = capsys.readouterr().err
+    assert e.value.code == 2            # a user-facing error exits 2, as every other one does
     assert "NaN/Inf at step 3" in msg and f"{out}/ckpt.pt" in msg
     state = checkpoints.read_checkpoint(out / "ckpt.pt")
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["G"].values() if v.is_floating_point())
@@ -139,10 +140,10 @@ def test_diverging_learning_rate_writes_no_checkpoint_and_names_none(tmp_path, d
     """--lr-g 1e30: finite losses at step 1, then weights of size 1e30 whose evaluation overflows to NaN. Nothing is
     written, and the message does not call any file good."""
     out = tmp_path / "run"
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(cli.UserError) as e:
         ce_train.main(TINY + ["--data-root", data_root, "--lr-g", "1e30", "--steps", "4", "--batch-size", "4",
                               "--eval-every", "1", "--log-every", "1", "--out", str(out)])
-    msg = str(e.value.code)
+    msg = str(e.value)
     assert "NaN/Inf" in msg and "Last good checkpoint: none" in msg
     assert not (out / "ckpt.pt").exists() and not (out / "best.pt").exists()
 
@@ -162,11 +163,11 @@ def test_nan_weights_after_a_finite_step_keep_the_last_good_checkpoint(tmp_path,
 
     monkeypatch.setattr(torch.optim.Adam, "step", poisoned_step)
     out = tmp_path / "run"
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(cli.UserError) as e:
         ce_train.main(TINY + ["--data-root", data_root, "--steps", "4", "--batch-size", "4", "--eval-every", "1",
                               "--log-every", "100",
                                     "--out", str(out)])
-    msg = str(e.value.code)
+    msg = str(e.value)
     assert "weights became NaN/Inf at step 3" in msg and f"Last good checkpoint: {out}/ckpt.pt" in msg
     state = checkpoints.read_checkpoint(out / "ckpt.pt", resume=True)
     assert state["step"] == 2 and checkpoints.first_nonfinite({k: state[k] for k in ("G", "D", "optG", "optD")}) is None

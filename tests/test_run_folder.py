@@ -131,7 +131,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, 
     G, D = ce_model.build_models(8, 16)
     path = str(tmp_path / "ckpt.pt")
     checkpoints.save_checkpoint(path, {"G": G.state_dict(), "D": D.state_dict(), "args": {}, "step": 1})
-    monkeypatch.setattr(checkpoints, "open", full_disk_open(10_000), raising=False)
+    monkeypatch.setattr(cli, "open", full_disk_open(10_000), raising=False)
     with pytest.raises(checkpoints.CheckpointError) as e:
         checkpoints.save_checkpoint(path, {"G": G.state_dict(), "D": D.state_dict(), "args": {}, "step": 2})
     assert str(e.value).startswith(path) and "No space left on device" in str(e.value)

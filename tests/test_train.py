@@ -15,7 +15,7 @@ import ce_eval
 import ce_losses
 import ce_model
 import ce_train
-from ce_utils import checkpoints, cli, config, figures, runstate
+from ce_utils import checkpoints, cli, figures, runstate
 
 
 def read_log(out):
@@ -118,19 +118,19 @@ def test_l2_only_trains_without_discriminator(tmp_path, tiny_flags):
                   rec_reduction="split", d_reduction="mean", flip=False)),
 ])
 def test_variant_presets_and_explicit_flags_win(variant, expect, tmp_path):
-    a = config.parse_args(["--variant", variant, "--device", "cpu", "--out", str(tmp_path / "x")])
+    a = ce_train.parse_args(["--variant", variant, "--device", "cpu", "--out", str(tmp_path / "x")])
     assert {k: getattr(a, k) for k in expect} == expect
-    b = config.parse_args(["--variant", variant, "--overlap", "5", "--device", "cpu", "--out", str(tmp_path / "x")])
+    b = ce_train.parse_args(["--variant", variant, "--overlap", "5", "--device", "cpu", "--out", str(tmp_path / "x")])
     assert b.overlap == 5
 
 
 def test_defaults_are_paper_values_and_cpu_quick_start(tmp_path):
-    a = config.parse_args(["--device", "cpu", "--data", "tiny", "--out", str(tmp_path)])
+    a = ce_train.parse_args(["--device", "cpu", "--data", "tiny", "--out", str(tmp_path)])
     assert (a.batch_size, a.lr_g, a.lr_d, a.beta1, a.lam_rec, a.lam_adv, a.width, a.bottleneck) == \
         (64, 0.002, 0.0002, 0.5, 0.999, 0.001, 64, 4000)
-    q = config.parse_args(["--device", "cpu", "--out", str(tmp_path)])
+    q = ce_train.parse_args(["--device", "cpu", "--out", str(tmp_path)])
     assert q.quick and q.width == 24 and q.steps > 0
-    assert not config.parse_args(["--device", "cpu", "--width", "64", "--out", str(tmp_path)]).quick
+    assert not ce_train.parse_args(["--device", "cpu", "--width", "64", "--out", str(tmp_path)]).quick
 
 
 @pytest.mark.parametrize("flags,words", [
@@ -233,7 +233,7 @@ def test_fine_tuning_on_other_data_starts_best_afresh_and_steps_count_in_total(t
 
 def test_cpu_quick_start_defaults_apply_flag_by_flag(tmp_path):
     def parsed(*flags):
-        return config.parse_args(["--device", "cpu", "--out", str(tmp_path), *flags])
+        return ce_train.parse_args(["--device", "cpu", "--out", str(tmp_path), *flags])
     a = parsed("--steps", "100")
     assert (a.width, a.bottleneck, a.batch_size, a.steps, a.eval_every) == (24, 512, 32, 100, 250)
     b = parsed("--batch-size", "8")
@@ -247,7 +247,7 @@ def test_cpu_quick_start_defaults_apply_flag_by_flag(tmp_path):
 
 
 def test_a_big_network_on_a_cpu_says_how_long_a_step_takes(tmp_path, capsys):
-    args = config.parse_args(["--device", "cpu", "--width", "64", "--bottleneck", "4000", "--out", str(tmp_path)])
+    args = ce_train.parse_args(["--device", "cpu", "--width", "64", "--bottleneck", "4000", "--out", str(tmp_path)])
     G, D = ce_model.build_models(8, 16)       # the estimate is timed on whatever it is given: a tiny net here
     before = {k: v.clone() for k, v in G.state_dict().items()}
     runstate.announce(args, 1, 64, 16, G, D, 1000)
