@@ -185,6 +185,9 @@ class Batches:
         # exactly as in a one-process run of world * B images
         g = seeded(self.seed, "aug", step)
         B, c, mine = len(idx), self.crop, slice(self.rank * len(idx), (self.rank + 1) * len(idx))
+        # DEVIATION: the images were stored as centre squares (ce_utils/datasets.py), so the random
+        # crop stays inside that square; the official donkey_folder.lua crops anywhere in the
+        # aspect-preserved image
         if self.size > c:  # official train.lua: a random 128 crop of the loaded image
             off = torch.randint(0, self.size - c + 1, (2, B * self.world, 1), generator=g)
             off = self._to_data(off[:, mine])

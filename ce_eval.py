@@ -149,16 +149,14 @@ PROGRESS_ABOVE = 1000     # evaluations of more images than this print progress 
 PROGRESS_EVERY_S = 10.0   # at most one progress line per this many seconds (and one at the end)
 
 
-def evaluate(G, images_u8, spec=None, ring=None, fill=None, methods=("model",), batch_size=256,
-             dtype=None, mask="center", size=128):
+def evaluate(G, images_u8, spec=None, methods=("model",), batch_size=256, dtype=None):
     """Mean metrics of each method over uint8 (N, S, S, 3) images (S >= size, centre-cropped to it)
     with the hole of `spec` (mask_spec: a run's flags): {method: {"psnr", "l1", "l2", "psnr_region",
     "l1_region", "l2_region", "n_images"}}, hole metrics over the hidden pixels, region metrics over
-    the 64x64 centre (centre masks) or the whole image (random masks; ce_masks.eval_masks). Pass
-    methods and the rest by keyword; spec = overlap with ring, fill, mask, size is the old form.
+    the 64x64 centre (centre masks) or the whole image (random masks; ce_masks.eval_masks).
     More than PROGRESS_ABOVE images: a progress line on stderr every PROGRESS_EVERY_S seconds.
     """
-    spec = MaskSpec(mask, spec, ring, fill, size) if isinstance(spec, int) else mask_spec(spec)
+    spec = mask_spec(spec)
     dev = next(G.parameters()).device if G is not None else torch.device("cpu")
     sums = {m: {} for m in methods}
     n = len(images_u8)
@@ -179,13 +177,11 @@ def evaluate(G, images_u8, spec=None, ring=None, fill=None, methods=("model",), 
 # -------------------------------------------------------------------------------------------------
 # Pictures of the model's predictions (the drawing: ce_utils/figures.py)
 
-def inpaint(G, images, spec=None, ring=None, fill=None, dtype=None, mask="center"):
+def inpaint(G, images, spec=None, dtype=None):
     """images (B, 3, S, S) in [-1, 1] -> (masked, filled) with the hole of `spec` (mask_spec), the
     prediction pasted into the hole only. Random masks: the held-out masks of images 0..B-1, with
-    the hole's outline drawn. Pass dtype by keyword (spec = overlap, ring, fill, mask: old form)."""
-    size = images.shape[-1]
-    spec = MaskSpec(mask, spec, ring, fill, size) if isinstance(spec, int) else mask_spec(spec)
-    t = eval_task(images, spec)
+    the hole's outline drawn."""
+    t = eval_task(images, mask_spec(spec))
     return t.masked, t.picture(predict(G, t.masked, dtype=dtype).to(images.device))
 
 
@@ -403,7 +399,7 @@ def main(argv=None):
         return
     if args.mask_stats:
         return print_mask_stats(args.mask_stats, args.stats_n)
-    hw = cli.Hardware(args.device)
+    hw = cli.Hardware(args.device).use_fast_kernels()
     dtype = hw.dtype
     loaded = [checkpoints.load_checkpoint(c, hw.device) for c in args.ckpt]
     a = loaded[0][2]["args"]  # the checkpoint's own flags decide the mask and the network

@@ -346,7 +346,7 @@ def main(argv=None):
     train, val = balanced_subset(train, args.max_train), balanced_subset(val, args.max_val)
     decoded, results = {}, []
     for spec in specs:
-        size = ce_model.INPUT_SIZE[spec["arch"]]
+        size = ce_model.input_size(spec)
         if size not in decoded:               # each input size decoded once, shared by the models
             decoded[size] = (decode_labelled(train, size, f"{args.data} train"),
                              decode_labelled(val, size, f"{args.data} held-out"))

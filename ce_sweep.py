@@ -51,7 +51,7 @@ def train_hardware(train_flags):
     sweep evaluates each run there, as ce_train.py's own evaluation does."""
     p = ce_train.build_parser()
     a = p.parse_args(train_flags)
-    return cli.Hardware(cli.resolve_device(a.device, p), a.dtype)
+    return cli.Hardware(cli.resolve_device(a.device, p), a.dtype).use_fast_kernels()
 
 
 def train_and_evaluate(r, run, train_flags, hw, first):
@@ -68,9 +68,7 @@ def train_and_evaluate(r, run, train_flags, hw, first):
     a = state["args"]
     images = datasets.load_split(a["data"], a["data_root"], "val", a["load_size"], a["shapes_n"])
     methods = ("model",) + (baselines.BASELINES if first else ())
-    res = ce_eval.evaluate(G, images, a["overlap"], a["ring"], a["fill"], methods, dtype=hw.dtype,
-                           mask=a.get("mask", "center"),
-                           size=ce_model.INPUT_SIZE[a.get("arch", "dcgan")])
+    res = ce_eval.evaluate(G, images, a, methods=methods, dtype=hw.dtype)  # the run's own mask
     return G, state, images, res, wall
 
 
@@ -108,7 +106,7 @@ def main(argv=None):
     write_table(rows, args.out)
     labels = [label for label, _, _ in models]
     figures.plot_curves(runs, os.path.join(args.out, "curves.png"), labels)
-    x = ce_data.eval_batch(images[:args.n], ce_model.INPUT_SIZE[a.get("arch", "dcgan")])
+    x = ce_data.eval_batch(images[:args.n], ce_model.input_size(a))
     # notes: e.g. "x1000 = runs/sweep/ratio1000: lam_adv=0.000999 lam_rec=0.999"
     notes = figures.run_labels(runs, labels)[1]
     ce_eval.comparison_figure(models, x, os.path.join(args.out, "figure.png"), hw.dtype, notes)

@@ -61,8 +61,8 @@ def build_parser(doc=None):
         help="shapes: embedded offline data; tiny: Tiny ImageNet (downloads); imagenet/folder: "
              "your images")
     add("--data-root", default="data", help="dataset folder; caches go in DATA_ROOT/.ce_cache")
-    add("--load-size", type=int, default=128, help="shorter side after decoding; 350 gives the "
-        "official random-crop augmentation (train.lua loadSize)")
+    add("--load-size", type=int, default=128, help="side of the stored centre square; 350: the "
+        "official crop size (train.lua loadSize), crops within the square (DEVIATION)")
     add("--shapes-n", type=int, default=10000, help="training images of the embedded shapes data")
     add("--flip", action=BOOL, default=PAPER["flip"],
         help="random horizontal flip (official donkey_folder.lua; seed: off)")

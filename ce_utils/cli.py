@@ -1,7 +1,8 @@
-"""Plumbing shared by every ce_*.py script, none of it from the paper: the argument parser, the error-to-exit
-wrapper (also keeping a closed stdout from stopping a run), the one place where device, autocast dtype and memory
-format are decided, atomic writes, the run log, the lock by which a run owns its folder, and signal handling.
-ce_model.py, ce_losses.py and ce_utils/synthetic.py do not import it (each can be copied alone).
+"""Plumbing shared by every ce_*.py script, none of it from the paper: the argument parser, the
+error-to-exit wrapper (also keeping a closed stdout from stopping a run), the one place where
+device, autocast dtype and memory format are decided, atomic writes, the run log, the lock by which
+a run owns its folder, and signal handling. ce_model.py, ce_losses.py, ce_data.py and
+ce_utils/synthetic.py do not import it (each can be copied alone).
 
     python -c "from ce_utils import cli; print(cli.Hardware('cpu').dtype_name)"
 """
@@ -25,27 +26,30 @@ except ImportError:  # Windows
     fcntl = None
     import msvcrt
 
-# Temp files this project writes are named PATH.ce-tmp<pid>: a pattern nobody else uses, and the only files it
-# ever deletes on its own (left-overs of a run killed while writing; the real files are intact).
+# Temp files this project writes are named PATH.ce-tmp<pid>: a pattern nobody else uses, and the
+# only files it ever deletes on its own (left-overs of a run killed while writing; the real files
+# are intact).
 TMP_SUFFIX = ".ce-tmp"
 _TMP_RE = re.compile(re.escape(TMP_SUFFIX) + r"\d+$")
 
 
 class UserError(Exception):
-    """A problem the user can fix (bad data, a bad file): printed as one line, exit code 2, no traceback."""
+    """A problem the user can fix (bad data, a bad file): printed as one line, exit code 2, no
+    traceback."""
 
 
 class CheckpointError(UserError):
-    """A checkpoint file is missing, truncated, foreign or incompatible (one-line message for the user)."""
+    """A checkpoint file is missing, truncated, foreign or incompatible (one-line message for the
+    user)."""
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Command line: one parser class, one error-to-exit wrapper
 
 class _HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows the script's docstring as written (its examples) and every flag's default, but no
-    "(default: None)" or "(default: False)" after flags that are off unless given: their help says what happens
-    without them."""
+    """--help shows the script's docstring as written (its examples) and every flag's default, but
+    no "(default: None)" or "(default: False)" after flags that are off unless given: their help
+    says what happens without them."""
 
     def _get_help_string(self, action):
         if action.default is None or action.default is False:
@@ -54,7 +58,8 @@ class _HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefault
 
 
 def finite_float(text):
-    """argparse type for float flags: 'inf' and 'nan' parse as floats but are never a meaningful setting."""
+    """argparse type for float flags: 'inf' and 'nan' parse as floats but are never a meaningful
+    setting."""
     value = float(text)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
@@ -72,10 +77,10 @@ class Parser(argparse.ArgumentParser):
 
 
 class _PipeSafeStdout:
-    """sys.stdout that goes quiet when it can no longer be written: its reader has gone (`ce_train.py | head -1`:
-    Python ignores SIGPIPE, so the write raises BrokenPipeError) or its terminal has (EIO after SIGHUP). The
-    progress lines are dropped from then on (stdout points at the null device); the work goes on and log.jsonl
-    keeps the record."""
+    """sys.stdout that goes quiet when it can no longer be written: its reader has gone
+    (`ce_train.py | head -1`: Python ignores SIGPIPE, so the write raises BrokenPipeError) or its
+    terminal has (EIO after SIGHUP). The progress lines are dropped from then on (stdout points at
+    the null device); the work goes on and log.jsonl keeps the record."""
 
     def __init__(self, stream):
         self._stream = stream
@@ -102,8 +107,8 @@ class _PipeSafeStdout:
 
 
 def run(main, argv=None):
-    """Run a script's main(argv); user-facing errors become one line on stderr and exit code 2, never a traceback.
-    A closed stdout never stops the script (_PipeSafeStdout)."""
+    """Run a script's main(argv); user-facing errors become one line on stderr and exit code 2,
+    never a traceback. A closed stdout never stops the script (_PipeSafeStdout)."""
     stdout, sys.stdout = sys.stdout, _PipeSafeStdout(sys.stdout)
     try:
         return main(argv)
@@ -111,12 +116,14 @@ def run(main, argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except torch.cuda.OutOfMemoryError:
-        print("error: out of GPU memory; lower --batch-size (or --width/--bottleneck)", file=sys.stderr)
+        print("error: out of GPU memory; lower --batch-size (or --width/--bottleneck)",
+              file=sys.stderr)
         sys.exit(2)
-    except OSError as e:  # a folder that cannot be written, a full disk: say which file, no traceback
-        print(f"error: {e.filename}: {e.strerror or e}" if e.filename else f"error: {e}", file=sys.stderr)
+    except OSError as e:  # a folder that cannot be written, a full disk: which file, no traceback
+        print(f"error: {e.filename}: {e.strerror or e}" if e.filename else f"error: {e}",
+              file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and exits on its own)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and exits itself)
         print("\ninterrupted; nothing was written over earlier results", file=sys.stderr)
         sys.exit(130)
     finally:
@@ -127,7 +134,8 @@ def run(main, argv=None):
 # Device and precision: decided here, once, for train, eval, bench and sweep
 
 def resolve_device(name, p):
-    """'auto' -> cuda if available, else cpu; a device that does not exist is an error of parser p."""
+    """'auto' -> cuda if available, else cpu; a device that does not exist is an error of parser
+    p."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -175,14 +183,14 @@ class Hardware:
         return self
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Files: atomic writes, temp-file clean-up, the run log
 
 def atomic_write(path, data):
-    """Write `data` (bytes, str, or a function that writes to a binary file object) to `path` through a temp file
-    in the same folder, flushed to disk, then renamed: a kill at any moment leaves the old file or the new one.
-    An OSError (a full disk, a read-only folder) names `path`.
-    (checkpoints.save_checkpoint writes the same way, and reports a failed torch.save as a CheckpointError.)"""
+    """Write `data` (bytes, str, or a function that writes to a binary file object) to `path`
+    through a temp file in the same folder, flushed to disk, then renamed: a kill at any moment
+    leaves the old file or the new one. An OSError (a full disk, a read-only folder) names `path`.
+    (checkpoints.save_checkpoint writes through it, and reports a failure as a CheckpointError.)"""
     path = os.fspath(path)
     tmp = f"{path}{TMP_SUFFIX}{os.getpid()}"
     try:
@@ -195,15 +203,16 @@ def atomic_write(path, data):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        raise OSError(e.errno, f"could not be written ({e.strerror or e}); the previous version, if any, is intact",
-                      path) from None
+        raise OSError(e.errno, f"could not be written ({e.strerror or e}); the previous version, "
+                      "if any, is intact", path) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
 
 
 def remove_temp_files(folder):
-    """Delete the temp files this project left in `folder` (PATH.ce-tmp<pid>, regular files only); nothing else."""
+    """Delete the temp files this project left in `folder` (PATH.ce-tmp<pid>, regular files
+    only); nothing else."""
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
         if _TMP_RE.search(name) and os.path.isfile(path) and not os.path.islink(path):
@@ -211,29 +220,33 @@ def remove_temp_files(folder):
 
 
 def append_log(path, record):
-    """Add one JSON record as a line of a run's log.jsonl. A last line without its newline (cut short by a kill or a
-    full disk) is dropped first, so that a record is never glued onto it. An OSError names the log file."""
+    """Add one JSON record as a line of a run's log.jsonl. A last line without its newline (cut
+    short by a kill or a full disk) is dropped first, so that a record is never glued onto it. An
+    OSError names the log file."""
     line = (json.dumps(record) + "\n").encode()
     try:
         with open(path, "a+b") as f:       # "a": every write goes to the end, whatever the position
             end = f.seek(0, os.SEEK_END)
-            f.seek(max(0, end - 65536))    # a record is a few hundred bytes: the tail holds the last newline
+            f.seek(max(0, end - 65536))    # records are short: the last newline is in this tail
             tail = f.read()
             if tail and not tail.endswith(b"\n"):
                 cut = tail.rfind(b"\n")
                 if cut >= 0 or len(tail) == end:
                     f.truncate(end - len(tail) + cut + 1)
-                else:                      # a broken tail longer than 64 KiB: end it; read_log skips it
+                else:                      # a broken tail over 64 KiB: end it; read_log skips it
                     line = b"\n" + line
             f.write(line)
     except OSError as e:
-        raise OSError(e.errno, f"could not append to the run log ({e.strerror or e})", path) from None
+        raise OSError(e.errno, f"could not append to the run log ({e.strerror or e})",
+                      path) from None
 
 
 def read_log(path):
-    """The records of a log.jsonl, in order; a line cut short by a kill or a full disk is skipped."""
+    """The records of a log.jsonl, in order; a line cut short by a kill or a full disk is
+    skipped."""
     if not os.path.isfile(path):
-        raise DataError(f"{path}: no training log here; give a run folder written by ce_train.py")
+        raise DataError(f"{path}: no training log here; give a run folder written by "
+                        "ce_train.py")
     records = []
     with open(path) as f:
         for line in f:
@@ -245,21 +258,22 @@ def read_log(path):
 
 
 def rewind_log(path, step):
-    """On resume: keep the records up to `step` (later ones will be written again), drop broken lines."""
+    """On resume: keep the records up to `step` (later ones will be written again), drop broken
+    lines."""
     if os.path.exists(path):
         keep = [r for r in read_log(path) if r.get("step", 0) <= step]
         atomic_write(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # A run owns its folder
 
 @contextlib.contextmanager
 def folder_lock(folder):
-    """Hold FOLDER/.lock for the block: a second process that asks for the same folder gets a UserError naming the
-    pid that holds it. The lock is an OS file lock (flock), which the kernel drops when its process dies, however
-    it dies: a .lock file left by a killed run is simply taken over. The folder is created if needed (and removed
-    again if it is still empty at the end)."""
+    """Hold FOLDER/.lock for the block: a second process that asks for the same folder gets a
+    UserError naming the pid that holds it. The lock is an OS file lock (flock), which the kernel
+    drops when its process dies, however it dies: a .lock file left by a killed run is simply
+    taken over. The folder is created if needed (and removed again if still empty at the end)."""
     created = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, ".lock")
@@ -273,8 +287,8 @@ def folder_lock(folder):
         f.seek(0)
         holder = f.read().strip()
         f.close()
-        raise UserError(f"{folder} is in use by another run (pid {holder or 'unknown'}); wait for it to end or "
-                        "choose another --out")
+        raise UserError(f"{folder} is in use by another run (pid {holder or 'unknown'}); wait for "
+                        "it to end or choose another --out")
     try:
         f.truncate(0)
         f.write(str(os.getpid()))
@@ -286,7 +300,7 @@ def folder_lock(folder):
         f.close()
         if created:
             with contextlib.suppress(OSError):
-                os.rmdir(folder)   # only if empty: a run that failed before writing anything leaves nothing
+                os.rmdir(folder)   # only if empty: a run that failed before writing leaves nothing
 
 
 def _try_lock(f):
@@ -303,18 +317,19 @@ def _try_lock(f):
         raise OSError(e.errno, f"cannot lock the run folder ({e.strerror})", f.name) from None
 
 
-
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Signals
 
 # SIGHUP: the terminal was closed (an ssh session lost); Windows has no SIGHUP.
-STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
+                     if hasattr(signal, n))
 
 
 @contextlib.contextmanager
 def signals_caught(signals=STOP_SIGNALS):
-    """Within the block, the signals are recorded in the yielded list instead of killing the process (the training
-    loop finishes its step, saves and exits); the previous handlers come back afterwards."""
+    """Within the block, the signals are recorded in the yielded list instead of killing the
+    process (the training loop finishes its step, saves and exits); the previous handlers come
+    back afterwards."""
     caught = []
     previous = {s: signal.signal(s, lambda sig, frame: caught.append(sig)) for s in signals}
     try:

@@ -67,7 +67,8 @@ def apply_arch(args, given, p):
     """--arch alexnet (paper 5.2): random regions, L2 only and 227 px unless given otherwise."""
     if args.arch != "alexnet":
         return
-    defaults = {"mask": "region", "lam_adv": 0.0, "load_size": ce_model.INPUT_SIZE["alexnet"]}
+    size = ce_model.input_size({"arch": "alexnet"})
+    defaults = {"mask": "region", "lam_adv": 0.0, "load_size": size}
     for k, v in defaults.items():
         if k not in given:
             setattr(args, k, v)

@@ -41,7 +41,7 @@ class Progress:
         shown = (lambda k: k) if self.scale == 1 else (lambda k: k / self.scale)
         count = _num(shown(done)) + (f"/{_num(shown(self.total))}" if self.total else "")
         if final:
-            when = f", {elapsed:.0f}s"
+            when = f", {_num(elapsed)}s"
         elif self.total:
             when = f", ETA {(self.total - done) / max(rate, 1e-9):.0f}s"
         else:

@@ -8,14 +8,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # Flags for a network small enough that a training step takes milliseconds on a CPU.
-TINY = ["--width", "8", "--bottleneck", "16", "--device", "cpu", "--shapes-n", "64", "--eval-images", "16"]
+TINY = ["--width", "8", "--bottleneck", "16", "--device", "cpu", "--shapes-n", "64",
+        "--eval-images", "16"]
 
 
 @pytest.fixture(scope="session")
 def shapes_root(tmp_path_factory):
-    """A data folder whose embedded-data cache (64 train images, the 512 held-out ones) is made once per test
-    session: generating it takes about a second, and most tests only need some data to train on. Tests that
-    are about making or reading the cache use folders of their own."""
+    """A data folder whose embedded-data cache (64 train images, the 512 held-out ones) is made
+    once per test session: most tests only need some data to train on. Tests that are about making
+    or reading the cache use folders of their own."""
     from ce_utils import datasets
     root = str(tmp_path_factory.getbasetemp() / "tiny-shapes-data")
     for split in ("train", "val"):
@@ -25,19 +26,22 @@ def shapes_root(tmp_path_factory):
 
 @pytest.fixture
 def tiny_flags(shapes_root):
-    """Tiny-model flags with the session's data cache (runs go to each test's own temp dir via --out)."""
+    """Tiny-model flags with the session's data cache (runs go to each test's own temp dir via
+    --out)."""
     return TINY + ["--data-root", shapes_root]
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "pictures: let training runs draw curves.png and evolution.gif")
+    config.addinivalue_line("markers",
+                            "pictures: let training runs draw curves.png and evolution.gif")
 
 
 @pytest.fixture(autouse=True)
 def _no_run_pictures(request, monkeypatch):
-    """A training run redraws OUT/curves.png and OUT/evolution.gif when it ends: about 0.9 s of matplotlib, which
-    over the suite's ~50 runs was a third of its time. Tests that do not look at them skip that drawing; a test
-    marked @pytest.mark.pictures keeps it (runs in subprocesses always draw)."""
+    """A training run redraws OUT/curves.png and OUT/evolution.gif when it ends, with matplotlib,
+    which slows a suite of many short runs. Tests that do not look at them skip that drawing; a
+    test marked @pytest.mark.pictures keeps it (runs in subprocesses always draw)."""
     if "pictures" not in request.keywords:
         import ce_train
-        monkeypatch.setattr(ce_train, "draw_pictures", lambda run, args: setattr(run, "t_pictures", time.time()))
+        monkeypatch.setattr(ce_train, "draw_pictures",
+                            lambda run, args: setattr(run, "t_pictures", time.time()))

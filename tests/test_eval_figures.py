@@ -199,14 +199,14 @@ def test_evaluate_progress_only_for_large_evaluations(monkeypatch, capsys):
 
 def test_evaluate_and_inpaint_take_a_runs_flags_as_one_mask_spec():
     """evaluate(G, images, a) and inpaint(G, x, a), with a run's flags as a dict or a namespace,
-    give what the old loose form (overlap, ring, fill, mask=, size=) gave; arch sets the size."""
+    give what the explicit MaskSpec(mask, overlap, ring, fill, size) gives; arch sets the size."""
     from types import SimpleNamespace
     images = np.random.default_rng(0).integers(0, 256, (5, 140, 140, 3), dtype=np.uint8)
     methods = ("fill", "context_mean")
     for a in ({"mask": "block", "overlap": 4, "ring": "visible", "fill": "zero"},
               {"overlap": 4, "ring": "hidden", "fill": "zero", "arch": "dcgan"}):
-        old = ce_eval.evaluate(None, images, a["overlap"], a["ring"], a["fill"], methods, 2,
-                               mask=a.get("mask", "center"), size=128)
+        spec = ce_eval.MaskSpec(a.get("mask", "center"), a["overlap"], a["ring"], a["fill"], 128)
+        old = ce_eval.evaluate(None, images, spec, methods=methods, batch_size=2)
         for flags in (a, SimpleNamespace(**a), ce_eval.mask_spec(a)):
             assert ce_eval.evaluate(None, images, flags, methods=methods, batch_size=2) == old
         assert old != ce_eval.evaluate(None, images, methods=methods, batch_size=2)  # not defaults
@@ -214,7 +214,7 @@ def test_evaluate_and_inpaint_take_a_runs_flags_as_one_mask_spec():
     G = torch.nn.Conv2d(3, 3, 1)
     x = torch.rand(2, 3, 128, 128) * 2 - 1
     a = {"mask": "region", "overlap": 7, "ring": "visible", "fill": "mean"}
-    old = ce_eval.inpaint(G, x, 7, "visible", "mean", None, "region")
+    old = ce_eval.inpaint(G, x, ce_eval.MaskSpec("region", 7, "visible", "mean", 128))
     assert all(torch.equal(u, v) for u, v in zip(old, ce_eval.inpaint(G, x, a)))
 
 

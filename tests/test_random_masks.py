@@ -315,8 +315,9 @@ def test_user_mask_on_a_photo_and_its_errors(tmp_path, tiny_flags, capsys):
 
 
 def test_masks_drawn_a_step_ahead_are_the_masks_of_their_step():
-    """ce_train draws step s + 1's random numbers in a worker thread during step s: in order, after
-    a jump (a resumed run) and with a DDP rank's slice, the masks are exactly random_masks(step)."""
+    """accel.mask_numbers_ahead draws step s + 1's random numbers in a worker thread during step
+    s: in order, after a jump (a resumed run) and with a DDP rank's slice, the masks that
+    ce_train.cut_hole builds from them are exactly random_masks(step)."""
     import ce_train
     from ce_utils import accel
     for kind, rank, world in (("region", 0, 1), ("block", 1, 2)):
@@ -331,9 +332,10 @@ def test_masks_drawn_a_step_ahead_are_the_masks_of_their_step():
 
 
 def test_the_mask_builder_takes_all_its_randomness_from_its_arguments():
-    """ce_train captures make_masker's cut_holes(real, *numbers) in its CUDA graph and replays it
-    with each step's numbers copied in: it must draw nothing itself (torch's generator untouched)
-    and give the same masked batch and weights for the same numbers."""
+    """On one GPU ce_train captures its step, ce_train.cut_hole(real, numbers, args, W) included,
+    in a CUDA graph (accel.cuda_graphed) and replays it with each step's numbers copied in: it
+    must draw nothing itself (torch's generator untouched) and give the same masked batch and
+    weights for the same numbers."""
     import ce_train
     from ce_utils import accel
     for kind in ("block", "region"):
@@ -357,10 +359,10 @@ def test_the_mask_builder_takes_all_its_randomness_from_its_arguments():
                                                       ("region", "hole", False),
                                                       ("region", "image", True)])
 def test_the_mask_builder_needs_no_values_from_the_device(kind, rec_loss, per_batch):
-    """What cuda_graphed captures must not wait for the GPU (.item(), bool(tensor), nonzero, boolean
-    indexing, shapes that depend on values). On the meta device tensors have shapes and no values,
-    so every such operation raises: the masks are built there the GPU's way (every candidate at
-    once, no host check), with the loss weights."""
+    """What accel.cuda_graphed captures must not wait for the GPU (.item(), bool(tensor), nonzero,
+    boolean indexing, shapes that depend on values). On the meta device tensors have shapes and no
+    values, so every such operation raises: the masks are built there the GPU's way (every
+    candidate at once, no host check), with the loss weights."""
     import ce_train
     from ce_utils import accel
     args = ce_train.default_args(mask=kind, rec_loss=rec_loss, mask_per_batch=per_batch)
@@ -391,8 +393,8 @@ def test_region_masks_the_same_whether_rounds_compact_or_not():
     assert torch.equal(gpu_way, cpu_way)
     # 200 images: the last 8 candidates are for the first 200 // 4 + 32 = 82 images left after the
     # first 8, the fallback for the first 200 // 8 + 32 = 57 left after that (REGION_ROOM); the
-    # narrow window overflows both (the default one leaves about 12, then 1): both ways still agree,
-    # and the images left beyond take the central square
+    # narrow window overflows both: both ways still agree, and the images left beyond take the
+    # central square
     numbers = ce_masks.mask_numbers("region", 200, (1, "compact"))
     *_, ok = ce_masks._region_candidates(*numbers, *rule)
     assert (~ok[:, :8].any(dim=1)).sum() > 82

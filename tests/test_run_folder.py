@@ -1,5 +1,6 @@
-"""A run's folder and files: nothing of the user's is deleted, one run per folder, a fresh log for a new run, a log
-tail cut short is repaired, a full disk names its file, and neither SIGHUP nor a closed stdout loses the run."""
+"""A run's folder and files: nothing of the user's is deleted, one run per folder, a fresh log for
+a new run, a log tail cut short is repaired, a full disk names its file, and neither SIGHUP nor a
+closed stdout loses the run."""
 import errno
 import json
 import os
@@ -28,7 +29,7 @@ def log_steps(out):
 def test_only_this_programs_temp_files_are_removed(tmp_path, flags):
     out = tmp_path / "run"
     (out / "x.tmp").mkdir(parents=True)                  # a folder named like a temp file
-    (out / "y.ce-tmp7").mkdir()                          # even one with our own pattern: not a regular file
+    (out / "y.ce-tmp7").mkdir()          # even one with our own pattern: not a regular file
     (out / "thesis.tmp.tex").write_text("chapter 1")
     (out / "ckpt.pt.ce-tmp4242").write_bytes(b"half a checkpoint of a killed run")
     ce_train.main(flags + ["--steps", "1", "--out", str(out)])
@@ -38,12 +39,15 @@ def test_only_this_programs_temp_files_are_removed(tmp_path, flags):
     assert checkpoints.read_checkpoint(out)["step"] == 1 and not (out / ".lock").exists()
 
 
-def test_a_second_run_in_the_same_folder_is_refused_and_a_dead_holder_is_not(tmp_path, flags, capsys):
+def test_a_second_run_in_the_same_folder_is_refused_and_a_dead_holder_is_not(tmp_path, flags,
+                                                                             capsys):
     out = tmp_path / "run"
     out.mkdir()
-    # another process holding OUT/.lock the way cli.folder_lock does (flock, its pid inside), without torch
-    code = (f"import fcntl, os, time\nf = open({str(out / '.lock')!r}, 'a+')\nfcntl.flock(f, fcntl.LOCK_EX)\n"
-            "f.write(str(os.getpid()))\nf.flush()\nprint('held', flush=True)\ntime.sleep(120)\n")
+    # another process holding OUT/.lock the way cli.folder_lock does (flock, its pid inside),
+    # without torch
+    code = (f"import fcntl, os, time\nf = open({str(out / '.lock')!r}, 'a+')\n"
+            "fcntl.flock(f, fcntl.LOCK_EX)\nf.write(str(os.getpid()))\nf.flush()\n"
+            "print('held', flush=True)\ntime.sleep(120)\n")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -53,7 +57,7 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_dead_holder_is_not(tmp
         assert e.value.code == 2 and f"{out} is in use by another run (pid {holder.pid})" in err
         assert len(err.strip().splitlines()) == 1 and not (out / "log.jsonl").exists()
     finally:
-        holder.kill()     # dies holding the lock: its .lock file stays behind, the kernel drops the lock
+        holder.kill()     # dies holding the lock: its .lock file stays, the kernel drops the lock
         holder.wait()
     assert (out / ".lock").read_text() == str(holder.pid)
     ce_train.main(flags + ["--steps", "1", "--out", str(out)])
@@ -67,7 +71,7 @@ def test_lock_in_process_and_an_unused_folder_is_removed_again(tmp_path):
         with pytest.raises(cli.UserError, match=f"pid {os.getpid()}"):
             with cli.folder_lock(out):
                 pass
-    assert not out.exists()      # created by the lock, nothing written: removed (a run that failed early)
+    assert not out.exists()   # created by the lock, nothing written: removed (a run failed early)
     with cli.folder_lock(out):    # free again
         (out / "kept").write_text("x")
     assert (out / "kept").exists() and not (out / ".lock").exists()
@@ -76,7 +80,8 @@ def test_lock_in_process_and_an_unused_folder_is_removed_again(tmp_path):
 def test_a_new_run_over_a_killed_one_starts_a_fresh_log(tmp_path, flags):
     out = tmp_path / "run"
     out.mkdir()
-    old = [{"step": s, "epoch": 0, "loss_D": 1.0, "loss_rec": 1.0, "loss_adv": 1.0, "D_x": 0.5, "D_G_x": 0.5}
+    old = [{"step": s, "epoch": 0, "loss_D": 1.0, "loss_rec": 1.0, "loss_adv": 1.0, "D_x": 0.5,
+            "D_G_x": 0.5}
            for s in range(1, 6)]           # steps 1-5 of a run killed before its first checkpoint
     (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
     ce_train.main(flags + ["--steps", "2", "--log-every", "1", "--out", str(out)])
@@ -86,7 +91,7 @@ def test_a_new_run_over_a_killed_one_starts_a_fresh_log(tmp_path, flags):
 def test_a_log_line_cut_short_is_dropped_before_appending(tmp_path):
     path = str(tmp_path / "log.jsonl")
     with open(path, "w") as f:
-        f.write('{"step": 1}\n{"step": 2, "loss_r')       # killed (or disk full) in the middle of a record
+        f.write('{"step": 1}\n{"step": 2, "loss_r')   # killed (or disk full) in mid-record
     cli.append_log(path, {"step": 3})
     with open(path) as f:
         assert f.read() == '{"step": 1}\n{"step": 3}\n'
@@ -94,7 +99,7 @@ def test_a_log_line_cut_short_is_dropped_before_appending(tmp_path):
         f.write('{"st')                                     # nothing but a fragment
     cli.append_log(path, {"step": 4})
     assert cli.read_log(path) == [{"step": 4}]
-    with open(path, "w") as f:                              # --resume rewinds, dropping broken lines too
+    with open(path, "w") as f:                        # --resume rewinds, dropping broken lines too
         f.write('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n{"step": 9}\n{"ste')
     cli.rewind_log(path, 3)
     with open(path) as f:
@@ -127,13 +132,16 @@ def full_disk_open(room):
     return lambda path, mode="r", *a, **k: FullDisk(open(path, mode, *a, **k), room)
 
 
-def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
+                                                                      capsys):
     G, D = ce_model.build_models(8, 16)
     path = str(tmp_path / "ckpt.pt")
-    checkpoints.save_checkpoint(path, {"G": G.state_dict(), "D": D.state_dict(), "args": {}, "step": 1})
+    checkpoints.save_checkpoint(path, {"G": G.state_dict(), "D": D.state_dict(), "args": {},
+                                       "step": 1})
     monkeypatch.setattr(cli, "open", full_disk_open(10_000), raising=False)
     with pytest.raises(checkpoints.CheckpointError) as e:
-        checkpoints.save_checkpoint(path, {"G": G.state_dict(), "D": D.state_dict(), "args": {}, "step": 2})
+        checkpoints.save_checkpoint(path, {"G": G.state_dict(), "D": D.state_dict(), "args": {},
+                                           "step": 2})
     assert str(e.value).startswith(path) and "No space left on device" in str(e.value)
     assert torch.load(path, weights_only=True)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
 
@@ -143,7 +151,8 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, 
         with pytest.raises(SystemExit) as e:
             cli.run(lambda argv: write())
         err = capsys.readouterr().err
-        assert e.value.code == 2 and err.startswith(f"error: {log}: ") and "No space left on device" in err
+        assert e.value.code == 2 and err.startswith(f"error: {log}: ")
+        assert "No space left on device" in err
 
 
 def start(flags, out, extra, stdout=subprocess.PIPE):
@@ -152,7 +161,8 @@ def start(flags, out, extra, stdout=subprocess.PIPE):
 
 
 def test_a_closed_stdout_does_not_stop_training(tmp_path, flags):
-    """`ce_train.py | head -1`: the reader goes away after one line; the run goes on quietly and finishes."""
+    """`ce_train.py | head -1`: the reader goes away after one line; the run goes on quietly and
+    finishes."""
     out = tmp_path / "run"
     proc = start(flags, out, ["--steps", "20", "--log-every", "1"])
     try:
