@@ -2,6 +2,8 @@
 written the way typical implementations are, side by side in one run, with the same networks,
 losses and optimisers (docs/speed.md: what it measures, and results).
 
+    python ce_bench.py --batch-size 512 --steps 50           # GPU: the paper's network
+    python ce_bench.py --batch-size 512 --mask region --skip-reference   # what masks cost
     python ce_bench.py --device cpu --width 16 --bottleneck 64 --batch-size 16 --steps 5
 
 Configurations:

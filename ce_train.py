@@ -202,9 +202,11 @@ def train_step(real, numbers, m, args):
     masked, target, weight = cut_hole(real, numbers, args, m.W)
     with m.ctx:
         fake = m.forward_G(masked)      # G(x): (B, 3, 64, 64) centre or (B, 3, S, S) image
+    use_d = args.lam_adv > 0
+    loss_d = loss_adv = logit_real = logit_fake = torch.zeros((), device=real.device)
 
     # ---- D step, Eq. (2): max_D  log D(y) + log(1 - D(G(x))), on the detached G(x)
-    if args.lam_adv > 0:
+    if use_d:
         m.D.requires_grad_(True)
         with m.ctx:
             logit_real, logit_fake = m.forward_D(target), m.forward_D(fake.detach())
@@ -212,15 +214,14 @@ def train_step(real, numbers, m, args):
         m.optD.zero_grad(set_to_none=True)
         loss_d.backward()
         m.optD.step()
-        m.D.requires_grad_(False)       # the G step needs gradients through D, not for D
+
+    # ---- G step, Eq. (3): min_G  lambda_rec L_rec (Eq. 1) + lambda_adv L_adv, the same G(x)
+    if use_d:
+        m.D.requires_grad_(False)       # gradients flow through D to G, none for D's weights
         # DEVIATION: D is run again on G(x) after its update (PyTorch's DCGAN); official
         # train.lua reuses the D output computed before the update.
         with m.ctx:
             loss_adv = ce_losses.generator_adversarial_loss(m.forward_D_frozen(fake))
-    else:
-        loss_d = loss_adv = logit_real = logit_fake = torch.zeros((), device=real.device)
-
-    # ---- G step, Eq. (3): min_G  lambda_rec L_rec (Eq. 1) + lambda_adv L_adv, the same G(x)
     loss_rec = ce_losses.reconstruction_loss(fake, target, weight)
     loss_g = ce_losses.joint_loss(loss_rec, loss_adv, args.lam_rec, args.lam_adv)
     m.optG.zero_grad(set_to_none=True)
