@@ -1,5 +1,6 @@
 """Evaluate a Context Encoder (Pathak et al., CVPR 2016, section 5.1 / Table 1): PSNR, mean L1 %,
-mean L2 % of the model against classical baselines (ce_utils/baselines.py) on held-out images;
+mean L2 % (with SSIM and sharpness) of the model against classical baselines
+(ce_utils/baselines.py) on held-out images;
 figures; inpainting your own photos. The drawing is in ce_utils/figures.py, a photo's image side
 (inputs, the square the model sees, your mask, pasting back) in ce_utils/photos.py.
 
@@ -16,6 +17,9 @@ Metrics (all on [0, 1] intensities, per image then averaged over images):
   region: the whole 64x64 centre of the final image, the prediction pasted into the hole (random
           masks: the whole image)
   PSNR = 10 log10(1 / MSE);  L1 % = 100 * mean |pred - true|;  L2 % = 100 * mean (pred - true)^2.
+  SSIM: Wang et al. 2004 (11x11 Gaussian, sigma 1.5) at each pixel, averaged over them; 1 = same.
+  sharp: Laplacian energy of the prediction / of the true image, 1 = as sharp as the real image,
+         < 1 blurrier. PSNR rewards the blurry mean, sharpness detail even where it is wrong.
 """
 import json
 import os
@@ -25,6 +29,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import ce_data
@@ -38,13 +43,62 @@ from ce_utils.progress import Progress
 
 def image_metrics(pred, target, mask):
     """Per-image PSNR (dB), L1 %, L2 % over the pixels where `mask` ((1 or B), 1, H, W) is 1, inputs
-    in [-1, 1]: a dict of (B,) tensors. PSNR per image, then averaged: the paper's Table 1."""
+    in [-1, 1], with SSIM and sharpness (below): a dict of (B,) tensors. PSNR per image, then
+    averaged: the paper's Table 1. Higher PSNR and SSIM, lower L1/L2 are closer to the truth; but
+    the blurry mean of the plausible fills minimises the expected L2, so PSNR rewards blur, while
+    sharpness rewards high frequencies even where they are wrong: the two pull apart, and a sharp
+    but misplaced texture (the adversarial term's aim, paper Fig. 5) can lose PSNR to a blur."""
     d = ce_data.unit(pred) - ce_data.unit(target)
     m = mask.to(d.device, d.dtype).expand_as(d)
     n = m.sum(dim=(1, 2, 3))
     mse = (d * d * m).sum(dim=(1, 2, 3)) / n
     l1 = (d.abs() * m).sum(dim=(1, 2, 3)) / n
-    return {"psnr": 10 * torch.log10(1.0 / mse.clamp_min(1e-10)), "l1": 100 * l1, "l2": 100 * mse}
+    return {"psnr": 10 * torch.log10(1.0 / mse.clamp_min(1e-10)), "l1": 100 * l1, "l2": 100 * mse,
+            "ssim": ssim(pred, target, mask), "sharpness": sharpness(pred, target, mask)}
+
+
+def ssim(pred, target, mask):
+    """Per-image SSIM (Wang et al. 2004, Eq. 13: 11x11 Gaussian window, sigma 1.5, C1 = (0.01 L)^2,
+    C2 = (0.03 L)^2, L = 1 on [0, 1] intensities) of each RGB channel at every pixel, averaged over
+    the channels and the pixels where `mask` is 1. 1 = identical, higher is better. At the border
+    the window is cut to the image and renormalised (zero-padding would darken the local means,
+    'valid' windows would drop hole pixels near the edge); where it fits, as at every pixel of the
+    centre hole with its 7 px ring, it is the standard SSIM. Hand-written: torchvision has none."""
+    x, y = ce_data.unit(pred), ce_data.unit(target)
+    g = torch.exp(-(torch.arange(11, device=x.device) - 5.0) ** 2 / (2 * 1.5 ** 2))
+    g = (g / g.sum()).to(x.dtype)
+    stats = torch.cat([x, y, x * x, y * y, x * y, torch.ones_like(x[:, :1])], dim=1)
+    k = stats.shape[1]                                   # separable Gaussian sums, zero outside
+    stats = F.conv2d(stats, g.view(1, 1, 11, 1).expand(k, 1, 11, 1), padding=(5, 0), groups=k)
+    stats = F.conv2d(stats, g.view(1, 1, 1, 11).expand(k, 1, 1, 11), padding=(0, 5), groups=k)
+    mx, my, xx, yy, xy = (stats[:, :-1] / stats[:, -1:]).chunk(5, dim=1)  # weights summing to 1
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mx * my + c1) * (2 * (xy - mx * my) + c2)
+         / ((mx * mx + my * my + c1) * (xx - mx * mx + yy - my * my + c2)))
+    m = mask.to(x.device, x.dtype).expand(len(x), 1, *x.shape[2:])
+    return (s.mean(dim=1, keepdim=True) * m).sum(dim=(1, 2, 3)) / m.sum(dim=(1, 2, 3))
+
+
+SHARPNESS_EPS = (1 / 255) ** 2   # the Laplacian energy of one 8-bit grey level
+
+
+def sharpness(pred, target, mask):
+    """Per-image high-frequency energy of the prediction over the truth's: the mean squared
+    5-point Laplacian (a classic focus measure) of each RGB channel on [0, 1] intensities, at the
+    pixels where `mask` is 1 and so are its 4 neighbours (the fill's own detail, not its seam with
+    the context). 1 = as sharp as the true image, < 1 blurrier, > 1 more detail or noise than the
+    truth: closer to 1 is better, however wrong the detail. SHARPNESS_EPS (one grey level's
+    energy) keeps a flat true hole from dividing by zero; a hole without such pixels scores 1."""
+    x = torch.cat([ce_data.unit(pred), ce_data.unit(target)])        # (2B, 3, H, W)
+    k = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]], device=x.device)
+    lap = F.conv2d(x, k.expand(3, 1, 3, 3), padding=1, groups=3)
+    m = F.pad(mask.to(x.device, x.dtype).expand(len(pred), 1, *x.shape[2:]), (1, 1, 1, 1))
+    inner = (m[..., 1:-1, 1:-1] * m[..., :-2, 1:-1] * m[..., 2:, 1:-1] * m[..., 1:-1, :-2]
+             * m[..., 1:-1, 2:])                                       # (B, 1, H, W)
+    n = 3 * inner.sum(dim=(1, 2, 3)).clamp_min(1)
+    energy = (lap * lap * inner.repeat(2, 1, 1, 1)).sum(dim=(1, 2, 3)) / n.repeat(2)
+    e_pred, e_true = energy.chunk(2)
+    return (e_pred + SHARPNESS_EPS) / (e_true + SHARPNESS_EPS)
 
 
 def blobs(mask):
@@ -151,9 +205,11 @@ PROGRESS_EVERY_S = 10.0   # at most one progress line per this many seconds (and
 
 def evaluate(G, images_u8, spec=None, methods=("model",), batch_size=256, dtype=None):
     """Mean metrics of each method over uint8 (N, S, S, 3) images (S >= size, centre-cropped to it)
-    with the hole of `spec` (mask_spec: a run's flags): {method: {"psnr", "l1", "l2", "psnr_region",
-    "l1_region", "l2_region", "n_images"}}, hole metrics over the hidden pixels, region metrics over
-    the 64x64 centre (centre masks) or the whole image (random masks; ce_masks.eval_masks).
+    with the hole of `spec` (mask_spec: a run's flags): {method: {"psnr", "l1", "l2", "ssim",
+    "sharpness", the same with "_region", "n_images"}}. Both are image_metrics of the final picture
+    (the prediction pasted into the hole): hole metrics over the hidden pixels (SSIM's windows see
+    the real context around them), region metrics over the 64x64 centre (centre masks) or the
+    whole image (random masks; ce_masks.eval_masks), seams included.
     More than PROGRESS_ABOVE images: a progress line on stderr every PROGRESS_EVERY_S seconds.
     """
     spec = mask_spec(spec)
@@ -167,8 +223,9 @@ def evaluate(G, images_u8, spec=None, methods=("model",), batch_size=256, dtype=
         everywhere = torch.ones_like(t.hole[:1])
         for m in methods:
             pred = predict(G, t.masked, batch_size, dtype) if m == "model" else t.baseline(m)
-            for suffix, p, hole in (("", pred, t.hole), ("_region", t.compose(pred), everywhere)):
-                for k, v in image_metrics(p, t.target, hole).items():
+            final = t.compose(pred)
+            for suffix, hole in (("", t.hole), ("_region", everywhere)):
+                for k, v in image_metrics(final, t.target, hole).items():
                     sums[m][k + suffix] = sums[m].get(k + suffix, 0.0) + float(v.double().sum())
         progress(min(i + batch_size, n))
     return {m: {**{k: v / n for k, v in s.items()}, "n_images": n} for m, s in sums.items()}
@@ -289,12 +346,14 @@ def plot_path(out):
 
 
 def print_table(results, title):
+    """Hole metrics, then the region's: SSIM higher is better, sharp best at 1 (ce_eval.py -h)."""
     print(title)
-    columns = f"{'PSNR dB':>9}{'L1 %':>8}{'L2 %':>8}"
-    print(f"{'method':<14}{columns}   | region:{columns}")
+    columns = f"{'PSNR dB':>8}{'L1 %':>7}{'L2 %':>6}{'SSIM':>7}{'sharp':>7}"
+    print(f"{'method':<14}{columns} | region:{columns}")
     for m, r in results.items():
-        print(f"{m:<14}{r['psnr']:>9.2f}{r['l1']:>8.2f}{r['l2']:>8.2f}   |        "
-              f"{r['psnr_region']:>9.2f}{r['l1_region']:>8.2f}{r['l2_region']:>8.2f}")
+        cells = [f"{r['psnr' + s]:>8.2f}{r['l1' + s]:>7.2f}{r['l2' + s]:>6.2f}"
+                 f"{r['ssim' + s]:>7.3f}{r['sharpness' + s]:>7.2f}" for s in ("", "_region")]
+        print(f"{m:<14}{cells[0]} |        {cells[1]}")
 
 
 def inpaint_photo(G, photo, a, dtype, mask_path=None):

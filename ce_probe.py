@@ -1,35 +1,54 @@
-"""Linear probe (paper 5.2's question: did inpainting teach the encoder anything?): freeze an
-encoder, read its features at every conv layer and at the bottleneck / pool5, and train one linear
-softmax classifier per layer on labelled images. Higher held-out top-1 than the same network at its
-random initialisation = useful features.
+"""Linear probe and fine-tuning (paper 5.2's question: did inpainting teach the encoder anything?).
+The probe freezes an encoder, reads its features at every conv layer and at the bottleneck / pool5,
+and trains one linear softmax classifier per layer on labelled images; --finetune instead trains
+the whole encoder plus one linear head end to end (the test of the paper's Table 2). Higher
+held-out top-1 than the same network at its random (or data-dependent) initialisation = useful
+features.
 
     python ce_probe.py --data tiny --data-root data --ckpt runs/tiny/ckpt.pt --random-init dcgan
     python ce_probe.py --data tiny --data-root data --random-init dcgan --width 32 \\
         --bottleneck 512 --max-train 4000 --max-val 1000     # random-init baseline alone, CPU-sized
     python ce_probe.py --data imagenet --data-root DIR --ckpt A/ckpt.pt B/ckpt.pt --json
+    python ce_probe.py --data folder --data-root DIR --ckpt runs/shapes/best.pt --random-init dcgan \\
+        --ddi-init dcgan --finetune                       # fine-tuning from three starts
 
-Protocol (after the linear probes of Zhang et al. ECCV'16 / Split-Brain CVPR'17, scaled down).
+Probe protocol (after the linear probes of Zhang et al. ECCV'16 / Split-Brain CVPR'17, scaled down).
 DEVIATION: Tiny ImageNet or your labelled folders instead of ImageNet, each layer average-pooled to
 <= 9,600 dims, and this classifier schedule; the published numbers are ImageNet probes of
 full-size AlexNets trained for days.
-  input    the whole image, no hole, centre-cropped square at the encoder's input size (128
-           dcgan, 227 alexnet; Tiny ImageNet's 64 px images are upsampled bicubically, so they hold
-           no detail finer than 64 px), [-1, 1] as in training; encoder in eval mode (BatchNorm
-           running statistics), no gradients.
+  input    the whole image, no hole, at the encoder's input size S (128 dcgan, 227 alexnet; Tiny
+           ImageNet's 64 px images are upsampled bicubically, so they hold no detail finer than
+           64 px), [-1, 1] as in training. Training images are decoded at --crop-scale x S (256/227:
+           AlexNet's 227 crops of 256 px images), randomly cropped to S and mirrored with
+           probability 1/2, drawn afresh per image and epoch (Zhang et al.'s linear test);
+           held-out images are the centre crop. --no-augment: the whole image at S, no mirror.
+           Encoder in eval mode (BatchNorm running statistics), no gradients.
   features each tap (ce_model.encoder_taps) is average-pooled (adaptive) to the largest s x s
            with C*s*s <= --max-dims (9,600: 10x10x96, 6x6x256 and 5x5x384 for AlexNet, the probe
-           sizes of Split-Brain), or kept whole if smaller; extracted once per model, on the device.
+           sizes of Split-Brain), or kept whole if smaller; on the device. Augmented: the encoder
+           runs again on each epoch's crops into one feature buffer (memory as without; K stored
+           copies would cost K x the memory); --no-augment: extracted once per model.
   classifier one linear layer + softmax per tap, features standardised with training-split
-           statistics (features constant on it are dropped), zero init, Adam (learning rate --lr
-           / D for D features) on mini-batches in a seeded order, fixed --epochs, L2
-           --weight-decay on the weights; top-1 % on the held-out split.
-  random init torch.manual_seed(seed) + the checkpoint's own builder and flags
+           statistics (of the first epoch's crops when augmented; features constant on it are
+           dropped), zero init, Adam (learning rate --lr / D for D features) on mini-batches in a
+           seeded order, fixed --epochs, L2 --weight-decay on the weights; top-1 % held out.
+  starts   random init: torch.manual_seed(seed) + the checkpoint's own builder and flags
            (ce_model.build_generator): the exact network the run started from (from the first
-           --ckpt of that arch, else from --width etc.).
+           --ckpt of that arch, else from --width etc.). ddi init: that network rescaled on
+           --ddi-images training images (Krähenbühl et al. 2016; data_dependent_init).
+Fine-tuning (--finetune; paper 5.2, Table 2): each start's encoder plus a zero-initialised linear
+head on its last layer, trained end to end (train-mode BatchNorm) with cross-entropy, SGD momentum
+0.9, --ft-lr on a cosine schedule, --ft-weight-decay, --ft-epochs of --ft-batch images (the last
+partial batch dropped); the same seeded order and crop + mirror draws for every start. Held-out
+top-1 on the centre crop, with its standard error sqrt(p(1 - p) / n).
+DEVIATION: the paper fine-tunes AlexNet (with its fc6-fc8 classifier) on PASCAL VOC 2007 and
+reports mAP over 20 multi-label classes; here a linear head, single-label top-1 on Tiny ImageNet or
+your folders, and this project's schedule.
 Labels: the files of each split exactly as ce_train.py reads them (ce_utils/datasets.py), labelled
 by their class folder. tiny = Tiny ImageNet (train/<wnid>/images/*, val/images/* named by
 val/val_annotations.txt); imagenet = DIR/train/<class>/* and DIR/val/<class>/*; folder = the same,
-or DIR/<class>/* with training's held-out share (--val-fraction) chosen by name hash.
+or DIR/<class>/* with training's held-out share (--val-fraction) chosen by name hash. The embedded
+shapes data has no labels.
 """
 import json
 import math
@@ -38,6 +57,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
@@ -111,7 +131,31 @@ def decode_labelled(items, size, desc):
 
 
 # ------------------------------------------------------------------------------------------------
-# Encoders and their features
+# Augmentation: random crop + mirror, drawn per image and epoch (Zhang et al.'s linear test)
+
+
+def aug_draws(n, load, size, seed, epoch):
+    """Crop offsets (n, 2) and mirror flags (n,) of one epoch: stateless (ce_data.seeded), so every
+    start and every layer's classifier sees the same crops; all zero when load == size."""
+    g = ce_data.seeded(seed, "augment", epoch)
+    off = torch.randint(0, load - size + 1, (n, 2), generator=g)
+    return off, torch.rand(n, generator=g) < 0.5
+
+
+def crop_flip(images, off, flip, size):
+    """uint8 (B, L, L, 3) -> (B, size, size, 3): image k cropped at rows/cols off[k] and mirrored
+    where flip[k], on the images' device."""
+    off, flip = off.to(images.device), flip.to(images.device)
+    if images.shape[1] > size:
+        ar = torch.arange(size, device=images.device)
+        rows, cols = off[:, :1] + ar, off[:, 1:] + ar                     # (B, size)
+        batch = torch.arange(len(images), device=images.device)[:, None, None]
+        images = images[batch, rows[:, :, None], cols[:, None, :]]
+    return torch.where(flip[:, None, None, None], images.flip(2), images)
+
+
+# ------------------------------------------------------------------------------------------------
+# Encoders and their features: the three starts (random, data-dependent, a checkpoint's weights)
 
 
 def random_init_generator(a):
@@ -120,8 +164,42 @@ def random_init_generator(a):
     return ce_model.build_generator(a)
 
 
-def load_encoder(spec):
-    """(frozen encoder in eval mode, taps) of a model spec: a checkpoint's G, or its random init."""
+@torch.no_grad()
+def data_dependent_init(encoder, x):
+    """Krähenbühl et al. 2016's within-layer initialisation (their between-layer scaling is not
+    done): run real images x (B, 3, S, S) through the encoder layer by layer and rescale each conv
+    so that its pre-activation outputs on x have per-channel mean 0 and std 1. A conv's weights
+    take the std and its bias the mean; a BatchNorm after it gets x's statistics as its running
+    ones and affine (1, 0), so eval-mode outputs keep them; a conv with neither bias nor BN (the
+    paper DCGAN's conv1) keeps its mean."""
+    encoder.eval()
+    for m in encoder:
+        if isinstance(m, nn.Conv2d):
+            z = m(x)                                                     # (B, C, H, W)
+            mean, std = z.mean((0, 2, 3)), z.std((0, 2, 3), unbiased=False)
+            std = torch.where(std > 0, std, torch.ones_like(std))        # a dead channel stays
+            m.weight.div_(std[:, None, None, None])
+            if m.bias is not None:
+                m.bias.sub_(mean).div_(std)
+        elif isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(x.mean((0, 2, 3)))
+            m.running_var.copy_(x.var((0, 2, 3), unbiased=False))
+            m.weight.fill_(1.0)
+            m.bias.zero_()
+        x = m(x)
+    return encoder
+
+
+def ddi_images(images, size, n, seed):
+    """The real images of the data-dependent init: n training images (a seeded choice), centre
+    crop, (n, 3, size, size) in [-1, 1]."""
+    idx = torch.randperm(len(images), generator=ce_data.seeded(seed, "ddi"))[:n]
+    return ce_data.to_float(ce_data.center_crop(images[idx], size))
+
+
+def build_encoder(spec, device, images=None):
+    """(encoder on `device`, taps) of a model spec: a checkpoint's G, its random init, or that
+    random init after data_dependent_init on `images` (spec["ddi"])."""
     if spec["weights"] is None:
         G = random_init_generator(spec["a"])
     else:
@@ -131,9 +209,18 @@ def load_encoder(spec):
         except RuntimeError as e:
             raise checkpoints.CheckpointError(f"{spec['ckpt']}: weights do not match the saved "
                                               f"flags ({str(e).splitlines()[0]})") from None
-    for p in G.parameters():
+    encoder = G.encoder.to(device)
+    if spec.get("ddi"):
+        data_dependent_init(encoder, images.to(device))
+    return encoder, ce_model.encoder_taps(G)
+
+
+def load_encoder(spec, device="cpu", images=None):
+    """(frozen encoder in eval mode, taps) of a model spec (build_encoder): for the probe."""
+    encoder, taps = build_encoder(spec, device, images)
+    for p in encoder.parameters():
         p.requires_grad_(False)
-    return G.encoder.eval(), ce_model.encoder_taps(G)
+    return encoder.eval(), taps
 
 
 def pool_side(channels, side, max_dims):
@@ -143,15 +230,19 @@ def pool_side(channels, side, max_dims):
 
 
 @torch.inference_mode()
-def extract(encoder, taps, images, device, batch_size=64, max_dims=9600, desc="features"):
+def extract(encoder, taps, images, device, batch_size=64, max_dims=9600, desc="features",
+            crops=None):
     """{tap name: (N, D) float32 features on `device`} for uint8 images (N, S, S, 3), one encoder
-    pass per batch."""
+    pass per batch. crops = (offsets, flips, size): the images cropped and mirrored first."""
     names = {i: name for name, i in taps}
     last = max(names)
     feats, n = {}, len(images)
     show = Progress(n, desc, every=1.0)
     for s in range(0, n, batch_size):
-        x = ce_data.to_float(images[s:s + batch_size].to(device))
+        x = images[s:s + batch_size].to(device)
+        if crops is not None:
+            x = crop_flip(x, crops[0][s:s + batch_size], crops[1][s:s + batch_size], crops[2])
+        x = ce_data.to_float(x)
         for i, module in enumerate(encoder):
             x = module(x)
             if i in names:
@@ -185,35 +276,50 @@ def _top1(xs, ys, mean, std, W, b, chunk=4096):
     return 100.0 * correct / max(len(xs), 1)
 
 
+class LinearClassifier:
+    """One linear softmax layer on features standardised with `xtr`'s statistics: zero init, Adam
+    at lr / D for D features (Adam moves every weight by about its lr per step, so every logit by
+    about lr whatever D is, and one `lr` suits layers of 512 and of 9,600 features alike), L2
+    weight decay on the weights only."""
+
+    def __init__(self, xtr, n_classes, lr=1.0, weight_decay=0.0):
+        self.mean, self.std = _standardiser(xtr)
+        self.W = torch.zeros(xtr.shape[1], n_classes, device=xtr.device, requires_grad=True)
+        self.b = torch.zeros(n_classes, device=xtr.device, requires_grad=True)
+        self.opt = torch.optim.Adam([{"params": [self.W], "weight_decay": weight_decay},
+                                     {"params": [self.b], "weight_decay": 0.0}],
+                                    lr=lr / xtr.shape[1])
+
+    def epoch(self, x, y, perm, batch_size):
+        """One pass over (x, y) in the order `perm`; the summed loss (a device tensor: no sync)."""
+        total = torch.zeros((), device=x.device)
+        for s in range(0, len(perm), batch_size):
+            i = perm[s:s + batch_size]
+            loss = F.cross_entropy(((x[i] - self.mean) / self.std) @ self.W + self.b, y[i])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            total += loss.detach() * len(i)
+        return total
+
+    @torch.no_grad()
+    def top1(self, x, y):
+        return _top1(x, y.to(x.device), self.mean, self.std, self.W, self.b)
+
+
 def fit_linear(xtr, ytr, xva, yva, n_classes, epochs=10, lr=1.0, weight_decay=0.0, batch_size=256,
                seed=0, show=None):
-    """Train a linear softmax classifier on (xtr, ytr), standardised with xtr's statistics; return
-    (held-out top-1 %, training top-1 %). Zero init, Adam, seeded mini-batch order, fixed epochs;
-    show(epoch, extra) reports progress. Adam's learning rate is lr / D for D features: Adam moves
-    every weight by about its lr per step, so every logit by about lr whatever D is, and one `lr`
-    suits layers of 512 and of 9,600 features alike."""
+    """Train a LinearClassifier on (xtr, ytr) for fixed `epochs` in a seeded mini-batch order;
+    return (held-out top-1 %, training top-1 %). show(epoch, extra) reports progress."""
     dev, n = xtr.device, len(xtr)
-    ytr, yva = ytr.to(dev), yva.to(dev)
-    mean, std = _standardiser(xtr)
-    W = torch.zeros(xtr.shape[1], n_classes, device=dev, requires_grad=True)
-    b = torch.zeros(n_classes, device=dev, requires_grad=True)
-    opt = torch.optim.Adam([{"params": [W], "weight_decay": weight_decay},
-                            {"params": [b], "weight_decay": 0.0}], lr=lr / xtr.shape[1])
+    ytr = ytr.to(dev)
+    clf = LinearClassifier(xtr, n_classes, lr, weight_decay)
     g = torch.Generator().manual_seed(seed)   # CPU generator: the same order on any device
     for ep in range(epochs):
-        perm = torch.randperm(n, generator=g).to(dev)
-        total = torch.zeros((), device=dev)
-        for s in range(0, n, batch_size):
-            i = perm[s:s + batch_size]
-            loss = F.cross_entropy(((xtr[i] - mean) / std) @ W + b, ytr[i])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.detach() * len(i)
+        total = clf.epoch(xtr, ytr, torch.randperm(n, generator=g).to(dev), batch_size)
         if show:
             show(ep + 1, f" loss {total.item() / n:.3f}")
-    with torch.no_grad():
-        return _top1(xva, yva, mean, std, W, b), _top1(xtr, ytr, mean, std, W, b)
+    return clf.top1(xva, yva), clf.top1(xtr, ytr)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ import ce_model
 import ce_train
 from ce_utils import baselines, checkpoints, cli, datasets, figures
 
-COLUMNS = ("ratio", "lam_rec", "lam_adv", "data", "steps", "psnr", "l1", "l2", "psnr_region",
-           "n_images", "wall_s")
+COLUMNS = ("ratio", "lam_rec", "lam_adv", "data", "steps", "psnr", "l1", "l2", "ssim", "sharpness",
+           "psnr_region", "ssim_region", "sharpness_region", "n_images", "wall_s")
 
 
 def parse_args(argv=None):
@@ -80,11 +80,12 @@ def write_table(rows, out):
     w.writerows([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
                  for row in rows])
     cli.atomic_write(os.path.join(out, "sweep.csv"), buf.getvalue())
-    print(f"\n{'ratio':<14}{'steps':>7}{'PSNR dB':>9}{'L1 %':>8}{'L2 %':>8}{'wall s':>9}   "
-          f"({rows[-1]['data']}, held-out, hole)")
+    print(f"\n{'ratio':<14}{'steps':>7}{'PSNR dB':>9}{'L1 %':>8}{'L2 %':>8}{'SSIM':>7}{'sharp':>7}"
+          f"{'wall s':>9}   ({rows[-1]['data']}, held-out, hole; sharp: 1 = as sharp as the truth)")
     for row in rows:
         print(f"{row['ratio']:<14}{row.get('steps', ''):>7}{row['psnr']:>9.2f}{row['l1']:>8.2f}"
-              f"{row['l2']:>8.2f}{row.get('wall_s', ''):>9}")
+              f"{row['l2']:>8.2f}{row['ssim']:>7.3f}{row['sharpness']:>7.2f}"
+              f"{row.get('wall_s', ''):>9}")
 
 
 def main(argv=None):

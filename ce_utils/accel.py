@@ -64,6 +64,7 @@ def same_weights_check(G, world, master):
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     if master:
         print(f"DDP: {world} ranks, max |weight - rank 0 weight| = {diff.item():.3g}")
+    dist.barrier()                    # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 
