@@ -17,9 +17,9 @@ Metrics (all on [0, 1] intensities, per image then averaged over images):
   region: the whole 64x64 centre of the final image, the prediction pasted into the hole (random
           masks: the whole image)
   PSNR = 10 log10(1 / MSE);  L1 % = 100 * mean |pred - true|;  L2 % = 100 * mean (pred - true)^2.
-  SSIM: Wang et al. 2004 (11x11 Gaussian, sigma 1.5) at each pixel, averaged over them; 1 = same.
-  sharp: Laplacian energy of the prediction / of the true image, 1 = as sharp as the real image,
-         < 1 blurrier. PSNR rewards the blurry mean, sharpness detail even where it is wrong.
+  SSIM (hole): Wang et al. 2004 (11x11 Gaussian, sigma 1.5) at each hole pixel, averaged; 1 = same.
+  sharp (hole): Laplacian energy of the prediction / of the true image, 1 = as sharp as the real
+         image, < 1 blurrier. PSNR rewards the blurry mean, sharpness detail even where wrong.
 """
 import json
 import os
@@ -43,18 +43,24 @@ from ce_utils.progress import Progress
 
 def image_metrics(pred, target, mask):
     """Per-image PSNR (dB), L1 %, L2 % over the pixels where `mask` ((1 or B), 1, H, W) is 1, inputs
-    in [-1, 1], with SSIM and sharpness (below): a dict of (B,) tensors. PSNR per image, then
-    averaged: the paper's Table 1. Higher PSNR and SSIM, lower L1/L2 are closer to the truth; but
-    the blurry mean of the plausible fills minimises the expected L2, so PSNR rewards blur, while
-    sharpness rewards high frequencies even where they are wrong: the two pull apart, and a sharp
-    but misplaced texture (the adversarial term's aim, paper Fig. 5) can lose PSNR to a blur."""
+    in [-1, 1]: a dict of (B,) tensors. PSNR per image, then averaged: the paper's Table 1. Higher
+    PSNR, lower L1 and L2 are closer to the truth, and reward blur (see sharpness)."""
     d = ce_data.unit(pred) - ce_data.unit(target)
     m = mask.to(d.device, d.dtype).expand_as(d)
     n = m.sum(dim=(1, 2, 3))
     mse = (d * d * m).sum(dim=(1, 2, 3)) / n
     l1 = (d.abs() * m).sum(dim=(1, 2, 3)) / n
-    return {"psnr": 10 * torch.log10(1.0 / mse.clamp_min(1e-10)), "l1": 100 * l1, "l2": 100 * mse,
-            "ssim": ssim(pred, target, mask), "sharpness": sharpness(pred, target, mask)}
+    return {"psnr": 10 * torch.log10(1.0 / mse.clamp_min(1e-10)), "l1": 100 * l1, "l2": 100 * mse}
+
+
+def _gaussian_rows(n, like):
+    """SSIM's window along one axis of n pixels as an (n, n) matrix: row i holds the 11-tap Gaussian
+    (sigma 1.5) around pixel i, cut at the border and renormalised to sum 1. The 2-D window is
+    separable, so A @ x @ B.T is the 11x11 window cut to the image and renormalised."""
+    d = torch.arange(n, device=like.device, dtype=like.dtype)
+    d = d[:, None] - d[None, :]
+    w = torch.exp(-d * d / (2 * 1.5 ** 2)) * (d.abs() <= 5)
+    return w / w.sum(dim=1, keepdim=True)
 
 
 def ssim(pred, target, mask):
@@ -64,19 +70,16 @@ def ssim(pred, target, mask):
     the window is cut to the image and renormalised (zero-padding would darken the local means,
     'valid' windows would drop hole pixels near the edge); where it fits, as at every pixel of the
     centre hole with its 7 px ring, it is the standard SSIM. Hand-written: torchvision has none."""
-    x, y = ce_data.unit(pred), ce_data.unit(target)
-    g = torch.exp(-(torch.arange(11, device=x.device) - 5.0) ** 2 / (2 * 1.5 ** 2))
-    g = (g / g.sum()).to(x.dtype)
-    stats = torch.cat([x, y, x * x, y * y, x * y, torch.ones_like(x[:, :1])], dim=1)
-    k = stats.shape[1]                                   # separable Gaussian sums, zero outside
-    stats = F.conv2d(stats, g.view(1, 1, 11, 1).expand(k, 1, 11, 1), padding=(5, 0), groups=k)
-    stats = F.conv2d(stats, g.view(1, 1, 1, 11).expand(k, 1, 1, 11), padding=(0, 5), groups=k)
-    mx, my, xx, yy, xy = (stats[:, :-1] / stats[:, -1:]).chunk(5, dim=1)  # weights summing to 1
+    # float64 on CUDA: TF32 matrix products (cli.Hardware) would swamp E[x^2] - mu^2 with noise
+    dtype = torch.float64 if pred.device.type == "cuda" else torch.float32
+    x, y = ce_data.unit(pred).to(dtype), ce_data.unit(target).to(dtype)
+    a, b = _gaussian_rows(x.shape[-2], x), _gaussian_rows(x.shape[-1], x)
+    mx, my, xx, yy, xy = (a @ t @ b.T for t in (x, y, x * x, y * y, x * y))  # weighted means
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     s = ((2 * mx * my + c1) * (2 * (xy - mx * my) + c2)
          / ((mx * mx + my * my + c1) * (xx - mx * mx + yy - my * my + c2)))
     m = mask.to(x.device, x.dtype).expand(len(x), 1, *x.shape[2:])
-    return (s.mean(dim=1, keepdim=True) * m).sum(dim=(1, 2, 3)) / m.sum(dim=(1, 2, 3))
+    return ((s.mean(dim=1, keepdim=True) * m).sum(dim=(1, 2, 3)) / m.sum(dim=(1, 2, 3))).float()
 
 
 SHARPNESS_EPS = (1 / 255) ** 2   # the Laplacian energy of one 8-bit grey level
@@ -86,17 +89,17 @@ def sharpness(pred, target, mask):
     """Per-image high-frequency energy of the prediction over the truth's: the mean squared
     5-point Laplacian (a classic focus measure) of each RGB channel on [0, 1] intensities, at the
     pixels where `mask` is 1 and so are its 4 neighbours (the fill's own detail, not its seam with
-    the context). 1 = as sharp as the true image, < 1 blurrier, > 1 more detail or noise than the
-    truth: closer to 1 is better, however wrong the detail. SHARPNESS_EPS (one grey level's
-    energy) keeps a flat true hole from dividing by zero; a hole without such pixels scores 1."""
+    the context). 1 = as sharp as the true image, < 1 blurrier, > 1 more detail or noise: closer
+    to 1 is better. It pulls against PSNR: the blurry mean of the plausible fills minimises the
+    expected L2, while this rewards detail even where it is wrong (the adversarial term's aim,
+    paper Fig. 5). SHARPNESS_EPS keeps a flat true hole from dividing by zero; a hole without such
+    pixels scores 1."""
     x = torch.cat([ce_data.unit(pred), ce_data.unit(target)])        # (2B, 3, H, W)
-    k = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]], device=x.device)
-    lap = F.conv2d(x, k.expand(3, 1, 3, 3), padding=1, groups=3)
-    m = F.pad(mask.to(x.device, x.dtype).expand(len(pred), 1, *x.shape[2:]), (1, 1, 1, 1))
-    inner = (m[..., 1:-1, 1:-1] * m[..., :-2, 1:-1] * m[..., 2:, 1:-1] * m[..., 1:-1, :-2]
-             * m[..., 1:-1, 2:])                                       # (B, 1, H, W)
-    n = 3 * inner.sum(dim=(1, 2, 3)).clamp_min(1)
-    energy = (lap * lap * inner.repeat(2, 1, 1, 1)).sum(dim=(1, 2, 3)) / n.repeat(2)
+    m = mask.to(x.device, x.dtype).expand(len(pred), 1, *x.shape[2:]).repeat(2, 1, 1, 1)
+    xp, mp = F.pad(x, (1, 1, 1, 1)), F.pad(m, (1, 1, 1, 1))          # 0 outside the image
+    lap = xp[..., :-2, 1:-1] + xp[..., 2:, 1:-1] + xp[..., 1:-1, :-2] + xp[..., 1:-1, 2:] - 4 * x
+    inner = m * mp[..., :-2, 1:-1] * mp[..., 2:, 1:-1] * mp[..., 1:-1, :-2] * mp[..., 1:-1, 2:]
+    energy = (lap * lap * inner).sum(dim=(1, 2, 3)) / (3 * inner.sum(dim=(1, 2, 3))).clamp_min(1)
     e_pred, e_true = energy.chunk(2)
     return (e_pred + SHARPNESS_EPS) / (e_true + SHARPNESS_EPS)
 
@@ -206,10 +209,11 @@ PROGRESS_EVERY_S = 10.0   # at most one progress line per this many seconds (and
 def evaluate(G, images_u8, spec=None, methods=("model",), batch_size=256, dtype=None):
     """Mean metrics of each method over uint8 (N, S, S, 3) images (S >= size, centre-cropped to it)
     with the hole of `spec` (mask_spec: a run's flags): {method: {"psnr", "l1", "l2", "ssim",
-    "sharpness", the same with "_region", "n_images"}}. Both are image_metrics of the final picture
+    "sharpness", "psnr_region", "l1_region", "l2_region", "n_images"}}, all of the final picture
     (the prediction pasted into the hole): hole metrics over the hidden pixels (SSIM's windows see
     the real context around them), region metrics over the 64x64 centre (centre masks) or the
-    whole image (random masks; ce_masks.eval_masks), seams included.
+    whole image (random masks; ce_masks.eval_masks). No region SSIM or sharpness: twice the cost,
+    and over the region they would mostly score the real ring and the seam.
     More than PROGRESS_ABOVE images: a progress line on stderr every PROGRESS_EVERY_S seconds.
     """
     spec = mask_spec(spec)
@@ -224,9 +228,13 @@ def evaluate(G, images_u8, spec=None, methods=("model",), batch_size=256, dtype=
         for m in methods:
             pred = predict(G, t.masked, batch_size, dtype) if m == "model" else t.baseline(m)
             final = t.compose(pred)
-            for suffix, hole in (("", t.hole), ("_region", everywhere)):
-                for k, v in image_metrics(final, t.target, hole).items():
-                    sums[m][k + suffix] = sums[m].get(k + suffix, 0.0) + float(v.double().sum())
+            region = image_metrics(final, t.target, everywhere)
+            scores = {**image_metrics(final, t.target, t.hole),
+                      "ssim": ssim(final, t.target, t.hole),
+                      "sharpness": sharpness(final, t.target, t.hole),
+                      **{k + "_region": v for k, v in region.items()}}
+            for k, v in scores.items():
+                sums[m][k] = sums[m].get(k, 0.0) + float(v.double().sum())
         progress(min(i + batch_size, n))
     return {m: {**{k: v / n for k, v in s.items()}, "n_images": n} for m, s in sums.items()}
 
@@ -348,12 +356,12 @@ def plot_path(out):
 def print_table(results, title):
     """Hole metrics, then the region's: SSIM higher is better, sharp best at 1 (ce_eval.py -h)."""
     print(title)
-    columns = f"{'PSNR dB':>8}{'L1 %':>7}{'L2 %':>6}{'SSIM':>7}{'sharp':>7}"
-    print(f"{'method':<14}{columns} | region:{columns}")
+    columns = f"{'PSNR dB':>9}{'L1 %':>8}{'L2 %':>8}"
+    print(f"{'method':<14}{columns}{'SSIM':>7}{'sharp':>7}   | region:{columns}")
     for m, r in results.items():
-        cells = [f"{r['psnr' + s]:>8.2f}{r['l1' + s]:>7.2f}{r['l2' + s]:>6.2f}"
-                 f"{r['ssim' + s]:>7.3f}{r['sharpness' + s]:>7.2f}" for s in ("", "_region")]
-        print(f"{m:<14}{cells[0]} |        {cells[1]}")
+        print(f"{m:<14}{r['psnr']:>9.2f}{r['l1']:>8.2f}{r['l2']:>8.2f}{r['ssim']:>7.3f}"
+              f"{r['sharpness']:>7.2f}   |        "
+              f"{r['psnr_region']:>9.2f}{r['l1_region']:>8.2f}{r['l2_region']:>8.2f}")
 
 
 def inpaint_photo(G, photo, a, dtype, mask_path=None):
@@ -421,7 +429,10 @@ def held_out(args, a):
     """uint8 held-out images for checkpoint flags `a`, with --data, --data-root, --split and
     --max-images applied."""
     data, root = args.data or a["data"], args.data_root or a["data_root"]
-    images = datasets.load_split(data, root, args.split, a["load_size"], a.get("shapes_n", 10000))
+    own = (data, root) == (a["data"], a["data_root"])     # the run's own data: its own subset
+    subset = {k: a.get(k, 0) for k in datasets.SUBSET_FLAGS} if own else {}
+    images = datasets.load_split(data, root, args.split, a["load_size"], a.get("shapes_n", 10000),
+                                 **subset)
     return (images[:args.max_images] if args.max_images else images), data
 
 

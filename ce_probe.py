@@ -9,8 +9,8 @@ features.
     python ce_probe.py --data tiny --data-root data --random-init dcgan --width 32 \\
         --bottleneck 512 --max-train 4000 --max-val 1000     # random-init baseline alone, CPU-sized
     python ce_probe.py --data imagenet --data-root DIR --ckpt A/ckpt.pt B/ckpt.pt --json
-    python ce_probe.py --data folder --data-root DIR --ckpt runs/shapes/best.pt --random-init dcgan \\
-        --ddi-init dcgan --finetune                       # fine-tuning from three starts
+    python ce_probe.py --data folder --data-root DIR --ckpt runs/shapes/best.pt \\
+        --random-init dcgan --ddi-init dcgan --finetune        # fine-tuning from three starts
 
 Probe protocol (after the linear probes of Zhang et al. ECCV'16 / Split-Brain CVPR'17, scaled down).
 DEVIATION: Tiny ImageNet or your labelled folders instead of ImageNet, each layer average-pooled to
@@ -18,7 +18,7 @@ DEVIATION: Tiny ImageNet or your labelled folders instead of ImageNet, each laye
 full-size AlexNets trained for days.
   input    the whole image, no hole, at the encoder's input size S (128 dcgan, 227 alexnet; Tiny
            ImageNet's 64 px images are upsampled bicubically, so they hold no detail finer than
-           64 px), [-1, 1] as in training. Training images are decoded at --crop-scale x S (256/227:
+           64 px), [-1, 1] as in training. Training images are decoded at --crop-scale x S (1.128:
            AlexNet's 227 crops of 256 px images), randomly cropped to S and mirrored with
            probability 1/2, drawn afresh per image and epoch (Zhang et al.'s linear test);
            held-out images are the centre crop. --no-augment: the whole image at S, no mirror.
@@ -40,7 +40,8 @@ Fine-tuning (--finetune; paper 5.2, Table 2): each start's encoder plus a zero-i
 head on its last layer, trained end to end (train-mode BatchNorm) with cross-entropy, SGD momentum
 0.9, --ft-lr on a cosine schedule, --ft-weight-decay, --ft-epochs of --ft-batch images (the last
 partial batch dropped); the same seeded order and crop + mirror draws for every start. Held-out
-top-1 on the centre crop, with its standard error sqrt(p(1 - p) / n).
+top-1 on the centre crop, with its standard error sqrt(p(1 - p) / n), in eval mode with BatchNorm
+statistics recomputed on the training images (recompute_bn_stats).
 DEVIATION: the paper fine-tunes AlexNet (with its fc6-fc8 classifier) on PASCAL VOC 2007 and
 reports mAP over 20 multi-label classes; here a linear head, single-label top-1 on Tiny ImageNet or
 your folders, and this project's schedule.
@@ -323,92 +324,22 @@ def fit_linear(xtr, ytr, xva, yva, n_classes, epochs=10, lr=1.0, weight_decay=0.
 
 
 # ------------------------------------------------------------------------------------------------
-# Command line
+# The probe (frozen features) and fine-tuning (end to end), one model spec at a time
 
 
-def build_parser():
-    p = cli.Parser(__doc__)
-    add = p.add_argument
-    add("--data", default="tiny", choices=("tiny", "imagenet", "folder"),
-        help="labelled data layout (see above)")
-    add("--data-root", default="data",
-        help="folder holding the data (tiny: DIR/tiny-imagenet-200/)")
-    add("--ckpt", nargs="+", default=[],
-        help="checkpoints (OUT/ckpt.pt or a run folder) whose encoders to probe")
-    add("--random-init", action="append", default=[], choices=("dcgan", "alexnet"),
-        help="also probe this arch at its random initialisation (repeatable)")
-    add("--width", type=int, default=64,
-        help="random init without a dcgan --ckpt: first conv channels")
-    add("--bottleneck", type=int, default=4000,
-        help="random init without a dcgan --ckpt: bottleneck channels")
-    add("--alexnet-width", type=float, default=1.0,
-        help="random init without an alexnet --ckpt: channel multiplier")
-    add("--seed", type=int, default=0, help="random init without a --ckpt of its arch: weight seed")
-    add("--max-train", type=int, default=0,
-        help="labelled training images used (balanced over classes; 0 = all)")
-    add("--max-val", type=int, default=0,
-        help="held-out images used (balanced over classes; 0 = all)")
-    add("--val-fraction", type=float, default=datasets.VAL_FRACTION,
-        help="--data folder without train/ and val/: share held out by name hash (at most "
-             f"{datasets.VAL_MAX}); the default is ce_train.py's split")
-    add("--max-dims", type=int, default=9600,
-        help="features per layer after average pooling (Split-Brain ~9,600)")
-    add("--epochs", type=int, default=10, help="classifier epochs (fixed)")
-    add("--lr", type=float, default=1.0,
-        help="classifier Adam learning rate x features (a layer of D uses lr/D)")
-    add("--weight-decay", type=float, default=0.0, help="classifier L2 weight decay")
-    add("--batch-size", type=int, default=256, help="classifier mini-batch size")
-    add("--extract-batch", type=int, default=64, help="images per encoder forward pass")
-    add("--probe-seed", type=int, default=0, help="seed of the classifiers' mini-batch order")
-    add("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    add("--json", action="store_true", help="print one JSON line per model instead of the table")
-    return p
-
-
-def parse_args(argv=None):
-    p = build_parser()
-    args = p.parse_args(argv)
-    args.device = cli.resolve_device(args.device, p)
-    if not args.ckpt and not args.random_init:
-        p.error("nothing to probe: give --ckpt and/or --random-init dcgan|alexnet")
-    for k in ("epochs", "batch_size", "extract_batch", "max_dims", "width", "bottleneck"):
-        if getattr(args, k) < 1:
-            p.error(f"--{k.replace('_', '-')} must be >= 1")
-    if (not 0 < args.val_fraction < 1 or args.alexnet_width <= 0 or args.lr <= 0
-            or args.weight_decay < 0):
-        p.error("--val-fraction must be in (0, 1), --alexnet-width and --lr > 0, "
-                "--weight-decay >= 0")
-    return args
-
-
-def model_specs(args):
-    """What to probe: [{label, arch, a (the run's args), weights (None: random init), ckpt, step}],
-    random inits first; each copies the flags and seed of the first checkpoint of its arch."""
-    ckpts = []
-    for path in args.ckpt:
-        st = checkpoints.read_checkpoint(path)
-        a = dict(st["args"])
-        ckpts.append(dict(label=path, arch=a.get("arch", "dcgan"), a=a, weights=st["G"],
-                          ckpt=st["path"], step=st.get("step")))
-    randoms = []
-    for arch in dict.fromkeys(args.random_init):
-        like = next((s for s in ckpts if s["arch"] == arch), None)
-        if like:
-            print(f"note: random-init {arch} is built with the flags and seed of {like['ckpt']}",
-                  file=sys.stderr)
-        a = dict(like["a"]) if like else dict(
-            arch=arch, width=args.width, bottleneck=args.bottleneck, bottleneck_bn=True, bias=False,
-            init="dcgan", alexnet_width=args.alexnet_width, cfc_dropout=0.5, seed=args.seed)
-        randoms.append(dict(label=f"random-init {arch} s{a.get('seed', 0)}", arch=arch, a=a,
-                            weights=None, ckpt=None, step=0))
-    return randoms + ckpts
+def _ddi_batch(spec, images, size, args):
+    """The images a ddi start is initialised on (None for the other starts)."""
+    return ddi_images(images, size, args.ddi_images, args.probe_seed) if spec.get("ddi") else None
 
 
 def probe_model(spec, data, args, n_classes):
-    """Top-1 per tap of one model: extract features once, then one classifier per tap."""
+    """Top-1 per tap of one model: one linear classifier per tap on the frozen encoder's features,
+    of fresh crops each epoch (_probe_augmented) or, with --no-augment, extracted once."""
     (xtr_u8, ytr), (xva_u8, yva) = data
-    encoder, taps = load_encoder(spec)
-    encoder.to(args.device)
+    size = ce_model.input_size(spec)
+    encoder, taps = load_encoder(spec, args.device, _ddi_batch(spec, xtr_u8, size, args))
+    if args.augment:
+        return _probe_augmented(encoder, taps, data, args, n_classes, spec["label"], size)
     feats = {}
     for split, imgs in (("train", xtr_u8), ("val", xva_u8)):
         feats[split] = extract(encoder, taps, imgs, args.device, args.extract_batch, args.max_dims,
@@ -428,13 +359,257 @@ def probe_model(spec, data, args, n_classes):
     return res
 
 
+def _probe_augmented(encoder, taps, data, args, n_classes, label, size):
+    """The probe with random crop + mirror: each epoch, the features of that epoch's crops (one
+    buffer), then one epoch of every tap's classifier on them, in fit_linear's seeded order.
+    Training top-1 is on the last epoch's crops; held-out top-1 on the centre crops."""
+    (xtr_u8, ytr), (xva_u8, yva) = data
+    dev, n, load = args.device, len(xtr_u8), xtr_u8.shape[1]
+    ytr, xtr, clfs = ytr.to(dev), {}, {}
+    xva = extract(encoder, taps, ce_data.center_crop(xva_u8, size), dev, args.extract_batch,
+                  args.max_dims, f"{label}: val features")
+    g = torch.Generator().manual_seed(args.probe_seed)   # CPU generator: the same on any device
+    show = Progress(args.epochs, f"{label}: classifiers", "epochs", "epochs/s", every=1.0)
+    for ep in range(args.epochs):
+        xtr.clear()                                  # one buffer: free the last epoch's first
+        xtr = extract(encoder, taps, xtr_u8, dev, args.extract_batch, args.max_dims,
+                      f"{label}: epoch {ep + 1} features",
+                      crops=(*aug_draws(n, load, size, args.probe_seed, ep), size))
+        perm = torch.randperm(n, generator=g).to(dev)
+        for name, x in xtr.items():
+            if name not in clfs:                     # standardised with the first epoch's crops
+                clfs[name] = LinearClassifier(x, n_classes, args.lr, args.weight_decay)
+            clfs[name].epoch(x, ytr, perm, args.batch_size)
+        show(ep + 1)
+    res = {"top1": {}, "train_top1": {}, "dims": {}}
+    for name, clf in clfs.items():
+        res["top1"][name] = clf.top1(xva[name], yva)
+        res["train_top1"][name] = clf.top1(xtr[name], ytr)
+        res["dims"][name] = xtr[name].shape[1]
+        print(f"{label}: {name}: top-1 {res['top1'][name]:.2f} % held-out, "
+              f"{res['train_top1'][name]:.2f} % train", file=sys.stderr)
+    return res
+
+
+def finetune(encoder, head, images, labels, size, args, label="model"):
+    """Train encoder + head end to end on uint8 images (N, L, L, 3) (paper Table 2's test; see the
+    module docstring): cross-entropy, SGD with momentum 0.9, cosine learning rate; batches are
+    slices of a seeded per-epoch order, cropped and mirrored by aug_draws: every start sees the same
+    batches in the same order. Returns the top-1 % on the last epoch's (augmented) batches."""
+    dev, n, bs = images.device, len(images), args.ft_batch
+    steps = n // bs                                  # the last partial batch is dropped
+    opt = torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=args.ft_lr,
+                          momentum=0.9, weight_decay=args.ft_weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.ft_epochs * steps)
+    show = Progress(args.ft_epochs, f"{label}: fine-tuning", "epochs", "epochs/s", every=1.0)
+    encoder.train(), head.train()
+    for ep in range(args.ft_epochs):
+        perm = torch.randperm(n, generator=ce_data.seeded(args.probe_seed, "order", ep))
+        off, flip = aug_draws(n, images.shape[1], size, args.probe_seed, ep)
+        perm, off, flip = ce_data.to_device(dev, perm, off, flip & args.augment)
+        loss_sum = torch.zeros((), device=dev)
+        correct = torch.zeros((), device=dev, dtype=torch.long)
+        for s in range(0, steps * bs, bs):
+            i = perm[s:s + bs]
+            x = ce_data.to_float(crop_flip(images[i], off[i], flip[i], size))
+            y = labels[i]
+            logits = head(encoder(x).flatten(1))
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.detach() * bs
+            correct += (logits.argmax(1) == y).sum()
+        show(ep + 1, f" loss {loss_sum.item() / (steps * bs):.3f}")   # host sync once an epoch
+    return 100.0 * correct.item() / (steps * bs)
+
+
+@torch.no_grad()
+def recompute_bn_stats(encoder, images, size, batch_size=64):
+    """BatchNorm running statistics recomputed as plain averages over the centre crops of uint8
+    images (N, L, L, 3) ("precise BN"): after a short fine-tuning the running averages (momentum
+    0.1, from the init's 0 and 1) have not caught up, and eval mode would score them, not the
+    weights."""
+    bns = [m for m in encoder.modules() if isinstance(m, nn.BatchNorm2d)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None                                 # cumulative average over the batches
+    encoder.train()
+    dev = next(encoder.parameters()).device
+    for s in range(0, len(images), batch_size):
+        x = ce_data.to_float(ce_data.center_crop(images[s:s + batch_size], size).to(dev))
+        if len(x) > 1:                                    # train-mode BN needs 2+ images
+            encoder(x)
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    encoder.eval()
+
+
+@torch.no_grad()
+def heldout_top1(encoder, head, images, labels, size, batch_size=64):
+    """Top-1 % of encoder + head (eval mode) on the centre crops of uint8 images (N, L, L, 3)."""
+    encoder.eval(), head.eval()
+    dev = next(head.parameters()).device
+    correct = torch.zeros((), device=dev, dtype=torch.long)
+    for s in range(0, len(images), batch_size):
+        x = ce_data.to_float(ce_data.center_crop(images[s:s + batch_size], size).to(dev))
+        correct += (head(encoder(x).flatten(1)).argmax(1) == labels[s:s + batch_size].to(dev)).sum()
+    return 100.0 * correct.item() / len(images)
+
+
+def _check_batch(n, batch_size):
+    if n < batch_size:
+        raise DataError(f"the training split has {n} images, fewer than one fine-tuning batch "
+                        f"of {batch_size}; lower --ft-batch")
+
+
+def finetune_model(spec, data, args, n_classes):
+    """Fine-tune one start (a checkpoint's encoder, its random or its ddi init) with a zero-init
+    linear head on its last layer: held-out top-1 % and its standard error sqrt(p(1 - p) / n),
+    training top-1 %, and how far the encoder moved (|w - w0| / |w0| over its parameters)."""
+    (xtr_u8, ytr), (xva_u8, yva) = data
+    _check_batch(len(xtr_u8), args.ft_batch)
+    size, dev = ce_model.input_size(spec), args.device
+    encoder, _ = build_encoder(spec, dev, _ddi_batch(spec, xtr_u8, size, args))
+    w0 = torch.cat([p.detach().flatten() for p in encoder.parameters()])   # a copy
+    with torch.no_grad():
+        x = ce_data.to_float(ce_data.center_crop(xtr_u8[:2], size).to(dev))
+        dims = encoder.eval()(x).flatten(1).shape[1]      # bottleneck or pool5 size
+    head = nn.Linear(dims, n_classes).to(dev)
+    nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
+    train_top1 = finetune(encoder, head, xtr_u8.to(dev), ytr.to(dev), size, args, spec["label"])
+    recompute_bn_stats(encoder, xtr_u8, size, args.extract_batch)
+    top1 = heldout_top1(encoder, head, xva_u8, yva, size, args.extract_batch)
+    w1 = torch.cat([p.detach().flatten() for p in encoder.parameters()])
+    p, n = top1 / 100, len(yva)
+    se = 100 * math.sqrt(p * (1 - p) / n)
+    print(f"{spec['label']}: fine-tuned: top-1 {top1:.2f} +- {se:.2f} % held-out, "
+          f"{train_top1:.2f} % train", file=sys.stderr)
+    return {"top1": top1, "se": se, "train_top1": train_top1, "head_dims": dims,
+            "weight_change": ((w1 - w0).norm() / w0.norm()).item()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser():
+    p = cli.Parser(__doc__)
+    add = p.add_argument
+    add("--data", default="tiny", choices=("tiny", "imagenet", "folder"),
+        help="labelled data layout (see above)")
+    add("--data-root", default="data",
+        help="folder holding the data (tiny: DIR/tiny-imagenet-200/)")
+    add("--ckpt", nargs="+", default=[],
+        help="checkpoints (OUT/ckpt.pt or a run folder) whose encoders to probe")
+    add("--random-init", action="append", default=[], choices=("dcgan", "alexnet"),
+        help="also probe this arch at its random initialisation (repeatable)")
+    add("--ddi-init", action="append", default=[], choices=("dcgan", "alexnet"),
+        help="also probe this arch at its random initialisation rescaled on real images "
+             "(Krähenbühl et al. 2016's within-layer data-dependent init; repeatable)")
+    add("--ddi-images", type=int, default=256,
+        help="training images the data-dependent init runs through the network (this "
+             "project's choice)")
+    add("--width", type=int, default=64,
+        help="random init without a dcgan --ckpt: first conv channels")
+    add("--bottleneck", type=int, default=4000,
+        help="random init without a dcgan --ckpt: bottleneck channels")
+    add("--alexnet-width", type=float, default=1.0,
+        help="random init without an alexnet --ckpt: channel multiplier")
+    add("--seed", type=int, default=0, help="random init without a --ckpt of its arch: weight seed")
+    add("--max-train", type=int, default=0,
+        help="labelled training images used (balanced over classes; 0 = all)")
+    add("--max-val", type=int, default=0,
+        help="held-out images used (balanced over classes; 0 = all)")
+    add("--val-fraction", type=float, default=datasets.VAL_FRACTION,
+        help="--data folder without train/ and val/: share held out by name hash (at most "
+             f"{datasets.VAL_MAX}); the default is ce_train.py's split")
+    add("--no-augment", dest="augment", action="store_false",
+        help="no random crop + mirror: whole images, features extracted once (the probe before "
+             "augmentation)")
+    add("--crop-scale", type=float, default=1.128,
+        help="augmentation: images decoded at this x the input size, then cropped (256/227: "
+             "AlexNet's 227 crops of 256 px images)")
+    add("--max-dims", type=int, default=9600,
+        help="features per layer after average pooling (Split-Brain ~9,600)")
+    add("--epochs", type=int, default=10, help="classifier epochs (fixed)")
+    add("--lr", type=float, default=1.0,
+        help="classifier Adam learning rate x features (a layer of D uses lr/D)")
+    add("--weight-decay", type=float, default=0.0, help="classifier L2 weight decay")
+    add("--batch-size", type=int, default=256, help="classifier mini-batch size")
+    add("--extract-batch", type=int, default=64, help="images per encoder forward pass")
+    add("--probe-seed", type=int, default=0,
+        help="seed of the mini-batch order, the crops and mirrors, and the ddi images")
+    add("--finetune", action="store_true",
+        help="fine-tune each encoder + a linear head end to end instead of the probe (Table 2)")
+    add("--ft-epochs", type=int, default=10, help="fine-tuning epochs (this project's choice)")
+    add("--ft-lr", type=float, default=0.01,
+        help="fine-tuning SGD learning rate, cosine-annealed to 0 (this project's choice)")
+    add("--ft-batch", type=int, default=64, help="fine-tuning mini-batch size")
+    add("--ft-weight-decay", type=float, default=5e-4,
+        help="fine-tuning L2 weight decay (AlexNet's)")
+    add("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    add("--json", action="store_true", help="print one JSON line per model instead of the table")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    args.device = cli.resolve_device(args.device, p)
+    if not args.ckpt and not args.random_init and not args.ddi_init:
+        p.error("nothing to probe: give --ckpt and/or --random-init / --ddi-init dcgan|alexnet")
+    for k in ("epochs", "batch_size", "extract_batch", "max_dims", "width", "bottleneck",
+              "ft_epochs"):
+        if getattr(args, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be >= 1")
+    if args.ft_batch < 2 or args.ddi_images < 2:
+        p.error("--ft-batch and --ddi-images must be >= 2 (batch statistics)")
+    if (not 0 < args.val_fraction < 1 or args.alexnet_width <= 0 or args.lr <= 0
+            or args.weight_decay < 0 or args.ft_lr <= 0 or args.ft_weight_decay < 0):
+        p.error("--val-fraction must be in (0, 1), --alexnet-width, --lr and --ft-lr > 0, "
+                "--weight-decay and --ft-weight-decay >= 0")
+    if not 1 <= args.crop_scale <= 2:
+        p.error("--crop-scale must be in [1, 2]")
+    return args
+
+
+def model_specs(args):
+    """What to probe: [{label, arch, a (the run's args), weights (None: random init), ddi, ckpt,
+    step}], random then ddi inits first; each copies the flags and seed of the first checkpoint of
+    its arch."""
+    ckpts = []
+    for path in args.ckpt:
+        st = checkpoints.read_checkpoint(path)
+        a = dict(st["args"])
+        ckpts.append(dict(label=path, arch=a.get("arch", "dcgan"), a=a, weights=st["G"],
+                          ddi=False, ckpt=st["path"], step=st.get("step")))
+    inits = []
+    for kind, archs in (("random-init", args.random_init), ("ddi-init", args.ddi_init)):
+        for arch in dict.fromkeys(archs):
+            like = next((s for s in ckpts if s["arch"] == arch), None)
+            if like:
+                print(f"note: {kind} {arch} is built with the flags and seed of {like['ckpt']}",
+                      file=sys.stderr)
+            a = dict(like["a"]) if like else dict(
+                arch=arch, width=args.width, bottleneck=args.bottleneck, bottleneck_bn=True,
+                bias=False, init="dcgan", alexnet_width=args.alexnet_width, cfc_dropout=0.5,
+                seed=args.seed)
+            inits.append(dict(label=f"{kind} {arch} s{a.get('seed', 0)}", arch=arch, a=a,
+                              weights=None, ddi=kind == "ddi-init", ckpt=None, step=0))
+    return inits + ckpts
+
+
 def print_table(results, n_train, n_val, names):
     """Rows: layers; columns: models; cells: held-out top-1 %."""
     layers = list(dict.fromkeys(k for r in results for k in r["top1"]))
     cols = [r["model"] for r in results]
     w = [max(8, len(c)) for c in cols]
+    aug = "random crop + mirror" if results[0]["augment"] else "no augmentation"
     print(f"linear probe: top-1 % on {n_val} held-out images, {len(names)} classes (chance "
-          f"{100 / len(names):.2f} %), classifiers trained on {n_train} images")
+          f"{100 / len(names):.2f} %), classifiers trained on {n_train} images ({aug})")
     print(f"{'layer':<11}" + "  ".join(f"{c:>{k}}" for c, k in zip(cols, w)))
     for layer in layers:
         cells = [f"{r['top1'][layer]:.2f}" if layer in r["top1"] else "-" for r in results]
@@ -444,34 +619,64 @@ def print_table(results, n_train, n_val, names):
         print(f"  {r['model']}: features per layer {dims}")
 
 
+def print_finetune_table(results, n_train, n_val, names):
+    """Rows: starts; columns: held-out top-1 % and its standard error, training top-1 %, and the
+    encoder's relative weight change."""
+    r0, w = results[0], max(5, *(len(r["model"]) for r in results))
+    aug = "random crop + mirror" if r0["augment"] else "no augmentation"
+    print(f"fine-tuning: top-1 % on {n_val} held-out images, {len(names)} classes (chance "
+          f"{100 / len(names):.2f} %), encoder + linear head trained end to end on {n_train} "
+          f"images, {r0['epochs']} epochs ({aug})")
+    print(f"{'start':<{w}}  {'top-1':>7}  {'s.e.':>6}  {'train':>7}  {'|dw|/|w|':>8}")
+    for r in results:
+        print(f"{r['model']:<{w}}  {r['top1']:>7.2f}  {r['se']:>6.2f}  {r['train_top1']:>7.2f}  "
+              f"{r['weight_change']:>8.3f}")
+
+
+def _row(spec, args, res, size, load, n_train, n_val, names):
+    """One model's JSON record: what was run on which data, and its results."""
+    ft = args.finetune
+    return {"model": spec["label"], "arch": spec["arch"], "ckpt": spec["ckpt"],
+            "step": spec["step"], "seed": spec["a"].get("seed"),
+            "start": "checkpoint" if spec["ckpt"] else "ddi" if spec["ddi"] else "random",
+            "mode": "finetune" if ft else "probe", "input_size": size, "load_size": load,
+            "augment": args.augment, "data": args.data, "n_train": n_train, "n_val": n_val,
+            "classes": len(names), "chance": 100 / len(names),
+            "epochs": args.ft_epochs if ft else args.epochs, "lr": args.ft_lr if ft else args.lr,
+            "batch_size": args.ft_batch if ft else args.batch_size,
+            "weight_decay": args.ft_weight_decay if ft else args.weight_decay,
+            **({} if ft else {"max_dims": args.max_dims}), **res}
+
+
 def main(argv=None):
     args = parse_args(argv)
     specs = model_specs(args)             # checkpoints read first: a bad file fails before decoding
     train, val, names = datasets.labelled_files(args.data, args.data_root, args.val_fraction)
     _check_classes(train, val, names, args.data_root)
     train, val = balanced_subset(train, args.max_train), balanced_subset(val, args.max_val)
+    if args.finetune:
+        _check_batch(len(train), args.ft_batch)           # before the decoding, as after it
     decoded, results = {}, []
+    run_model = finetune_model if args.finetune else probe_model
     for spec in specs:
         size = ce_model.input_size(spec)
-        if size not in decoded:               # each input size decoded once, shared by the models
-            decoded[size] = (decode_labelled(train, size, f"{args.data} train"),
-                             decode_labelled(val, size, f"{args.data} held-out"))
+        load = round(size * args.crop_scale) if args.augment else size   # crops are cut from it
+        if load not in decoded:               # each size decoded once, shared by the models
+            decoded[load] = (decode_labelled(train, load, f"{args.data} train"),
+                             decode_labelled(val, load, f"{args.data} held-out"))
         try:
-            res = probe_model(spec, decoded[size], args, len(names))
+            res = run_model(spec, decoded[load], args, len(names))
         except torch.cuda.OutOfMemoryError:
-            raise cli.UserError("out of GPU memory for the features (about N x 6 x --max-dims "
+            raise cli.UserError("out of GPU memory; lower --ft-batch" if args.finetune else
+                                "out of GPU memory for the features (about N x 6 x --max-dims "
                                 "floats per model); lower --max-train or --max-dims") from None
-        n_train, n_val = len(decoded[size][0][1]), len(decoded[size][1][1])
-        results.append({"model": spec["label"], "arch": spec["arch"], "ckpt": spec["ckpt"],
-                        "step": spec["step"], "seed": spec["a"].get("seed"), "input_size": size,
-                        "data": args.data, "n_train": n_train, "n_val": n_val,
-                        "classes": len(names), "chance": 100 / len(names), "epochs": args.epochs,
-                        "lr": args.lr, "weight_decay": args.weight_decay,
-                        "max_dims": args.max_dims, **res})
+        n_train, n_val = len(decoded[load][0][1]), len(decoded[load][1][1])
+        results.append(_row(spec, args, res, size, load, n_train, n_val, names))
         if args.json:
             print(json.dumps(results[-1]), flush=True)
     if not args.json:
-        print_table(results, n_train, n_val, names)
+        table = print_finetune_table if args.finetune else print_table
+        table(results, n_train, n_val, names)
     return results
 
 

@@ -24,7 +24,7 @@ import ce_train
 from ce_utils import baselines, checkpoints, cli, datasets, figures
 
 COLUMNS = ("ratio", "lam_rec", "lam_adv", "data", "steps", "psnr", "l1", "l2", "ssim", "sharpness",
-           "psnr_region", "ssim_region", "sharpness_region", "n_images", "wall_s")
+           "psnr_region", "n_images", "wall_s")
 
 
 def parse_args(argv=None):
@@ -66,7 +66,9 @@ def train_and_evaluate(r, run, train_flags, hw, first):
     wall = time.time() - t0
     G, _, state = checkpoints.load_checkpoint(os.path.join(run, "ckpt.pt"), hw.device)
     a = state["args"]
-    images = datasets.load_split(a["data"], a["data_root"], "val", a["load_size"], a["shapes_n"])
+    subset = {k: a.get(k, 0) for k in datasets.SUBSET_FLAGS}
+    images = datasets.load_split(a["data"], a["data_root"], "val", a["load_size"], a["shapes_n"],
+                                 **subset)
     methods = ("model",) + (baselines.BASELINES if first else ())
     res = ce_eval.evaluate(G, images, a, methods=methods, dtype=hw.dtype)  # the run's own mask
     return G, state, images, res, wall

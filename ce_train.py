@@ -60,7 +60,13 @@ def build_parser(doc=None):
     add("--data", default="shapes", choices=("shapes", "tiny", "imagenet", "folder"),
         help="shapes: embedded offline data; tiny: Tiny ImageNet (downloads); imagenet/folder: "
              "your images")
-    add("--data-root", default="data", help="dataset folder; caches go in DATA_ROOT/.ce_cache")
+    add("--data-root", default="data", help="dataset folder; caches go in DATA_ROOT/.ce_cache. "
+        "tiny: also the extracted tiny-imagenet-200/ folder itself, or a zip of it (extracted "
+        "next to it, caches there)")
+    add("--train-per-class", type=int, default=0, help="tiny: only the first N training images "
+        "of each class, in sorted name order (0: all 500)")
+    add("--val-images", type=int, default=0, help="tiny: only the first N validation images, "
+        "val_0 ... val_N-1 (0: all 10,000). With --train-per-class 100: the README's subset")
     add("--load-size", type=int, default=128, help="side of the stored centre square; 350: the "
         "official crop size (train.lua loadSize), crops within the square (DEVIATION)")
     add("--shapes-n", type=int, default=10000, help="training images of the embedded shapes data")
@@ -266,6 +272,8 @@ def log_window(run, stop, args, total, epoch, world, master):
         eta = runstate.fmt_time((total - run.step) * dt / run.n_acc)
         print(f"step {run.step}/{total} | epoch {epoch} | {gan} | {ips:,.0f} img/s | ETA {eta}"
               f"{warn}")
+        if not use_d:   # L2 only: D never ran, its statistics are placeholders, not measurements
+            rec = {"loss_rec": rec["loss_rec"]}
         cli.append_log(os.path.join(args.out, "log.jsonl"), {
             "step": run.step, "epoch": epoch, **{k: round(v, 6) for k, v in rec.items()},
             "img_per_s": round(ips, 1), "time": round(time.time(), 2),
@@ -299,7 +307,8 @@ def evaluate_and_save(run, nets, args, val_u8, fixed, hw, epoch, total):
     if run.step == total or time.time() - run.t_pictures >= PICTURES_EVERY_S:
         draw_pictures(run, args)
     print(f"eval @ {run.step}: held-out PSNR {r['psnr']:.2f} dB, L1 {r['l1']:.2f} %, "
-          f"L2 {r['l2']:.2f} % (hole, {r['n_images']} images){' *best*' if is_best else ''}")
+          f"L2 {r['l2']:.2f} %, SSIM {r['ssim']:.3f}, sharpness {r['sharpness']:.2f} "
+          f"(hole, {r['n_images']} images){' *best*' if is_best else ''}")
     run.t_log = time.time()  # evaluation is not training time
 
 
@@ -358,8 +367,9 @@ def main(argv=None):
     with runstate.run_folder(args, master):   # OUT is this run's until it ends
         # ---- data: decoded once into uint8 (ce_utils/datasets.py), batches made on the device
         load = (args.data, args.data_root)
-        train_u8 = datasets.load_split(*load, "train", args.load_size, args.shapes_n)
-        val_u8 = datasets.load_split(*load, "val", args.load_size, args.shapes_n)
+        subset = {k: getattr(args, k) for k in datasets.SUBSET_FLAGS}   # a Tiny ImageNet subset
+        train_u8 = datasets.load_split(*load, "train", args.load_size, args.shapes_n, **subset)
+        val_u8 = datasets.load_split(*load, "val", args.load_size, args.shapes_n, **subset)
         val_u8 = val_u8[:args.eval_images]
         size = ce_model.input_size(args)       # 128 px crops (Fig. 2), 227 for AlexNet (5.2)
         batches = accel.make_batches(train_u8, args.batch_size, hw.device, args.seed, args.flip,

@@ -131,16 +131,17 @@ RESUME_ARGS = {"variant": str, "shapes_n": int, "flip": bool, "batch_size": int,
                "lam_rec": float, "lam_adv": float, "overlap_weight": float, "rec_reduction": str,
                "d_reduction": str, "init": str, "seed": int, "log_every": int,
                "eval_every": int, "eval_images": int, "mask_per_batch": bool, "rec_loss": str,
-               "cfc_dropout": float}
+               "cfc_dropout": float, "train_per_class": int, "val_images": int}
 CHOICES = {"ring": ("visible", "hidden"), "fill": ("mean", "zero"),
            "rec_reduction": ("all", "split"), "d_reduction": ("sum", "mean"),
            "init": ("dcgan", "torch"), "variant": ("paper", "official", "seed"),
            "mask": ("center", "block", "region"), "rec_loss": ("hole", "image"),
            "arch": ("dcgan", "alexnet")}
-# Flags added with random masks and the AlexNet model: a file without them was written before they
-# existed, when the only behaviour was this one, so they are filled in (for any format).
+# Flags added with random masks, the AlexNet model and the Tiny ImageNet subset: a file without
+# them was written before they existed, when the only behaviour was this one, so they are filled
+# in (for any format).
 NEW_FLAGS = {"mask": "center", "mask_per_batch": False, "rec_loss": "hole", "arch": "dcgan",
-             "alexnet_width": 1.0, "cfc_dropout": 0.5}
+             "alexnet_width": 1.0, "cfc_dropout": 0.5, "train_per_class": 0, "val_images": 0}
 # Keys an older file may lack, with the value its version certainly had:
 # {key: (newest format lacking it, value)}. log_window None: an empty window, so the first log
 # line after resuming averages fewer steps.

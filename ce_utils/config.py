@@ -105,6 +105,11 @@ def validate(args, p):
         (args.alexnet_width > 0 and 0 <= args.cfc_dropout < 1,
          "--alexnet-width must be > 0, --cfc-dropout in [0, 1)"),
         (args.shapes_n > 0, "--shapes-n must be > 0"),
+        (args.train_per_class >= 0 and args.val_images >= 0,
+         "--train-per-class/--val-images must be >= 0 (0: all)"),
+        (args.data == "tiny" or not (args.train_per_class or args.val_images),
+         "--train-per-class/--val-images select a subset of --data tiny only; pass "
+         "--train-per-class 0 --val-images 0 (a resumed run takes them from its checkpoint)"),
         (args.log_every > 0 and args.eval_every > 0 and args.eval_images > 0,
          "--log-every/--eval-every/--eval-images must be > 0")]
     for ok, msg in checks:

@@ -15,6 +15,7 @@ mode to RGB. Each split is decoded into a checksummed cache on disk (ce_utils/di
 import contextlib
 import multiprocessing as mp
 import os
+import re
 import stat
 import sys
 import time
@@ -387,9 +388,35 @@ def _folder_files(data, root, split, val_fraction):
     return _split_files(files, val_fraction)[0 if split == "train" else 1], root, other, skipped
 
 
-def split_files(data, root, split, val_fraction=VAL_FRACTION):
+def _natural(path):
+    """Sort key of a file name with its numbers compared as numbers: val_2 before val_10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", os.path.basename(path))]
+
+
+def tiny_subset(files, split, train_per_class=0, val_images=0):
+    """--train-per-class N / --val-images N of --data tiny (0: all), in the listing's order: the
+    first N files of each class in sorted name order (n01443537_0, _1, _10, _100, ...: how the
+    README's subset was cut), and val_0 ... val_N-1, the first N as the official annotations
+    list them (a name sort would give val_0, val_1, val_10, ...)."""
+    if split == "train" and train_per_class:
+        by_class = {}
+        for f in sorted(files):
+            by_class.setdefault(os.path.dirname(f), []).append(f)   # train/<wnid>/images
+        keep = {f for fs in by_class.values() for f in fs[:train_per_class]}
+    elif split == "val" and val_images:
+        keep = set(sorted(files, key=_natural)[:val_images])
+    else:
+        return files
+    return [f for f in files if f in keep]
+
+
+def split_files(data, root, split, val_fraction=VAL_FRACTION, train_per_class=0, val_images=0):
     """The image files of one split of --data tiny|imagenet|folder, and the folder whose
-    subfolders name their classes (None for Tiny ImageNet's val and test: see labelled_files)."""
+    subfolders name their classes (None for Tiny ImageNet's val and test: see labelled_files).
+    train_per_class, val_images: a subset of Tiny ImageNet (tiny_subset)."""
+    if data != "tiny" and (train_per_class or val_images):
+        raise DataError(f"{root}: --train-per-class/--val-images select a subset of --data tiny "
+                        f"only, not of --data {data}; drop them")
     if data != "tiny" and not os.path.isdir(root):
         raise DataError(f"{root}: data root does not exist or is not a folder; pass --data-root "
                         "DIR pointing at your images")
@@ -399,6 +426,7 @@ def split_files(data, root, split, val_fraction=VAL_FRACTION):
                "test": os.path.join("test", "images")}[split]
         skipped = {}
         files, _ = list_images(os.path.join(base, sub), skipped)
+        files = tiny_subset(files, split, train_per_class, val_images)
         other = 0   # Tiny ImageNet's own annotation files are expected there
         classes = os.path.join(base, "train") if split == "train" else None
     elif data in ("imagenet", "folder"):
@@ -412,9 +440,10 @@ def split_files(data, root, split, val_fraction=VAL_FRACTION):
     return files, classes
 
 
-def dataset_files(data, root, split):
-    """The image files of one split of --data tiny|imagenet|folder (what train and eval decode)."""
-    return split_files(data, root, split)[0]
+def dataset_files(data, root, split, **subset):
+    """The image files of one split of --data tiny|imagenet|folder (what train and eval decode);
+    subset: train_per_class, val_images (split_files)."""
+    return split_files(data, root, split, **subset)[0]
 
 
 def _by_class(files, folder):
@@ -453,10 +482,13 @@ def _tiny_val(base, files, index):
     return val
 
 
-def labelled_files(data, root, val_fraction=VAL_FRACTION):
+def labelled_files(data, root, val_fraction=VAL_FRACTION, **subset):
     """(train, val, class names) for the linear probe: the files of each split as split_files gives
     them to training, as lists of (path, class index); a class is a file's first folder below its
-    split (train/ and val/, or a plain DIR), Tiny ImageNet's val is labelled by its annotations."""
+    split (train/ and val/, or a plain DIR), Tiny ImageNet's val is labelled by its annotations.
+    subset: train_per_class, val_images (split_files)."""
+    if data == "tiny":
+        root = tinyimagenet.data_dir(root)     # a zip given as the root: the folder holding it
     if not os.path.isdir(root):
         raise DataError(f"{root}: data root does not exist or is not a folder; pass --data-root "
                         "DIR")
@@ -465,11 +497,11 @@ def labelled_files(data, root, val_fraction=VAL_FRACTION):
                         "and val/val_annotations.txt); run `python ce_train.py --data tiny "
                         f"--data-root {root}` once to download it, or extract "
                         f"tiny-imagenet-200.zip into {root}")
-    files, folder = split_files(data, root, "train", val_fraction)
+    files, folder = split_files(data, root, "train", val_fraction, **subset)
     train_c, loose = _by_class(files, folder)
     names = sorted(train_c)
     index = {c: i for i, c in enumerate(names)}
-    files, folder = split_files(data, root, "val", val_fraction)
+    files, folder = split_files(data, root, "val", val_fraction, **subset)
     if folder is None:
         val = _tiny_val(tinyimagenet.find_tiny(root), files, index)
     else:
@@ -489,15 +521,25 @@ def labelled_files(data, root, val_fraction=VAL_FRACTION):
     return [(f, index[c]) for c in names for f in train_c[c]], val, names
 
 
-def load_split(data, root, split, size=128, shapes_n=10000):
-    """uint8 (N, S, S, 3) images of one split, decoded once and cached under the data root."""
+SUBSET_FLAGS = ("train_per_class", "val_images")   # ce_train flags of a Tiny ImageNet subset
+
+
+def load_split(data, root, split, size=128, shapes_n=10000, train_per_class=0, val_images=0):
+    """uint8 (N, S, S, 3) images of one split, decoded once and cached under the data root (the
+    folder holding it for a zip). train_per_class, val_images: a Tiny ImageNet subset, cached
+    under its own name (a full-set cache and a subset's do not replace each other)."""
     if data == "shapes":
         if split == "test":
             raise DataError("the embedded shapes data has a train and a held-out (val) split only; "
                             "use --split val")
         return _shapes_split(root, split, size, shapes_n if split == "train" else SHAPES_VAL)
-    files = dataset_files(data, root, split)
-    arr, meta = cached_images(files, size, os.path.join(root, ".ce_cache"), f"{data}-{split}", root)
+    files = dataset_files(data, root, split, train_per_class=train_per_class,
+                          val_images=val_images)
+    name = f"{data}-{split}" + (f"-{train_per_class}-per-class" if split == "train"
+                                and train_per_class else f"-first{val_images}"
+                                if split == "val" and val_images else "")
+    root = tinyimagenet.data_dir(root) if data == "tiny" else root
+    arr, meta = cached_images(files, size, os.path.join(root, ".ce_cache"), name, root)
     _report(meta, f"{data}/{split}")
     if len(arr) == 0:
         raise DataError(f"{root}: none of the {len(files)} image files of split '{split}' could be "

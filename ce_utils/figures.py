@@ -192,21 +192,33 @@ def run_labels(paths, labels=None):
 MARKERS_UP_TO = 40  # series with at most this many points are drawn with a marker on each point
 
 
+GAN_PANELS = (("loss_D", "loss_D"), ("loss_adv", "loss_adv (G, Eq. 2)"), ("D_x", "D(x)"),
+              ("D_G_x", "D(G(x))"))   # drawn only for runs whose D ran (--lam-adv > 0)
+
+
+def with_d(run, train):
+    """Whether a run trained D: its log has D's statistics and its flags do not say --lam-adv 0
+    (older L2-only logs recorded D's placeholders)."""
+    return any("D_x" in r for r in train) and run_args(run).get("lam_adv", 1) != 0
+
+
 def plot_curves(runs, path, labels=None):
-    """Training curves of one or several runs, overlaid: losses, D outputs and held-out PSNR against
-    step. Legend: short labels (see run_labels); several runs: a note per run under the plot names
-    its differing flags."""
+    """Training curves of one or several runs, overlaid: losses, D outputs (when some run trained
+    D) and held-out PSNR against step ("no evaluation yet" before the first). Legend: short labels
+    (see run_labels); several runs: a note per run under the plot names its differing flags."""
     plt = pyplot()
-    panels = [("loss_D", "loss_D"), ("loss_rec", "loss_rec (Eq. 1)"),
-              ("loss_adv", "loss_adv (G, Eq. 2)"), ("D_x", "D(x)"), ("D_G_x", "D(G(x))"),
-              ("psnr", "held-out PSNR, hole (dB)")]
+    logs = [read_log(run) for run in runs]
+    gan = [with_d(run, train) for run, (train, _) in zip(runs, logs)]
+    rec, psnr = ("loss_rec", "loss_rec (Eq. 1)"), ("psnr", "held-out PSNR, hole (dB)")
+    panels = [GAN_PANELS[0], rec, *GAN_PANELS[1:], psnr] if any(gan) else [rec, psnr]
+    cols, rows = (3, 2) if any(gan) else (2, 1)
+    W, H = 4.0 * cols, 3.25 * rows          # inches, without the notes
     labels, notes = run_labels(runs, labels)
-    lines, foot = note_lines(notes, 12)
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5 + foot))
-    for run, label in zip(runs, labels):
-        train, evals = read_log(run)
+    lines, foot = note_lines(notes, W)
+    fig, axes = plt.subplots(rows, cols, figsize=(W, H + foot), squeeze=False)
+    for (train, evals), label, d in zip(logs, labels, gan):
         for ax, (key, title) in zip(axes.flat, panels):
-            recs = evals if key == "psnr" else train
+            recs = evals if key == "psnr" else train if d or key == "loss_rec" else []
             ys = [r["eval"]["psnr"] if key == "psnr" else r[key] for r in recs]
             ax.plot([r["step"] for r in recs], ys,
                     marker="o" if len(recs) <= MARKERS_UP_TO else None, ms=3, label=label)
@@ -215,12 +227,21 @@ def plot_curves(runs, path, labels=None):
         ax.set_xlabel("step", fontsize=8)
         ax.ticklabel_format(useOffset=False, style="plain")  # real values on ticks, no "+1e4"
         ax.grid(alpha=0.3)
-    axes[1, 2].legend(fontsize=8)
+    if not any(evals for _, evals in logs):   # stopped before the first evaluation
+        ax = axes.flat[len(panels) - 1]
+        ax.clear()
+        ax.set_title(panels[-1][1], fontsize=10)
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax.transAxes,
+                fontsize=10, color="0.4")
+        axes.flat[len(panels) - 2].legend(fontsize=8)
+    else:
+        axes.flat[len(panels) - 1].legend(fontsize=8)
     # A fixed layout in inches: tight_layout, which measures every tick label, is slow
     left, right, top, bottom, gap = 0.7, 0.15, 0.35, 0.5 + foot, 0.75
-    w, h = (12 - left - right - 2 * gap) / 3, (6.5 - 0.35 - 0.5 - gap) / 2
-    fig.subplots_adjust(left=left / 12, right=1 - right / 12, top=1 - top / (6.5 + foot),
-                        bottom=bottom / (6.5 + foot), wspace=gap / w, hspace=gap / h)
+    w, h = (W - left - right - (cols - 1) * gap) / cols, (H - 0.35 - 0.5 - (rows - 1) * gap) / rows
+    fig.subplots_adjust(left=left / W, right=1 - right / W, top=1 - top / (H + foot),
+                        bottom=bottom / (H + foot), wspace=gap / w, hspace=gap / h)
     return finish_figure(fig, path, lines, dpi=72)
 
 

@@ -6,6 +6,10 @@ downloading, probing): a rate-limited line on stderr, silent for short jobs.
 import sys
 import time
 
+# The ETA shows once 1/ETA_AFTER of the work is done: the first items' rate includes the start-up
+# (a decoding pool's workers importing torch) and would predict hours for minutes of work.
+ETA_AFTER = 50
+
 
 def _num(x):
     """A count or rate for display: whole numbers from 10 up, one decimal below."""
@@ -17,7 +21,8 @@ class Progress:
 
     Silent when total <= `above` (a short job). A terminal gets one line redrawn in place, a log
     file one line per report. `scale` divides the counts shown (1e6: bytes as MB); `start` units
-    were done before (a resumed download): counted in done, not in the rate. total None: no ETA.
+    were done before (a resumed download): counted in done, not in the rate. total None: no ETA;
+none either until 1/ETA_AFTER of the total is done.
     """
 
     def __init__(self, total, desc, unit="images", rate_unit="img/s", every=0.5, above=0, scale=1,
@@ -42,7 +47,7 @@ class Progress:
         count = _num(shown(done)) + (f"/{_num(shown(self.total))}" if self.total else "")
         if final:
             when = f", {_num(elapsed)}s"
-        elif self.total:
+        elif self.total and done - self.start >= self.total / ETA_AFTER:
             when = f", ETA {(self.total - done) / max(rate, 1e-9):.0f}s"
         else:
             when = ""

@@ -6,11 +6,13 @@ network on a CPU).
 
     python -c "from ce_utils import runstate; print(runstate.RunState('cpu').state_dict())"
 """
+import argparse
 import contextlib
 import json
 import math
 import os
 import platform
+import shlex
 import time
 
 import torch
@@ -124,9 +126,9 @@ def resume(args, state, nets, run, device, master, total):
 
 def data_of(a):
     """What decides a run's training images: the dataset, its folder (shapes: its size instead),
-    the load size."""
+    the load size, a Tiny ImageNet subset."""
     where = a["shapes_n"] if a["data"] == "shapes" else os.path.abspath(a["data_root"])
-    return a["data"], where, a["load_size"]
+    return a["data"], where, a["load_size"], a.get("train_per_class", 0)
 
 
 def announce(args, world, n_train, n_val, G, D, total):
@@ -137,8 +139,7 @@ def announce(args, world, n_train, n_val, G, D, total):
           f"| {args.device} {args.dtype} | out {args.out}")
     print(f"data: {args.data_root}"
           + (" (the embedded shapes are cached there)" if args.data == "shapes" else ""))
-    print("config: " + " ".join(f"--{k.replace('_', '-')} {v}"
-                                for k, v in sorted(vars(args).items())))
+    print(f"config: {flags_line(args)}")
     on_cpu = torch.device(args.device).type == "cpu"
     quick = [f"--{k.replace('_', '-')} {v}" for k, v in config.CPU_QUICK.items()
              if getattr(args, k) == v]
@@ -147,6 +148,8 @@ def announce(args, world, n_train, n_val, G, D, total):
               "batch: --width 64 --bottleneck 4000 --batch-size 64")
     q, alexnet = config.CPU_QUICK, args.arch == "alexnet"
     if on_cpu and (alexnet or args.width > q["width"] or args.bottleneck > q["bottleneck"]):
+        given = (f"--arch alexnet --alexnet-width {args.alexnet_width:g}" if alexnet
+                 else f"--width {args.width} --bottleneck {args.bottleneck}")
         sec = cpu_step_seconds(G, D if args.lam_adv > 0 else None, args.batch_size,
                                ce_model.input_size(args))
         if not alexnet:
@@ -155,10 +158,31 @@ def announce(args, world, n_train, n_val, G, D, total):
         else:
             smaller = ("; --alexnet-width 0.25 shrinks every layer" if args.alexnet_width > 0.25
                        else "")
-        print(f"note: this network on a CPU: about {sec:.1f} s per step (estimated: a timed "
-              f"forward pass, x3 for the backward), {fmt_time(sec * total)} for {total} "
-              f"steps{smaller}")
+        print(f"note: this network on a CPU ({given} --batch-size {args.batch_size}): about "
+              f"{sec:.1f} s per step (estimated: a timed forward pass, x3 for the backward), "
+              f"{fmt_time(sec * total)} for {total} steps{smaller}")
     cli.atomic_write(os.path.join(args.out, "args.json"), json.dumps(vars(args), indent=1))
+
+
+def flags_line(args, parser=None):
+    """The run's flags as a command line that ce_train.py parses back to the same flags: real
+    flags (--no-bias, --compile only when on), None values and fields that are not flags (quick)
+    left out. parser: ce_train.build_parser() by default."""
+    if parser is None:
+        import ce_train   # the flag table; imported here because ce_train imports this module
+        parser = ce_train.build_parser()
+    a, words = vars(args), []
+    for act in parser._actions:
+        if not act.option_strings or act.dest not in a or a[act.dest] is None:
+            continue
+        flag, v = act.option_strings[0], a[act.dest]
+        if isinstance(act, argparse.BooleanOptionalAction):
+            words.append(flag if v else f"--no-{flag[2:]}")
+        elif isinstance(act, argparse._StoreTrueAction):
+            words += [flag] if v else []
+        else:
+            words += [flag, shlex.quote(str(v))]
+    return " ".join(words)
 
 
 def cpu_step_seconds(G, D, batch_size, size=128):

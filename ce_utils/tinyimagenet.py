@@ -1,7 +1,8 @@
 """Tiny ImageNet for --data tiny (200 classes, 64x64 px; 100,000 train, 10,000 val images): found
-under DATA_ROOT/tiny-imagenet-200 (or DATA_ROOT itself), or downloaded on first use with a progress
-line (resumed after an interruption; size and MD5 checked against the published archive;
-CE_TINY_URL to fetch it from elsewhere), its zip checked (CRCs) and extracted atomically.
+under DATA_ROOT/tiny-imagenet-200 (or DATA_ROOT itself; a zip given as DATA_ROOT is extracted next
+to it), or downloaded on first use with a progress line (resumed after an interruption; size and
+MD5 checked against the published archive; CE_TINY_URL to fetch it from elsewhere), its zip checked
+(CRCs) and extracted atomically.
 ce_utils/datasets.py lists and decodes the images from there.
 
     python -c "from ce_utils import tinyimagenet as t; print(t.ensure_tiny('data'))"  # 248 MB once
@@ -120,23 +121,62 @@ def find_tiny(root):
     return None
 
 
+def data_dir(root):
+    """The folder a --data-root names: itself, or the folder holding it when it is a zip file (the
+    zip is extracted there, and the caches go there)."""
+    return os.path.dirname(os.path.abspath(root)) if os.path.isfile(root) else root
+
+
+def _refuse_other_zips(root):
+    """Before a download: a Tiny ImageNet zip of another name in `root` is named, with the flag
+    that uses it (a download would ignore it)."""
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if not name.lower().endswith(".zip") or not zipfile.is_zipfile(path):
+            continue
+        try:
+            with zipfile.ZipFile(path) as z:
+                tiny = any(n.startswith("tiny-imagenet-200/train/") for n in z.namelist())
+        except (zipfile.BadZipFile, OSError):
+            continue
+        if tiny:
+            raise DataError(f"{root}: no tiny-imagenet-200/ or tiny-imagenet-200.zip here, but "
+                            f"{name} holds Tiny ImageNet; pass --data-root {path} to use it "
+                            "(extracted into that folder), or rename it tiny-imagenet-200.zip")
+
+
 def ensure_tiny(root, url=None):
-    """find_tiny(root), extracting DIR/tiny-imagenet-200.zip, or downloading it first, if needed."""
+    """find_tiny(root), extracting DIR/tiny-imagenet-200.zip, or downloading it first, if needed.
+    `root` may also be a zip itself (of any name): extracted next to it, into
+    DIR/tiny-imagenet-200, as a downloaded zip is."""
     url = url or os.environ.get("CE_TINY_URL") or TINY_URL
+    archive = None
+    if os.path.isfile(root):
+        if not zipfile.is_zipfile(root):
+            raise DataError(f"{root}: a file but not a zip archive; pass --data-root the folder "
+                            "holding tiny-imagenet-200/ (or tiny-imagenet-200.zip itself)")
+        archive, root = root, data_dir(root)
     found = find_tiny(root) if os.path.isdir(root) else None
     if found:
+        if archive and os.path.basename(archive) != "tiny-imagenet-200.zip":
+            print(f"note: using {found}, extracted before; delete it to extract {archive} "
+                  "again", file=sys.stderr)
         return found
     target = os.path.join(root, "tiny-imagenet-200")
     os.makedirs(root, exist_ok=True)
-    archive = os.path.join(root, "tiny-imagenet-200.zip")
+    archive = archive or os.path.join(root, "tiny-imagenet-200.zip")
     if not os.path.isfile(archive):
+        _refuse_other_zips(root)
         try:   # the published checksum applies to the published URL (CE_TINY_URL may serve any zip)
             download(url, archive, _check_published if url == TINY_URL else None)
         except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeouts, cuts
+            again = "resume" if os.path.exists(archive + ".part") else "retry"
+            seen = sorted(n for n in os.listdir(root) if n.lower().endswith(".zip"))
+            seen = f" ({', '.join(seen)} there: not a Tiny ImageNet zip)" if seen else ""
             raise DataError(f"could not download Tiny ImageNet from {url} ({type(e).__name__}: "
-                            f"{e}); run again to resume, or download it by hand and put "
+                            f"{e}); run again to {again}, or download it by hand and put "
                             "tiny-imagenet-200.zip (or its extracted tiny-imagenet-200/ folder) in "
-                            f"{root}") from None
+                            f"{root}{seen}, or pass --data-root the zip or that folder") from None
     _check_zip(archive)
     tmp = os.path.join(root, ".tiny-imagenet-200.extracting")
     shutil.rmtree(tmp, ignore_errors=True)

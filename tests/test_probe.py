@@ -232,3 +232,75 @@ def test_probe_reads_a_file_name_that_is_not_utf8(tmp_path, capsys):
     assert len(everything) == 7 and os.fsdecode(latin1) in everything
     row = _probe_json(tmp_path, capsys, "--max-train", "6")
     assert row["n_train"] + row["n_val"] == 7
+
+
+def test_crop_flip_cuts_and_mirrors_each_image():
+    """The probe's and fine-tuning's augmentation against plain slicing; the draws are seeded per
+    epoch and stay inside the image."""
+    x = torch.randint(0, 256, (3, 10, 10, 3), dtype=torch.uint8)
+    off, flip = torch.tensor([[0, 0], [2, 1], [3, 3]]), torch.tensor([False, True, True])
+    out = ce_probe.crop_flip(x, off, flip, 7)
+    for k, ((r, c), f) in enumerate(zip(off.tolist(), flip.tolist())):
+        want = x[k, r:r + 7, c:c + 7]
+        assert torch.equal(out[k], want.flip(1) if f else want)
+    a, b = ce_probe.aug_draws(500, 144, 128, 0, 0), ce_probe.aug_draws(500, 144, 128, 0, 0)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not torch.equal(a[0], ce_probe.aug_draws(500, 144, 128, 0, 1)[0])
+    assert a[0].min() == 0 and a[0].max() == 16 and 0.4 < a[1].float().mean() < 0.6
+
+
+def _noise_folder(root):
+    """3 classes of the same grey noise: labels a probe cannot predict, so its top-1 values are
+    not all 100 and any change in the classifiers' arithmetic shows."""
+    for c, cls in enumerate("abc"):
+        for i in range(10):
+            _img(root / cls / f"{i}.png", size=16, seed=10 * c + i)
+
+
+def test_probe_without_augmentation_is_the_probe_before_it(tmp_path, capsys):
+    """--no-augment: whole images, features extracted once, one fit_linear per tap: the same
+    numbers as that recomputation, with the seeded order unchanged."""
+    _noise_folder(tmp_path)
+    flags = ["--val-fraction", "0.3", "--batch-size", "7", "--epochs", "3", "--probe-seed", "5"]
+    row = _probe_json(tmp_path, capsys, "--no-augment", *flags)
+    assert row["augment"] is False and row["load_size"] == row["input_size"] == 128
+    train, val, names = datasets.labelled_files("folder", str(tmp_path), 0.3)
+    (xtr, ytr), (xva, yva) = (ce_probe.decode_labelled(s, 128, "x") for s in (train, val))
+    spec = dict(arch="dcgan", weights=None, a=dict(width=8, bottleneck=16, bottleneck_bn=True,
+                                                   bias=False, init="dcgan", seed=0))
+    enc, taps = ce_probe.load_encoder(spec)
+    ftr, fva = (ce_probe.extract(enc, taps, x, "cpu") for x in (xtr, xva))
+    want = {name: ce_probe.fit_linear(ftr[name], ytr, fva[name], yva, 3, 3, batch_size=7,
+                                      seed=5) for name, _ in taps}
+    assert row["top1"] == {k: v[0] for k, v in want.items()}
+    assert row["train_top1"] == {k: v[1] for k, v in want.items()}
+    assert len(set(row["train_top1"].values())) > 1      # not a saturated toy
+    aug = _probe_json(tmp_path, capsys, *flags)
+    assert aug["augment"] is True and aug["load_size"] == 144 and aug["dims"] == row["dims"]
+    assert aug["train_top1"] != row["train_top1"]        # trained on crops, not whole images
+
+
+def test_probe_leaves_the_encoders_as_they_were(tmp_path, capsys, monkeypatch):
+    """The frozen probe (augmented, all three starts) never changes an encoder: after it, the
+    checkpoint's encoder equals the checkpoint, BatchNorm statistics included; and a fine-tuning
+    run in between leaves the probe's results as they were."""
+    _tiny_fixture(tmp_path / "data", n_train=3, n_val=1)
+    _save_ckpt(tmp_path / "ckpt.pt", seed=0)
+    used = []
+    load = ce_probe.load_encoder
+    monkeypatch.setattr(ce_probe, "load_encoder", lambda *a: used.append(load(*a)) or used[-1])
+    flags = ["--data", "tiny", "--data-root", str(tmp_path / "data"), "--device", "cpu",
+             "--epochs", "2", "--ckpt", str(tmp_path / "ckpt.pt"), "--random-init", "dcgan",
+             "--ddi-init", "dcgan", "--json"]
+    capsys.readouterr()
+    first = ce_probe.main(flags)
+    assert [r["start"] for r in first] == ["random", "ddi", "checkpoint"]
+    saved = checkpoints.read_checkpoint(str(tmp_path / "ckpt.pt"))["G"]
+    enc = used[-1][0].state_dict()
+    assert enc and all(torch.equal(v, saved[f"encoder.{k}"]) for k, v in enc.items())
+    assert any(not torch.equal(v, saved[f"encoder.{k}"])                     # ddi rescaled it
+               for k, v in used[1][0].state_dict().items())
+    ce_probe.main(flags + ["--finetune", "--ft-epochs", "1", "--ft-batch", "3"])
+    again = ce_probe.main(flags)
+    assert [r["top1"] for r in again] == [r["top1"] for r in first]
+    assert [r["train_top1"] for r in again] == [r["train_top1"] for r in first]

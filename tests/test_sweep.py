@@ -53,7 +53,7 @@ def test_each_run_is_scored_with_its_own_mask_and_input_size(tmp_path, tiny_flag
     run, row = sweep(tmp_path / "sweep", tiny_flags + ["--steps", "2"] + flags)
     want = ce_eval_scores(run, capsys)
     assert int(row["n_images"]) == want["n_images"] == HELD_OUT
-    for k in ("psnr", "l1", "l2", "psnr_region"):
+    for k in ("psnr", "l1", "l2", "psnr_region", "ssim", "sharpness"):
         assert float(row[k]) == pytest.approx(want[k], abs=1e-4)
     assert os.path.isfile(tmp_path / "sweep" / "figure.png")
 

@@ -117,7 +117,7 @@ def test_l2_only_trains_without_discriminator(tmp_path, tiny_flags):
     ce_train.main(tiny_flags + ["--steps", "2", "--batch-size", "4", "--lam-adv", "0",
                                 "--log-every", "1", "--out", str(out)])
     log = [r for r in read_log(out) if "loss_rec" in r]
-    assert all(r["loss_D"] == 0 and r["loss_adv"] == 0 for r in log)
+    assert log and not any({"loss_D", "loss_adv", "D_x", "D_G_x"} & set(r) for r in log)
     torch.manual_seed(0)  # ce_train seeds with --seed 0 before building the networks
     d0 = ce_model.build_models(8, 16)[1].state_dict()
     d1 = checkpoints.read_checkpoint(out)["D"]
