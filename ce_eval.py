@@ -213,9 +213,8 @@ def evaluate(G, images_u8, spec=None, methods=("model",), batch_size=256, dtype=
     (the prediction pasted into the hole): hole metrics over the hidden pixels (SSIM's windows see
     the real context around them), region metrics over the 64x64 centre (centre masks) or the
     whole image (random masks; ce_masks.eval_masks). No region SSIM or sharpness: twice the cost,
-    and over the region they would mostly score the real ring and the seam.
-    More than PROGRESS_ABOVE images: a progress line on stderr every PROGRESS_EVERY_S seconds.
-    """
+    and over the region they would mostly score the real ring and the seam. Progress on stderr
+    above PROGRESS_ABOVE images."""
     spec = mask_spec(spec)
     dev = next(G.parameters()).device if G is not None else torch.device("cpu")
     sums = {m: {} for m in methods}
@@ -429,7 +428,7 @@ def held_out(args, a):
     """uint8 held-out images for checkpoint flags `a`, with --data, --data-root, --split and
     --max-images applied."""
     data, root = args.data or a["data"], args.data_root or a["data_root"]
-    own = (data, root) == (a["data"], a["data_root"])     # the run's own data: its own subset
+    own = (data, os.path.abspath(root)) == (a["data"], a["data_root"])  # its own data: its subset
     subset = {k: a.get(k, 0) for k in datasets.SUBSET_FLAGS} if own else {}
     images = datasets.load_split(data, root, args.split, a["load_size"], a.get("shapes_n", 10000),
                                  **subset)

@@ -123,7 +123,8 @@ def build_parser(doc=None):
     add("--bottleneck", type=int, default=4000, help="bottleneck channels (Fig. 2)")
     add("--bottleneck-bn", action=BOOL, default=PAPER["bottleneck_bn"],
         help="BatchNorm on the bottleneck (official train.lua:125; seed: off)")
-    add("--bias", action=BOOL, default=PAPER["bias"], help="conv biases (official: none; seed: on)")
+    add("--bias", action=BOOL, default=PAPER["bias"],
+        help="conv biases (paper/official: off; seed: on)")
     add("--init", choices=("dcgan", "torch"), default=PAPER["init"],
         help="dcgan: N(0, 0.02) (official); torch: PyTorch's default (seed)")
     # run

@@ -11,7 +11,7 @@ import sys
 import torch
 
 import ce_model
-from ce_utils import checkpoints, cli
+from ce_utils import checkpoints, cli, datasets
 
 # DEVIATION: on a CPU, `python ce_train.py --data shapes` trains a smaller network for fewer steps
 # so that the quick start ends in minutes; each of these applies unless its flag is given (the
@@ -44,6 +44,10 @@ def take_resumed_flags(args, given, p):
     for k, v in saved.items():
         if k not in given and k not in RUNTIME and hasattr(args, k):
             setattr(args, k, v)
+    if args.data != "tiny":         # fine-tuning on other data: no Tiny ImageNet subset
+        for k in datasets.SUBSET_FLAGS:
+            if k not in given:
+                setattr(args, k, 0)
     if os.path.basename(state["path"]) != "ckpt.pt" and "out" not in given:
         p.error(f"resuming from {state['path']} would rewind that run's ckpt.pt and log; pass "
                 "--out NEW_DIR to branch a new run from it")

@@ -219,3 +219,35 @@ def test_curves_before_any_evaluation_say_so(tmp_path, monkeypatch):
                                  {"step": 1, "eval": {"psnr": 12.0}}], 0.0)
     panels = plotted(monkeypatch, [tmp_path / "old"])
     assert panels == [("loss_rec (Eq. 1)", []), ("held-out PSNR, hole (dB)", [])]
+
+
+def test_a_subset_runs_own_evaluation_keeps_its_subset_and_fine_tuning_elsewhere_drops_it(
+        tmp_path, tiny_flags, monkeypatch):
+    """ce_eval on a subset run's own data (its --data-root typed relative, saved absolute) loads
+    the run's subset; fine-tuning that run on a folder takes no Tiny ImageNet subset with it."""
+    import argparse
+
+    import ce_eval
+    root = tmp_path / "subset-root"
+    a = {"data": "tiny", "data_root": str(root), "load_size": 128, "train_per_class": 3,
+         "val_images": 5}
+    seen = {}
+    monkeypatch.setattr(datasets, "load_split",
+                        lambda *args, **kw: seen.update(kw) or torch.zeros(0, 128, 128, 3))
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(data=None, data_root="subset-root", split="val", max_images=0)
+    ce_eval.held_out(args, a)
+    assert seen == {"train_per_class": 3, "val_images": 5}
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    ce_train.main(tiny_flags + ["--steps", "1", "--batch-size", "4", "--out", str(run)])
+    state = torch.load(run / "ckpt.pt", weights_only=True)
+    state["args"].update(data="tiny", train_per_class=3, val_images=5)
+    torch.save(state, run / "ckpt.pt")
+    tuned = ce_train.parse_args(["--resume", str(run / "ckpt.pt"), "--out", str(tmp_path / "mine"),
+                                 "--data", "folder", "--data-root", str(tmp_path), "--device",
+                                 "cpu"])
+    assert (tuned.train_per_class, tuned.val_images) == (0, 0)
+    kept = ce_train.parse_args(["--resume", str(run / "ckpt.pt"), "--out", str(tmp_path / "more"),
+                                "--device", "cpu"])
+    assert (kept.train_per_class, kept.val_images) == (3, 5)
