@@ -27,7 +27,6 @@ import sys
 from collections import namedtuple
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -35,7 +34,7 @@ from PIL import Image
 import ce_data
 import ce_masks
 import ce_model
-from ce_utils import baselines, checkpoints, cli, datasets, figures, photos
+from ce_utils import baselines, checkpoints, cli, datasets, figures, imagefiles, photos
 from ce_utils.progress import Progress
 
 # -------------------------------------------------------------------------------------------------
@@ -102,49 +101,6 @@ def sharpness(pred, target, mask):
     energy = (lap * lap * inner).sum(dim=(1, 2, 3)) / (3 * inner.sum(dim=(1, 2, 3))).clamp_min(1)
     e_pred, e_true = energy.chunk(2)
     return (e_pred + SHARPNESS_EPS) / (e_true + SHARPNESS_EPS)
-
-
-def blobs(mask):
-    """Sizes of the 4-connected hidden regions of one (H, W) bool mask (row runs joined by
-    union-find: plain Python is fast enough here, and it keeps scipy out of the dependencies)."""
-    m = np.asarray(mask, dtype=bool)
-    parent, size, prev = [], [], []
-    for row in m:
-        edges = np.flatnonzero(np.diff(np.concatenate(([0], row.view(np.int8), [0]))))
-        runs = list(zip(edges[::2], edges[1::2]))                    # [start, stop) of each run
-        ids = []
-        for a, b in runs:
-            ids.append(len(parent))
-            parent.append(len(parent))
-            size.append(b - a)
-            for (pa, pb), pid in prev:
-                if pa < b and a < pb:               # overlapping runs of adjacent rows touch
-                    ra, rb = _root(parent, pid), _root(parent, ids[-1])
-                    if ra != rb:
-                        parent[rb] = ra
-                        size[ra] += size[rb]
-        prev = list(zip(runs, ids))
-    return [int(size[i]) for i in range(len(parent)) if parent[i] == i]
-
-
-def _root(parent, i):
-    while parent[i] != i:
-        parent[i] = parent[parent[i]]
-        i = parent[i]
-    return i
-
-
-def mask_statistics(masks):
-    """Hole fraction, blobs per mask and blob sizes of (N, H, W) or (N, 1, H, W) bool masks."""
-    masks = masks.reshape(-1, masks.shape[-2], masks.shape[-1]).cpu()
-    per = [blobs(m) for m in masks.numpy()]
-    sizes = np.concatenate([np.asarray(p) for p in per]) if per else np.zeros(0)
-    frac = masks.float().mean(dim=(1, 2)).numpy()
-    counts = [len(p) for p in per]
-    return {"n": len(masks), "hole_fraction_mean": float(frac.mean()),
-            "hole_fraction_min": float(frac.min()), "hole_fraction_max": float(frac.max()),
-            "blobs_mean": float(np.mean(counts)), "blobs_median": float(np.median(counts)),
-            "blob_px_median": float(np.median(sizes)), "blob_px_mean": float(sizes.mean())}
 
 
 # What a method is scored on: the hole of a run (its flags' mask, overlap, ring, fill) on images of
@@ -399,7 +355,7 @@ def run_images(G, paths, a, out, dtype, mask_path=None):
     done, size = 0, ce_model.input_size(a)
     for path, name in zip(files, names):
         try:
-            photo = datasets.read_rgb(path)
+            photo = imagefiles.read_rgb(path)
         except cli.DataError as e:
             bad.append(str(e))
             continue
@@ -435,39 +391,13 @@ def held_out(args, a):
     return (images[:args.max_images] if args.max_images else images), data
 
 
-def print_mask_stats(kind, n):
-    """--mask-stats: n of ours (ce_masks.random_masks) against n crops of the official recipe
-    (ce_masks.official_region_crops; region only), and how often ours falls through."""
-    rows = [("ours", mask_statistics(ce_masks.random_masks(kind, n, (0, "mask-stats"))), None)]
-    if kind == "region":
-        crops, rate = ce_masks.official_region_crops(n, seed=0, pattern=4000)
-        rows.append(("official recipe", mask_statistics(crops), rate))
-    print(f"{kind} masks, {n} each, 128 px: hole fraction mean [min, max] | blobs per mask mean "
-          "(median) | blob px median (mean)")
-    for name, r, rate in rows:
-        print(f"  {name:<16}{100 * r['hole_fraction_mean']:5.1f} % "
-              f"[{100 * r['hole_fraction_min']:.1f}, {100 * r['hole_fraction_max']:.1f}] | "
-              f"{r['blobs_mean']:.2f} ({r['blobs_median']:.0f}) | "
-              f"{r['blob_px_median']:.0f} ({r['blob_px_mean']:.0f})"
-              + (f" | {100 * rate:.0f} % of crops accepted" if rate else ""))
-    if kind == "region":
-        print("  official recipe: train_random.lua's pattern and window, but upsampled with "
-              "PyTorch's bicubic, not torch/image's\n  (the DEVIATION in ce_masks.py), so its "
-              "share of crops accepted is not the official code's")
-    for size in (128, 227) if kind == "region" else ():   # 227 px: the AlexNet model's
-        rejected, after_half, fallback = ce_masks.region_acceptance(n, size)
-        print(f"  ours at {size} px: {100 * rejected:.1f} % of crops rejected; "
-              f"{100 * after_half:.1f} % of images with none of the first 8 accepted, "
-              f"{100 * fallback:.2f} % with none of 16 (fallback)")
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.plot:
         print(f"wrote {figures.plot_curves(args.plot, plot_path(args.out))}")
         return
     if args.mask_stats:
-        return print_mask_stats(args.mask_stats, args.stats_n)
+        return ce_masks.print_mask_stats(args.mask_stats, args.stats_n)
     hw = cli.Hardware(args.device).use_fast_kernels()
     dtype = hw.dtype
     loaded = [checkpoints.load_checkpoint(c, hw.device) for c in args.ckpt]

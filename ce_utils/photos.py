@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ce_utils import cli, datasets
+from ce_utils import cli, datasets, imagefiles
 
 # ------------------------------------------------------------------------------------------------
 # Inputs, the square the model sees, the result pasted back at full size.
@@ -33,7 +33,7 @@ def photo_inputs(paths):
             files += found
             if not found:
                 bad.append(f"{p}: no image files in this folder (looked for "
-                           f"{', '.join(sorted(datasets.IMAGE_EXTS))})")
+                           f"{', '.join(sorted(imagefiles.IMAGE_EXTS))})")
         else:
             files.append(p)
     stems = [os.path.splitext(os.path.basename(os.path.normpath(f)))[0] or "image" for f in files]
@@ -59,7 +59,7 @@ def photo_inputs(paths):
 def photo_square(im, size=128):
     """The model's view of a photo: its central square, scaled to size x size. Returns
     (uint8 (size, size, 3), (left, top, side) of that square in the photo)."""
-    left, top, side = datasets.center_square(*im.size)
+    left, top, side = imagefiles.center_square(*im.size)
     crop = im.crop((left, top, left + side, top + side))
     if side != size:
         crop = crop.resize((size, size), Image.BICUBIC)
@@ -93,7 +93,7 @@ def read_user_mask(path, photo, square, size):
     """A user's mask image (white = hole) -> (1, 1, size, size) bool, cropped and scaled exactly as
     the photo: a mask of another size is first scaled to the photo's size. One-line errors for an
     unreadable, empty or all-hole mask."""
-    m = datasets.read_rgb(path).convert("L")
+    m = imagefiles.read_rgb(path).convert("L")
     if m.size != photo.size:
         m = m.resize(photo.size, Image.NEAREST)
     left, top, side = square

@@ -45,3 +45,14 @@ def _no_run_pictures(request, monkeypatch):
         import ce_train
         monkeypatch.setattr(ce_train, "draw_pictures",
                             lambda run, args: setattr(run, "t_pictures", time.time()))
+
+
+@pytest.fixture
+def one_thread():
+    """Networks and tensors this small gain nothing from threads, and on a loaded 2-core machine
+    two OpenMP threads made such tests many times slower. Restored after each test."""
+    import torch
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from test_data import make_tiny_zip
 
-from ce_utils import cli, datasets, tinyimagenet
+from ce_utils import cli, datasets, imagefiles, tinyimagenet
 
 
 class Hung(Exception):
@@ -61,11 +61,11 @@ def rotated_jpeg(path):
 
 def test_exif_orientation_is_applied(tmp_path):
     upright = rotated_jpeg(tmp_path / "phone.jpg")
-    got = np.asarray(datasets.read_rgb(tmp_path / "phone.jpg"))
+    got = np.asarray(imagefiles.read_rgb(tmp_path / "phone.jpg"))
     assert got.shape == upright.shape == (64, 48, 3)
     assert np.abs(got.astype(int) - upright).mean() < 3          # JPEG error only
     assert got[4, 44, 0] > 180 and got[4, 4, 0] < 60             # red at top-right, not top-left
-    arr, _ = datasets.decode_image(tmp_path / "phone.jpg", 32)  # the dataset path: same orientation
+    arr, _ = imagefiles.decode_image(tmp_path / "phone.jpg", 32)  # the datasets' path: upright
     assert arr[2, 30, 0] > 180 and arr[2, 1, 0] < 60
 
 
@@ -119,11 +119,11 @@ def test_odd_entries_are_used_or_counted_never_fatal(tmp_path, monkeypatch, caps
 def test_special_files_and_bombs_are_refused_by_read_rgb(tmp_path):
     os.mkfifo(tmp_path / "pipe.jpg")
     with deadline(30), pytest.raises(cli.DataError, match="FIFO"):
-        datasets.read_rgb(tmp_path / "pipe.jpg")
+        imagefiles.read_rgb(tmp_path / "pipe.jpg")
     with pytest.raises(cli.DataError, match="a folder"):
-        datasets.read_rgb(tmp_path)
+        imagefiles.read_rgb(tmp_path)
     with pytest.raises(cli.DataError, match="decompression bomb"):
-        datasets.read_rgb(bomb_png(tmp_path / "bomb.png"))
+        imagefiles.read_rgb(bomb_png(tmp_path / "bomb.png"))
 
 
 @pytest.mark.parametrize("data", ["folder", "shapes"])

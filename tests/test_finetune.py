@@ -1,4 +1,4 @@
-"""Fine-tuning (ce_probe.py --finetune, paper Table 2's test) and the data-dependent initialisation
+"""Fine-tuning (ce_finetune.py, paper Table 2's test) and the data-dependent initialisation
 (Krähenbühl et al. 2016) that is its third start and the probe's."""
 import json
 import math
@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import ce_model
+import ce_finetune
 import ce_probe
 import ce_train
 from ce_utils import checkpoints
@@ -39,8 +40,8 @@ def test_finetune_starts_learn_from_the_same_batches(tmp_path, capsys, monkeypat
     _colour_folder(tmp_path / "data")
     _trained_ckpt(tmp_path / "ckpt.pt")
     seen = []
-    crop_flip = ce_probe.crop_flip
-    monkeypatch.setattr(ce_probe, "crop_flip", lambda *a: seen.append(crop_flip(*a)) or seen[-1])
+    crop_flip = ce_finetune.crop_flip
+    monkeypatch.setattr(ce_finetune, "crop_flip", lambda *a: seen.append(crop_flip(*a)) or seen[-1])
     capsys.readouterr()
     ce_probe.main(["--data", "folder", "--data-root", str(tmp_path / "data"), "--device", "cpu",
                    "--ckpt", str(tmp_path / "ckpt.pt"), "--random-init", "dcgan", "--ddi-init",
@@ -72,7 +73,7 @@ def test_finetune_trains_the_encoder_in_place(tmp_path):
     labels = torch.arange(12) % 3
     args = ce_probe.parse_args(["--random-init", "dcgan", "--device", "cpu", "--finetune",
                                 "--ft-epochs", "2", "--ft-batch", "4"])
-    ce_probe.finetune(enc, head, images, labels, 128, args)
+    ce_finetune.finetune(enc, head, images, labels, 128, args)
     convs = [k for k, v in before.items() if v.dim() == 4]
     assert len(convs) == 6 and all(not torch.equal(before[k], enc.state_dict()[k]) for k in convs)
 
@@ -113,7 +114,7 @@ def test_data_dependent_init_standardises_every_layer(net):
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(24, 3, S, S, generator=g) * 2 - 1).cumsum(-1).tanh()   # smooth, not white
     before = _pre_activations(enc, x)
-    ce_probe.data_dependent_init(enc, x)
+    ce_finetune.data_dependent_init(enc, x)
     after = _pre_activations(enc, x)
     convs = [m for m in enc if isinstance(m, nn.Conv2d)]
     assert len(after) == len(convs) == (6 if net != "alexnet" else 5)

@@ -14,14 +14,7 @@ import ce_losses
 import ce_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tensors this small gain nothing from threads; on a loaded 2-core machine two OpenMP threads
-    made these tests up to 50x slower. Restored after each test."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny tensors, one thread
 
 # ------------------------------------------------------------------------------------------------
 # Metrics (paper 5.1, Table 1): on [0, 1] intensities, PSNR = 10 log10(1 / MSE), per image

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import ce_model
+import ce_finetune
 import ce_probe
 import ce_train
 from ce_utils import checkpoints, cli, datasets
@@ -116,7 +117,7 @@ def test_random_init_is_the_network_training_started_from(variant):
     vars(args).update(ce_train.VARIANTS[variant])    # seed variant: PyTorch init, biases, no BN
     torch.manual_seed(args.seed)                            # what ce_train.main does, in its order
     G = ce_train.build_training(args, cli.Hardware("cpu")).G
-    R = ce_probe.random_init_generator(vars(args))
+    R = ce_finetune.random_init_generator(vars(args))
     assert all(torch.equal(v, R.state_dict()[k]) for k, v in G.state_dict().items())
 
 
@@ -239,13 +240,13 @@ def test_crop_flip_cuts_and_mirrors_each_image():
     epoch and stay inside the image."""
     x = torch.randint(0, 256, (3, 10, 10, 3), dtype=torch.uint8)
     off, flip = torch.tensor([[0, 0], [2, 1], [3, 3]]), torch.tensor([False, True, True])
-    out = ce_probe.crop_flip(x, off, flip, 7)
+    out = ce_finetune.crop_flip(x, off, flip, 7)
     for k, ((r, c), f) in enumerate(zip(off.tolist(), flip.tolist())):
         want = x[k, r:r + 7, c:c + 7]
         assert torch.equal(out[k], want.flip(1) if f else want)
-    a, b = ce_probe.aug_draws(500, 144, 128, 0, 0), ce_probe.aug_draws(500, 144, 128, 0, 0)
+    a, b = ce_finetune.aug_draws(500, 144, 128, 0, 0), ce_finetune.aug_draws(500, 144, 128, 0, 0)
     assert all(torch.equal(u, v) for u, v in zip(a, b))
-    assert not torch.equal(a[0], ce_probe.aug_draws(500, 144, 128, 0, 1)[0])
+    assert not torch.equal(a[0], ce_finetune.aug_draws(500, 144, 128, 0, 1)[0])
     assert a[0].min() == 0 and a[0].max() == 16 and 0.4 < a[1].float().mean() < 0.6
 
 

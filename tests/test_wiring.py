@@ -23,14 +23,7 @@ WIRING = dict(lam_rec=0.8, lam_adv=0.2, lr_g=3e-3, lr_d=1e-2, beta1=0.6, beta2=0
               overlap_weight=7.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Networks this small gain nothing from threads; on a loaded 2-core machine two OpenMP threads
-    made these tests up to 10x slower. Restored after each test."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny tensors, one thread
 
 
 # ------------------------------------------------------------------------------------------------
