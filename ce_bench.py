@@ -50,7 +50,9 @@ from ce_utils import accel, cli, datasets
 
 
 class ReferenceDataset(torch.utils.data.Dataset):
-    """One image file per __getitem__: decode, resize to 128, flip, scale to [-1, 1] on the CPU."""
+    """One image file per __getitem__: decode, resize to 128, flip, scale to [-1, 1] on the CPU.
+    A file that does not decode (training skips it, with a warning) is replaced by the next one
+    that does: the loop reads only the images training reads."""
 
     def __init__(self, files):
         self.files = files
@@ -58,9 +60,18 @@ class ReferenceDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.files)
 
+    def decode(self, i):
+        """Image i, or the first one after it that decodes."""
+        for k in range(len(self.files)):
+            try:
+                with Image.open(self.files[(i + k) % len(self.files)]) as im:
+                    return im.convert("RGB").resize((128, 128), Image.BILINEAR)
+            except Exception:     # Pillow's decoders raise many types for a damaged file: skip it
+                continue
+        raise cli.DataError(f"none of the {len(self.files)} image files could be decoded")
+
     def __getitem__(self, i):
-        with Image.open(self.files[i]) as im:
-            im = im.convert("RGB").resize((128, 128), Image.BILINEAR)
+        im = self.decode(i)
         x = torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1
         if random.random() < 0.5:
             x = x.flip(2)
@@ -73,19 +84,21 @@ def parse_args(argv=None):
                    help="training images to benchmark on (shapes: the embedded data, generated on "
                         "first use)")
     p.add_argument("--data-root", default="data", help="dataset folder, as for ce_train.py")
-    p.add_argument("--shapes-n", type=int, default=4096,
+    p.add_argument("--shapes-n", type=cli.positive_int, default=4096,
                    help="images of the embedded data to benchmark on")
-    p.add_argument("--batch-size", type=int, default=64,
+    p.add_argument("--batch-size", type=cli.train_batch, default=64,
                    help="images per training step (paper: 64)")
-    p.add_argument("--steps", type=int, default=30, help="steps per timed window")
-    p.add_argument("--warmup", type=int, default=10,
+    p.add_argument("--steps", type=cli.positive_int, default=30, help="steps per timed window")
+    p.add_argument("--warmup", type=cli.count, default=10,
                    help="untimed steps first (cudnn autotuning, compilation)")
-    p.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
-    p.add_argument("--width", type=int, default=64, help="channels of G's first layer (paper: 64)")
-    p.add_argument("--bottleneck", type=int, default=4000,
+    p.add_argument("--repeats", type=cli.positive_int, default=3,
+                   help="timed windows; the median is reported")
+    p.add_argument("--width", type=cli.positive_int, default=64,
+                   help="channels of G's first layer (paper: 64)")
+    p.add_argument("--bottleneck", type=cli.positive_int, default=4000,
                    help="channels of G's bottleneck (paper: 4000)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--workers", type=int, default=min(10, os.cpu_count() or 1),
+    p.add_argument("--workers", type=cli.count, default=min(10, os.cpu_count() or 1),
                    help="DataLoader processes of the reference loop (the seed report used 10) "
                         "(default: min(10, CPU cores), here %(default)s)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (ours-compile)")
@@ -97,10 +110,7 @@ def parse_args(argv=None):
     p.add_argument("--skip-reference", action="store_true", help="do not time the reference loop")
     p.add_argument("--json", action="store_true",
                    help="one JSON line per configuration instead of the table")
-    a = p.parse_args(argv)
-    sizes = (a.batch_size, a.steps, a.repeats, a.width, a.bottleneck, a.shapes_n)
-    if min(sizes) <= 0 or a.warmup < 0 or a.workers < 0:
-        p.error("sizes and counts must be positive")
+    a = p.parse_args(argv)      # each flag's range is its type (ce_utils/cli.py)
     a.device = cli.resolve_device(a.device, p)
     return a
 

@@ -5,6 +5,7 @@ Imports no other file of this project: copy it alone.
 
   python -c "import torch, ce_data as d; print(d.mask_batch(torch.ones(2, 3, 128, 128))[1].shape)"
 """
+import functools
 import hashlib
 
 import numpy as np
@@ -108,16 +109,60 @@ def unit(x):
     return ((x.float() + 1) / 2).clamp_(0, 1)
 
 
+@functools.lru_cache(maxsize=16)
+def _bicubic_matrix(n_in, n_out, device):
+    """(n_out, n_in) float64 weights of Pillow's bicubic upsampling (libImaging/Resample.c: a =
+    -0.5, taps where the kernel reaches, normalised, then rounded to 22-bit fixed point), as
+    integers times 2**22."""
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    scale = n_in / n_out
+    for xx in range(n_out):
+        center = (xx + 0.5) * scale
+        lo, hi = max(int(center - 2.0 + 0.5), 0), min(int(center + 2.0 + 0.5), n_in)
+        w = []
+        for x in range(lo, hi):
+            t = abs(x - center + 0.5)
+            w.append(((1.5 * t - 2.5) * t * t + 1) if t < 1 else
+                     ((((t - 5) * t + 8) * t - 4) * -0.5) if t < 2 else 0.0)
+        total = 0.0
+        for v in w:               # summed in Pillow's order: the same doubles
+            total += v
+        for x, v in zip(range(lo, hi), w):
+            k = v / total * (1 << 22)
+            m[xx, x] = int(k - 0.5) if k < 0 else int(k + 0.5)
+    return m.to(device)
+
+
+def upsample(images_u8, size):
+    """uint8 images (B, s, s, 3) -> (B, size, size, 3) by Pillow's bicubic resize, bit for bit:
+    Pillow's fixed-point weights as matrices, the rows first, each pass rounded and clipped to
+    uint8 as Pillow does (all sums are exact integers in float64, on any device). The cache keeps
+    images smaller than the load size at their own size (4x fewer bytes for 64 px Tiny ImageNet
+    at 128 px); batches upsample them here and equal the old cache's images. s == size: as is."""
+    B, s = images_u8.shape[:2]
+    if s == size:
+        return images_u8
+    m = _bicubic_matrix(s, size, images_u8.device) / (1 << 22)     # exact: a power of two
+    # Pillow rounds each pass as (sum + 2**21) >> 22, clipped to [0, 255]: floor(x + 0.5)
+    x = images_u8.permute(0, 1, 3, 2).reshape(-1, s).to(torch.float64)       # (B*s*3, s)
+    x = (x @ m.T).add_(0.5).floor_().clamp_(0, 255)                          # rows first
+    x = x.view(B, s, 3, size).transpose(2, 3).reshape(B, s, size * 3)        # (B, s, size*3)
+    x = torch.matmul(m, x).add_(0.5).clamp_(0, 255)                          # then columns
+    return x.to(torch.uint8).view(B, size, size, 3)    # uint8 truncates: the floor, as x >= 0
+
+
 def center_crop(x, size=128):
     """uint8 (B, S, S, 3) -> (B, size, size, 3), the centre (evaluation uses no random crop)."""
     o = (x.shape[1] - size) // 2
     return x[:, o:o + size, o:o + size] if x.shape[1] != size else x
 
 
-def eval_batch(images_u8, size=128):
+def eval_batch(images_u8, size=128, load_size=None):
     """Held-out uint8 images (N, S, S, 3) (numpy, e.g. a memory-mapped cache) -> (N, 3, size,
-    size) float32 in [-1, 1], centre-cropped."""
-    return to_float(center_crop(torch.from_numpy(np.array(images_u8)), size))
+    size) float32 in [-1, 1]: upsampled to `load_size` (default: `size`) if smaller, as when
+    training, then centre-cropped."""
+    x = torch.from_numpy(np.array(images_u8))
+    return to_float(center_crop(upsample(x, max(x.shape[1], load_size or size)), size))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,17 +183,19 @@ def to_device(device, *tensors):
 
 
 class Batches:
-    """Training batches from uint8 images (N, S, S, 3): random crop (if S > crop), horizontal flip,
-    [-1, 1]. The images live on `device`; each batch is a slice of a per-epoch permutation,
-    augmented there: no DataLoader, no host sync (airbench's way). Batch `step` depends only on
+    """Training batches from uint8 images (N, S, S, 3): upsampled to `load_size` (default: the
+    crop) if smaller, random crop (if larger than the crop), horizontal flip, [-1, 1]. The images
+    live on `device`; each batch is a slice of a per-epoch permutation, augmented there: no
+    DataLoader, no host sync (airbench's way). Batch `step` depends only on
     (seed, step), so a resumed run sees the same data. With world > 1 (DDP), rank r takes the r-th
     slice of each global batch of world * batch_size images. (Data too large for the device:
     ce_utils.accel.StreamedBatches.)"""
     streaming = False
 
     def __init__(self, images, batch_size, device, seed=0, flip=True, crop=128,
-                 channels_last=False, dtype=torch.float32, rank=0, world=1):
-        self.n, self.size = len(images), images.shape[1]
+                 channels_last=False, dtype=torch.float32, rank=0, world=1, load_size=None):
+        # images smaller than the load size are kept at their own size and upsampled per batch
+        self.n, self.size = len(images), max(images.shape[1], load_size or crop)
         self.batch_size, self.world, self.rank = batch_size, world, rank
         self.steps_per_epoch = self.n // (batch_size * world)
         if self.steps_per_epoch == 0:
@@ -180,7 +227,7 @@ class Batches:
     def augmented(self, step):
         """uint8 (B, crop, crop, 3) batch for `step`, where the images are."""
         idx = self.indices(step)
-        x = self.images[idx]                                               # (B, S, S, 3) uint8
+        x = upsample(self.images[idx], self.size)                          # (B, S, S, 3) uint8
         # numbers are drawn for the whole global batch and sliced: a rank's images are augmented
         # exactly as in a one-process run of world * B images
         g = seeded(self.seed, "aug", step)

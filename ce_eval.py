@@ -24,6 +24,7 @@ Metrics (all on [0, 1] intensities, per image then averaged over images):
 import json
 import os
 import sys
+import time
 from collections import namedtuple
 from types import SimpleNamespace
 
@@ -158,29 +159,37 @@ def predict(G, masked, batch_size=256, dtype=None):
     return torch.cat(outs)
 
 
-PROGRESS_ABOVE = 1000     # evaluations of more images than this print progress on stderr
+PROGRESS_ABOVE = 1000     # evaluations of more images than this print progress on stderr,
+PROGRESS_AFTER_S = 5.0    # any other once it has run this long (unless show_slow=False)
 PROGRESS_EVERY_S = 10.0   # at most one progress line per this many seconds (and one at the end)
 
 
-def evaluate(G, images_u8, spec=None, methods=("model",), batch_size=256, dtype=None):
+def evaluate(G, images_u8, spec=None, methods=("model",), batch_size=256, dtype=None,
+             show_slow=True):
     """Mean metrics of each method over uint8 (N, S, S, 3) images (S >= size, centre-cropped to it)
     with the hole of `spec` (mask_spec: a run's flags): {method: {"psnr", "l1", "l2", "ssim",
     "sharpness", "psnr_region", "l1_region", "l2_region", "n_images"}}, all of the final picture
     (the prediction pasted into the hole): hole metrics over the hidden pixels (SSIM's windows see
     the real context around them), region metrics over the 64x64 centre (centre masks) or the
     whole image (random masks; ce_masks.eval_masks). No region SSIM or sharpness: twice the cost,
-    and over the region they would mostly score the real ring and the seam. Progress on stderr
-    above PROGRESS_ABOVE images."""
+    and over the region they would mostly score the real ring and the seam. Progress on stderr,
+    with the seconds spent on each method, above PROGRESS_ABOVE images or after PROGRESS_AFTER_S
+    (show_slow=False: only above PROGRESS_ABOVE; training, whose result line follows)."""
+    # run flags: images cached below their load size are upsampled to it (ce_data.eval_batch)
+    load = (spec if isinstance(spec, dict) else getattr(spec, "__dict__", {})).get("load_size")
     spec = mask_spec(spec)
     dev = next(G.parameters()).device if G is not None else torch.device("cpu")
     sums = {m: {} for m in methods}
     n = len(images_u8)
-    progress = Progress(n, "evaluating", every=PROGRESS_EVERY_S, above=PROGRESS_ABOVE)
+    progress = Progress(n, "evaluating", every=PROGRESS_EVERY_S, above=PROGRESS_ABOVE,
+                        after=PROGRESS_AFTER_S if show_slow else None)
+    seconds = dict.fromkeys(methods, 0.0)
     for i in range(0, n, batch_size):
-        x = ce_data.eval_batch(images_u8[i:i + batch_size], spec.size).to(dev)
+        x = ce_data.eval_batch(images_u8[i:i + batch_size], spec.size, load).to(dev)
         t = eval_task(x, spec, i)
         everywhere = torch.ones_like(t.hole[:1])
         for m in methods:
+            start = time.perf_counter()
             pred = predict(G, t.masked, batch_size, dtype) if m == "model" else t.baseline(m)
             final = t.compose(pred)
             region = image_metrics(final, t.target, everywhere)
@@ -190,7 +199,10 @@ def evaluate(G, images_u8, spec=None, methods=("model",), batch_size=256, dtype=
                       **{k + "_region": v for k, v in region.items()}}
             for k, v in scores.items():
                 sums[m][k] = sums[m].get(k, 0.0) + float(v.double().sum())
-        progress(min(i + batch_size, n))
+            seconds[m] += time.perf_counter() - start   # float() above waited for the device
+            per_method = ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items())
+            progress(i + len(x) if m == methods[-1] else i,   # a report after every method
+                     f" | {per_method}" if len(methods) > 1 else "")
     return {m: {**{k: v / n for k, v in s.items()}, "n_images": n} for m, s in sums.items()}
 
 
@@ -205,25 +217,66 @@ def inpaint(G, images, spec=None, dtype=None):
     return t.masked, t.picture(predict(G, t.masked, dtype=dtype).to(images.device))
 
 
+def task_of(a):
+    """What a model of run flags `a` is shown and scored on in a figure: its MaskSpec and the
+    side of the stored images its input is centre-cropped from."""
+    spec = mask_spec(a)
+    return spec, (a.get("load_size", spec.size) if isinstance(a, dict) else spec.size)
+
+
+def describe_task(task):
+    """A task in a few words: 'region mask, 227 px (centre of 256 px), fill mean'."""
+    spec, load = task
+    hole = (f"centre hole, overlap {spec.overlap}, ring {spec.ring}" if spec.mask == "center"
+            else f"{spec.mask} mask")
+    crop = f" (centre of {load} px)" if load != spec.size else ""
+    return f"{hole}, {spec.size} px{crop}, fill {spec.fill}"
+
+
+def figure_blocks(models):
+    """[(task, [(label, G, args), ...])]: the models grouped by task_of, in the order given."""
+    blocks = {}
+    for m in models:
+        blocks.setdefault(task_of(m[2]), []).append(m)
+    return list(blocks.items())
+
+
+def block_notes(blocks):
+    """One line per block of a figure whose blocks differ in task (none for a single block)."""
+    if len(blocks) < 2:
+        return []
+    return [f"task of {', '.join(m[0] for m in members)}: {describe_task(task)}"
+            for task, members in blocks]
+
+
 def comparison_figure(models, images, path, dtype=None, notes=()):
     """masked | each model | each baseline | original for N held-out images, the hole's PSNR under
-    each. models: [(short label, G, args)], all with the mask of the first's flags; notes: lines
-    under the figure saying what each label is (figures.run_labels gives both)."""
+    each. models: [(short label, G, args)]; images: (N, 3, S, S) in [-1, 1] (all models' input),
+    or images(args) -> a model's own held-out batch (its load size, cropped to its input size).
+    Models whose tasks differ (mask, hole, input size: a dcgan beside an AlexNet, a centre beside a
+    region model) get a block each: masked | its models | baselines | original, all on its task.
+    notes: lines under the figure saying what each label is (figures.run_labels gives both)."""
     plt = figures.pyplot()
-    t = eval_task(images, mask_spec(models[0][2]))
-    target, hole = t.target, t.hole
-    cols = [("masked input", t.masked, None)]
-    for label, G, _ in models:
-        pred = predict(G, t.masked.to(next(G.parameters()).device), dtype=dtype).cpu()
-        cols.append((label, t.picture(pred), pred))
-    for m in baselines.BASELINES[1:]:
-        pred = t.baseline(m)
-        cols.append((m.replace("_", " "), t.picture(pred), pred))
-    cols.append(("original", images, None))
-    n, k = len(images), len(cols)
+    blocks = figure_blocks(models)
+    several = len(blocks) > 1
+    cols = []          # (title, pictures, prediction or None, the block's task)
+    for task, members in blocks:
+        x = images(members[0][2]) if callable(images) else images
+        t = eval_task(x, task[0])
+        names = ", ".join(label for label, _, _ in members)
+        cols.append((f"masked input\n{names}" if several else "masked input", t.masked, None, t))
+        for label, G, _ in members:
+            pred = predict(G, t.masked.to(next(G.parameters()).device), dtype=dtype).cpu()
+            cols.append((label, t.picture(pred), pred, t))
+        for m in baselines.BASELINES[1:]:
+            pred = t.baseline(m)
+            cols.append((m.replace("_", " "), t.picture(pred), pred, t))
+        cols.append(("original", x, None, t))
+    notes = [*notes, *block_notes(blocks)]
+    n, k = len(cols[0][1]), len(cols)
     # Laid out in inches (tight_layout misplaces fixed-aspect images): 1.5 in pictures, their title
-    # above the first row, the PSNR under each row, the notes at the bottom.
-    side, gap, title, label, margin = 1.5, 0.08, 0.25, 0.2, 0.05
+    # (two lines over blocks) above the first row, the PSNR under each row, the notes at the bottom.
+    side, gap, title, label, margin = 1.5, 0.08, 0.4 if several else 0.25, 0.2, 0.05
     width = k * side + (k - 1) * gap + 2 * margin
     lines, foot = figures.note_lines(notes, width)
     height = title + n * (side + label) + (n - 1) * gap + margin + foot
@@ -231,15 +284,15 @@ def comparison_figure(models, images, path, dtype=None, notes=()):
     fig.subplots_adjust(left=margin / width, right=1 - margin / width, top=1 - title / height,
                         bottom=(label + margin + foot) / height, wspace=gap / side,
                         hspace=(label + gap) / side)
-    for j, (name, full, pred) in enumerate(cols):
+    for j, (name, full, pred, t) in enumerate(cols):
         pics = figures.to_uint8(full)
-        psnr = image_metrics(pred, target, hole)["psnr"] if pred is not None else None
+        psnr = image_metrics(pred, t.target, t.hole)["psnr"] if pred is not None else None
         for i in range(n):
             ax = axes[i, j]
             ax.imshow(pics[i])
             ax.set_xticks([]), ax.set_yticks([])
             if i == 0:
-                ax.set_title(name, fontsize=9)
+                ax.set_title(figures.drawable(name), fontsize=9)
             if psnr is not None:
                 ax.set_xlabel(f"{psnr[i]:.1f} dB", fontsize=7, labelpad=2)
     return figures.finish_figure(fig, path, lines)
@@ -257,11 +310,15 @@ def parse_args(argv=None):
     p.add_argument("--data-root", help="dataset folder (default: the checkpoint's)")
     p.add_argument("--split", default="val", choices=("val", "test"),
                    help="held-out split to evaluate")
-    p.add_argument("--max-images", type=int, default=0,
+    p.add_argument("--max-images", type=cli.count, default=0,
                    help="evaluate at most this many images (0: all)")
-    p.add_argument("--batch-size", type=int, default=256,
+    p.add_argument("--batch-size", type=cli.positive_int, default=256,
                    help="images per forward pass (lower it if memory runs out)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--baselines", default="all", choices=tuple(baselines.BASELINE_SETS),
+                   help="classical fills scored beside the model (ce_utils/baselines.py): all "
+                   "(fill, context_mean, harmonic), fast (no harmonic, which solves a linear "
+                   "system per image), none (the model only)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON line per checkpoint instead of the table")
     p.add_argument("--image", nargs="+", metavar="PHOTO", help="inpaint these photos or folders of "
@@ -269,26 +326,27 @@ def parse_args(argv=None):
                    "(128 px), NAME_full.png (the photo at its own size, only the hole replaced) "
                    "and NAME_compare.png to --out")
     p.add_argument("--mask", metavar="MASK.png", help="with --image: your own hole (white = "
-                   "hole), cropped and scaled exactly as the photo; needs a model trained with "
-                   "--mask region or block")
+                   "hole, black = keep; a PNG with transparency: opaque = hole, transparent = "
+                   "keep), scaled to the photo; every pixel of it in the photo's central square "
+                   "is replaced, every other one kept; needs a model trained with --mask region "
+                   "or block")
     p.add_argument("--mask-stats", choices=("block", "region"), help="print hole fraction, blobs "
                    "per mask and blob size of --stats-n training masks of this kind (region: "
                    "against the official recipe) and exit")
-    p.add_argument("--stats-n", type=int, default=1000, metavar="N",
+    p.add_argument("--stats-n", type=cli.positive_int, default=1000, metavar="N",
                    help="masks of each kind in --mask-stats")
     p.add_argument("--figure", action="store_true", help="write OUT/figure.png: --n held-out "
                    "images, masked | model(s) | baselines | original; several --ckpt are labelled "
                    "A, B, ... (or x1000, ... for a lambda sweep) with their differing flags in a "
                    "note under the figure")
-    p.add_argument("--n", type=int, default=6, help="held-out images (rows) in --figure")
+    p.add_argument("--n", type=cli.positive_int, default=6,
+                   help="held-out images (rows) in --figure")
     p.add_argument("--plot", nargs="+", metavar="RUN",
                    help="training curves of these run folders, overlaid")
     p.add_argument("--out", help="output: folder for --image and --figure (default: inpainted); "
                    "for --plot a .png file, or a folder that gets curves.png (default: "
                    "./curves.png); folders are created")
     a = p.parse_args(argv)
-    if a.batch_size <= 0 or a.max_images < 0 or a.n <= 0 or a.stats_n <= 0:
-        p.error("--batch-size, --n and --stats-n must be positive and --max-images >= 0")
     if not a.ckpt and not a.plot and not a.mask_stats:
         p.error("give --ckpt CKPT (evaluate, --image, --figure) or --plot RUN [RUN ...]")
     if a.mask and not a.image:
@@ -331,14 +389,36 @@ def inpaint_photo(G, photo, a, dtype, mask_path=None):
         full, (hx, hy, hs) = photos.paste_full(photo, figures.to_uint8(filled)[0], square,
                                                  ce_data.hole_bounds(size, a["overlap"], a["ring"]))
         return masked, filled, x, full, f"only the {hs}x{hs} hole at ({hx}, {hy}) replaced"
-    hole = (photos.read_user_mask(mask_path, photo, square, size) if mask_path
-            else ce_masks.eval_masks(kind, 0, 1, size=size)).to(x.device)
+    hole, mine = (photos.read_user_mask(mask_path, photo, square, size) if mask_path
+                  else (ce_masks.eval_masks(kind, 0, 1, size=size), None))
+    hole = hole.to(x.device)
     masked = ce_data.apply_mask(x, hole, a["fill"])
     filled = ce_data.paste_image(masked, predict(G, masked, dtype=dtype).to(x.device), hole)
-    full, n = photos.paste_full_mask(photo, figures.to_uint8(filled)[0], square, hole)
+    full, n = photos.paste_full_mask(photo, figures.to_uint8(filled)[0], square, hole, mine)
     what = ("your mask" if mask_path
             else f"held-out {kind} mask 0 (give --mask MASK.png for your own)")
-    return masked, figures.outline(filled, hole), x, full, f"only the {n} px of {what} replaced"
+    out = int(mine.sum()) - n if mask_path else 0    # mask pixels beside the square: not seen
+    kept = (f"; its {out} px outside the central {square[2]}x{square[2]} square the model sees "
+            "are kept" if out else "")
+    return (masked, figures.outline(filled, hole), x, full,
+            f"only the {n} px of {what} replaced{kept}")
+
+
+def write_photo(G, photo, path, stem, a, dtype, mask_path):
+    """Inpaint one photo (read from `path`) and write STEM_filled.png, STEM_full.png and
+    STEM_compare.png; one line on stdout says what was done."""
+    masked, filled, x, full, what = inpaint_photo(G, photo, a, dtype, mask_path)
+    small, shown, size = figures.to_uint8(filled)[0], photos.shown(stem), ce_model.input_size(a)
+    cli.atomic_write(f"{stem}_filled.png", lambda f: Image.fromarray(small).save(f, format="PNG"))
+    cli.atomic_write(f"{stem}_full.png", lambda f: full.save(f, format="PNG"))
+    figures.save_grid(f"{stem}_compare.png", [masked, filled, x])
+    (w, h), side = photo.size, min(photo.size)
+    print(f"{photos.shown(path)}: {w}x{h}, centre {side}x{side} crop scaled to {size} px -> "
+          f"{shown}_filled.png ({size} px), {shown}_full.png ({w}x{h}, {what}), "
+          f"{shown}_compare.png (masked | filled | original)")
+
+
+PHOTOS_PROGRESS_ABOVE = 20   # --image on more photos than this prints k/N progress on stderr
 
 
 def run_images(G, paths, a, out, dtype, mask_path=None):
@@ -352,26 +432,20 @@ def run_images(G, paths, a, out, dtype, mask_path=None):
                             "square (--mask center) and cannot fill other holes; use a model "
                             "trained with --mask region or --mask block")
     files, names, bad = photos.photo_inputs(paths)
-    done, size = 0, ce_model.input_size(a)
-    for path, name in zip(files, names):
+    done = 0
+    show = Progress(len(files), "inpainting", "photos", "photos/s", every=PROGRESS_EVERY_S,
+                    above=PHOTOS_PROGRESS_ABOVE)
+    show.tty = False    # whole lines, not one redrawn in place: the photos' lines share it
+    for k, (path, name) in enumerate(zip(files, names)):
         try:
             photo = imagefiles.read_rgb(path)
         except cli.DataError as e:
             bad.append(str(e))
-            continue
-        os.makedirs(out, exist_ok=True)     # once there is something to write: no empty folder
-        masked, filled, x, full, what = inpaint_photo(G, photo, a, dtype, mask_path)
-        small, stem, shown = (figures.to_uint8(filled)[0], os.path.join(out, name),
-                              photos.shown(os.path.join(out, name)))
-        cli.atomic_write(f"{stem}_filled.png",
-                         lambda f: Image.fromarray(small).save(f, format="PNG"))
-        cli.atomic_write(f"{stem}_full.png", lambda f: full.save(f, format="PNG"))
-        figures.save_grid(f"{stem}_compare.png", [masked, filled, x])
-        (w, h), side = photo.size, min(photo.size)
-        print(f"{photos.shown(path)}: {w}x{h}, centre {side}x{side} crop scaled to {size} px -> "
-              f"{shown}_filled.png ({size} px), {shown}_full.png ({w}x{h}, {what}), "
-              f"{shown}_compare.png (masked | filled | original)")
-        done += 1
+        else:
+            os.makedirs(out, exist_ok=True)     # once there is something to write: no empty folder
+            write_photo(G, photo, path, os.path.join(out, name), a, dtype, mask_path)
+            done += 1
+        show(k + 1)
     if done == 0:
         raise cli.DataError(bad[0] if len(bad) == 1 else f"none of the {len(bad)} inputs could "
                             f"be inpainted: {'; '.join(bad[:3])}")
@@ -391,6 +465,29 @@ def held_out(args, a):
     return (images[:args.max_images] if args.max_images else images), data
 
 
+def write_figure(args, loaded, dtype):
+    """--figure: --n held-out images of the first checkpoint's data, each model shown them at its
+    own load and input size, one block of columns per task (comparison_figure)."""
+    a, stored = loaded[0][2]["args"], {}
+
+    def images(b):      # the same images, decoded once per load size
+        load = task_of(b)[1]
+        if load not in stored:
+            stored[load] = held_out(args, {**a, "load_size": load})
+        return ce_data.eval_batch(stored[load][0][:args.n], ce_model.input_size(b), load)
+    labels, notes = (figures.run_labels([s["path"] for _, _, s in loaded]) if len(loaded) > 1
+                     else (["model"], []))
+    models = [(lab, G, s["args"]) for lab, (G, _, s) in zip(labels, loaded)]
+    path = comparison_figure(models, images, os.path.join(args.out or "inpainted", "figure.png"),
+                             dtype, notes)
+    blocks = figure_blocks(models)
+    cols = ", then ".join(f"masked | {' | '.join(m[0] for m in members)} | baselines | original"
+                          for _, members in blocks)
+    images_u8, data = next(iter(stored.values()))
+    print(f"wrote {path}: {cols}, {min(args.n, len(images_u8))} {data}/{args.split} images"
+          + "".join(f"\n  {note}" for note in notes + block_notes(blocks)))
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.plot:
@@ -405,20 +502,12 @@ def main(argv=None):
     if args.image:
         return run_images(loaded[0][0], args.image, a, args.out or "inpainted", dtype, args.mask)
     if args.figure:
-        images, data = held_out(args, a)
-        x = ce_data.eval_batch(images[:args.n], ce_model.input_size(a))
-        labels, notes = (figures.run_labels([s["path"] for _, _, s in loaded]) if len(loaded) > 1
-                         else (["model"], []))
-        path = comparison_figure([(lab, G, s["args"]) for lab, (G, _, s) in zip(labels, loaded)], x,
-                                 os.path.join(args.out or "inpainted", "figure.png"), dtype, notes)
-        print(f"wrote {path}: masked | {' | '.join(labels)} | baselines | original, {len(x)} "
-              f"{data}/{args.split} images" + "".join(f"\n  {note}" for note in notes))
-        return
+        return write_figure(args, loaded, dtype)
     for G, _, state in loaded:
         a = state["args"]
         images, data = held_out(args, a)
-        results = evaluate(G, images, a, methods=("model",) + baselines.BASELINES,
-                           batch_size=args.batch_size, dtype=dtype)
+        methods = ("model",) + baselines.BASELINE_SETS[args.baselines]
+        results = evaluate(G, images, a, methods, batch_size=args.batch_size, dtype=dtype)
         if args.json:
             rounded = {m: {k: round(v, 4) for k, v in r.items()} for m, r in results.items()}
             print(json.dumps({"ckpt": state["path"], "step": state.get("step"), "data": data,

@@ -9,8 +9,8 @@ features.
     python ce_probe.py --data tiny --data-root data --random-init dcgan --width 32 \\
         --bottleneck 512 --max-train 4000 --max-val 1000     # random-init baseline alone, CPU-sized
     python ce_probe.py --data imagenet --data-root DIR --ckpt A/ckpt.pt B/ckpt.pt --json
-    python ce_probe.py --data folder --data-root DIR --ckpt runs/shapes/best.pt \\
-        --random-init dcgan --ddi-init dcgan --finetune        # fine-tuning from three starts
+    python ce_probe.py --data shapes --ckpt runs/shapes/best.pt --random-init dcgan \\
+        --ddi-init dcgan --finetune --max-train 1000           # fine-tuning from three starts
 
 Probe protocol (after the linear probes of Zhang et al. ECCV'16 / Split-Brain CVPR'17, scaled down).
 DEVIATION: Tiny ImageNet or your labelled folders instead of ImageNet, each layer average-pooled to
@@ -48,8 +48,11 @@ your folders, and this project's schedule.
 Labels: the files of each split exactly as ce_train.py reads them (ce_utils/datasets.py), labelled
 by their class folder. tiny = Tiny ImageNet (train/<wnid>/images/*, val/images/* named by
 val/val_annotations.txt); imagenet = DIR/train/<class>/* and DIR/val/<class>/*; folder = the same,
-or DIR/<class>/* with training's held-out share (--val-fraction) chosen by name hash. The embedded
-shapes data has no labels.
+or DIR/<class>/* with training's held-out share (--val-fraction) chosen by name hash. shapes = the
+embedded data (offline, the quick start's), labelled by the kind of its top shape (disc, rectangle,
+line; ce_utils/synthetic.py shape_labels, this project's task): images 0..N-1 of the training set
+(N = --max-train, 0: ce_train.py's 10,000) and of the held-out set (--max-val, 0: its 512), drawn at
+the size the probe needs.
 """
 import json
 import math
@@ -64,9 +67,11 @@ from PIL import Image
 import ce_data
 import ce_finetune
 import ce_model
-from ce_utils import checkpoints, cli, datasets, imagefiles
+from ce_utils import checkpoints, cli, datasets, imagefiles, synthetic
 from ce_utils.cli import DataError
 from ce_utils.progress import Progress
+
+SHAPES_TRAIN = 10000   # --data shapes --max-train 0: ce_train.py's --shapes-n default
 
 # ------------------------------------------------------------------------------------------------
 # Labelled files: [(path, class index)] for the train and held-out splits (datasets.labelled_files)
@@ -129,6 +134,30 @@ def decode_labelled(items, size, desc):
         raise DataError(f"{desc}: none of the {len(items)} image files could be decoded")
     labels = torch.tensor([y for _, y in items], dtype=torch.long)
     return (images, labels) if keep.all() else (images[keep], labels[keep])
+
+
+def shapes_labelled(split, n, size):
+    """Images 0..n-1 of the embedded data's `split` drawn at `size` px, uint8 (n, S, S, 3), and
+    their labels (synthetic.shape_labels: the kind of the top shape)."""
+    seed = datasets.SHAPES_SEEDS[split]
+    images = datasets.generate_shapes(n, seed, size, workers=os.cpu_count() or 1)
+    return torch.from_numpy(images), torch.from_numpy(synthetic.shape_labels(n, seed))
+
+
+def labelled_data(args):
+    """(class names, training images used, read(size) -> ((train u8, labels), (val u8, labels)))
+    for --data: files are listed now (a bad folder fails before any model), decoded by read."""
+    if args.data == "shapes":
+        n_tr, n_va = args.max_train or SHAPES_TRAIN, args.max_val or datasets.SHAPES_VAL
+        return list(synthetic.SHAPE_CLASSES), n_tr, lambda size: (
+            shapes_labelled("train", n_tr, size), shapes_labelled("val", n_va, size))
+    subset = {k: getattr(args, k) for k in datasets.SUBSET_FLAGS}
+    train, val, names = datasets.labelled_files(args.data, args.data_root, args.val_fraction,
+                                                **subset)
+    _check_classes(train, val, names, args.data_root)
+    train, val = balanced_subset(train, args.max_train), balanced_subset(val, args.max_val)
+    return names, len(train), lambda size: (decode_labelled(train, size, f"{args.data} train"),
+                                            decode_labelled(val, size, f"{args.data} held-out"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -314,10 +343,15 @@ def _probe_augmented(encoder, taps, data, args, n_classes, label, size):
 def build_parser():
     p = cli.Parser(__doc__)
     add = p.add_argument
-    add("--data", default="tiny", choices=("tiny", "imagenet", "folder"),
+    add("--data", default="tiny", choices=("tiny", "imagenet", "folder", "shapes"),
         help="labelled data layout (see above)")
     add("--data-root", default="data",
         help="folder holding the data (tiny: DIR/tiny-imagenet-200/)")
+    add("--train-per-class", type=cli.count, default=0,
+        help="tiny: only the first N training images of each class, as ce_train.py's flag (0: all)")
+    add("--val-images", type=cli.count, default=0,
+        help="tiny: only the first N validation images, as ce_train.py's flag (0: all). With "
+             "--train-per-class 100: the README's subset")
     add("--ckpt", nargs="+", default=[],
         help="checkpoints (OUT/ckpt.pt or a run folder) whose encoders to probe")
     add("--random-init", action="append", default=[], choices=("dcgan", "alexnet"),
@@ -325,46 +359,50 @@ def build_parser():
     add("--ddi-init", action="append", default=[], choices=("dcgan", "alexnet"),
         help="also probe this arch at its random initialisation rescaled on real images "
              "(Krähenbühl et al. 2016's within-layer data-dependent init; repeatable)")
-    add("--ddi-images", type=int, default=256,
+    add("--ddi-images", type=cli.int_range(2, why=" (the init takes statistics over them)"),
+        default=256,
         help="training images the data-dependent init runs through the network (this "
              "project's choice)")
-    add("--width", type=int, default=64,
+    add("--width", type=cli.positive_int, default=64,
         help="random init without a dcgan --ckpt: first conv channels")
-    add("--bottleneck", type=int, default=4000,
+    add("--bottleneck", type=cli.positive_int, default=4000,
         help="random init without a dcgan --ckpt: bottleneck channels")
-    add("--alexnet-width", type=float, default=1.0,
+    add("--alexnet-width", type=cli.positive, default=1.0,
         help="random init without an alexnet --ckpt: channel multiplier")
-    add("--seed", type=int, default=0, help="random init without a --ckpt of its arch: weight seed")
-    add("--max-train", type=int, default=0,
+    add("--seed", type=cli.seed, default=0,
+        help="random init without a --ckpt of its arch: weight seed")
+    add("--max-train", type=cli.count, default=0,
         help="labelled training images used (balanced over classes; 0 = all)")
-    add("--max-val", type=int, default=0,
+    add("--max-val", type=cli.count, default=0,
         help="held-out images used (balanced over classes; 0 = all)")
-    add("--val-fraction", type=float, default=datasets.VAL_FRACTION,
+    add("--val-fraction", type=cli.real("(0, 1)"), default=datasets.VAL_FRACTION,
         help="--data folder without train/ and val/: share held out by name hash (at most "
              f"{datasets.VAL_MAX}); the default is ce_train.py's split")
     add("--no-augment", dest="augment", action="store_false",
         help="no random crop + mirror: whole images, features extracted once (the probe before "
              "augmentation)")
-    add("--crop-scale", type=float, default=1.128,
+    add("--crop-scale", type=cli.real("[1, 2]"), default=1.128,
         help="augmentation: images decoded at this x the input size, then cropped (256/227: "
              "AlexNet's 227 crops of 256 px images)")
-    add("--max-dims", type=int, default=9600,
+    add("--max-dims", type=cli.positive_int, default=9600,
         help="features per layer after average pooling (Split-Brain ~9,600)")
-    add("--epochs", type=int, default=10, help="classifier epochs (fixed)")
-    add("--lr", type=float, default=1.0,
+    add("--epochs", type=cli.positive_int, default=10, help="classifier epochs (fixed)")
+    add("--lr", type=cli.positive, default=1.0,
         help="classifier Adam learning rate x features (a layer of D uses lr/D)")
-    add("--weight-decay", type=float, default=0.0, help="classifier L2 weight decay")
-    add("--batch-size", type=int, default=256, help="classifier mini-batch size")
-    add("--extract-batch", type=int, default=64, help="images per encoder forward pass")
-    add("--probe-seed", type=int, default=0,
+    add("--weight-decay", type=cli.nonnegative, default=0.0, help="classifier L2 weight decay")
+    add("--batch-size", type=cli.positive_int, default=256, help="classifier mini-batch size")
+    add("--extract-batch", type=cli.positive_int, default=64,
+        help="images per encoder forward pass")
+    add("--probe-seed", type=cli.seed, default=0,
         help="seed of the mini-batch order, the crops and mirrors, and the ddi images")
     add("--finetune", action="store_true",
         help="fine-tune each encoder + a linear head end to end instead of the probe (Table 2)")
-    add("--ft-epochs", type=int, default=10, help="fine-tuning epochs (this project's choice)")
-    add("--ft-lr", type=float, default=0.01,
+    add("--ft-epochs", type=cli.positive_int, default=10,
+        help="fine-tuning epochs (this project's choice)")
+    add("--ft-lr", type=cli.positive, default=0.01,
         help="fine-tuning SGD learning rate, cosine-annealed to 0 (this project's choice)")
-    add("--ft-batch", type=int, default=64, help="fine-tuning mini-batch size")
-    add("--ft-weight-decay", type=float, default=5e-4,
+    add("--ft-batch", type=cli.train_batch, default=64, help="fine-tuning mini-batch size")
+    add("--ft-weight-decay", type=cli.nonnegative, default=5e-4,
         help="fine-tuning L2 weight decay (AlexNet's)")
     add("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     add("--json", action="store_true", help="print one JSON line per model instead of the table")
@@ -377,18 +415,11 @@ def parse_args(argv=None):
     args.device = cli.resolve_device(args.device, p)
     if not args.ckpt and not args.random_init and not args.ddi_init:
         p.error("nothing to probe: give --ckpt and/or --random-init / --ddi-init dcgan|alexnet")
-    for k in ("epochs", "batch_size", "extract_batch", "max_dims", "width", "bottleneck",
-              "ft_epochs"):
-        if getattr(args, k) < 1:
-            p.error(f"--{k.replace('_', '-')} must be >= 1")
-    if args.ft_batch < 2 or args.ddi_images < 2:
-        p.error("--ft-batch and --ddi-images must be >= 2 (batch statistics)")
-    if (not 0 < args.val_fraction < 1 or args.alexnet_width <= 0 or args.lr <= 0
-            or args.weight_decay < 0 or args.ft_lr <= 0 or args.ft_weight_decay < 0):
-        p.error("--val-fraction must be in (0, 1), --alexnet-width, --lr and --ft-lr > 0, "
-                "--weight-decay and --ft-weight-decay >= 0")
-    if not 1 <= args.crop_scale <= 2:
-        p.error("--crop-scale must be in [1, 2]")
+    # each flag's range is its type (ce_utils/cli.py); the learning rates' limits depend on the
+    # optimiser: the classifier's Adam (torch's default beta1 0.9), fine-tuning's SGD
+    if args.lr >= cli.lr_limit(0.9) or args.ft_lr >= cli.lr_limit():
+        p.error(f"--lr must be below {cli.lr_limit(0.9):.3g} and --ft-lr below "
+                f"{cli.lr_limit():.3g} (float32: the first step would be Inf)")
     return args
 
 
@@ -453,19 +484,16 @@ def _row(spec, args, res, size, load, n_train, n_val, names):
 def main(argv=None):
     args = parse_args(argv)
     specs = model_specs(args)             # checkpoints read first: a bad file fails before decoding
-    train, val, names = datasets.labelled_files(args.data, args.data_root, args.val_fraction)
-    _check_classes(train, val, names, args.data_root)
-    train, val = balanced_subset(train, args.max_train), balanced_subset(val, args.max_val)
+    names, n_train, read = labelled_data(args)
     if args.finetune:
-        ce_finetune._check_batch(len(train), args.ft_batch)   # before the decoding, as after it
+        ce_finetune._check_batch(n_train, args.ft_batch)   # before the decoding, as after it
     decoded, results = {}, []
     run_model = ce_finetune.finetune_model if args.finetune else probe_model
     for spec in specs:
         size = ce_model.input_size(spec)
         load = round(size * args.crop_scale) if args.augment else size   # crops are cut from it
         if load not in decoded:               # each size decoded once, shared by the models
-            decoded[load] = (decode_labelled(train, load, f"{args.data} train"),
-                             decode_labelled(val, load, f"{args.data} held-out"))
+            decoded[load] = read(load)
         try:
             res = run_model(spec, decoded[load], args, len(names))
         except torch.cuda.OutOfMemoryError:

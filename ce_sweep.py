@@ -30,20 +30,18 @@ COLUMNS = ("ratio", "lam_rec", "lam_adv", "data", "steps", "psnr", "l1", "l2", "
 def parse_args(argv=None):
     usage = "%(prog)s [--ratios R [R ...]] [--out OUT] [--n N] [-- CE_TRAIN_FLAGS ...]"
     p = cli.Parser(__doc__, usage=usage)
-    p.add_argument("--ratios", type=float, nargs="+", default=[1, 100, 200, 1000], metavar="R",
+    p.add_argument("--ratios", type=cli.positive, nargs="+", default=[1, 100, 200, 1000],
+                   metavar="R",
                    help="lambda_rec / lambda_adv ratios, one run each (seed report: 1, 100, 200, "
                         "500, 1000)")
     p.add_argument("--out", default=os.path.join("runs", "sweep"),
                    help="folder for the runs (OUT/ratio<r>), sweep.csv, curves.png and figure.png")
-    p.add_argument("--n", type=int, default=6,
+    p.add_argument("--n", type=cli.positive_int, default=6,
                    help="held-out images (rows) in the comparison figure")
     p.add_argument("train", nargs="*", metavar="CE_TRAIN_FLAGS",
                    help="flags for ce_train.py, given after `--` (e.g. -- --data tiny --steps "
                         "5000); the sweep sets --lam-rec, --lam-adv and --out/--resume itself")
-    a = p.parse_args(argv)
-    if any(r <= 0 for r in a.ratios):
-        p.error("--ratios must be > 0")
-    return a
+    return p.parse_args(argv)
 
 
 def train_hardware(train_flags):
@@ -109,7 +107,7 @@ def main(argv=None):
     write_table(rows, args.out)
     labels = [label for label, _, _ in models]
     figures.plot_curves(runs, os.path.join(args.out, "curves.png"), labels)
-    x = ce_data.eval_batch(images[:args.n], ce_model.input_size(a))
+    x = ce_data.eval_batch(images[:args.n], ce_model.input_size(a), a["load_size"])
     # notes: e.g. "x1000 = runs/sweep/ratio1000: lam_adv=0.000999 lam_rec=0.999"
     notes = figures.run_labels(runs, labels)[1]
     ce_eval.comparison_figure(models, x, os.path.join(args.out, "figure.png"), hw.dtype, notes)

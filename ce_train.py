@@ -14,8 +14,10 @@ logging around it, main(). Plumbing that is not from the paper (flag resolution,
 checkpoints, CUDA graphs, DDP) is in ce_utils/.
 """
 import argparse
+import contextlib
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -48,12 +50,14 @@ VARIANTS = {
 }
 PAPER = VARIANTS["paper"]
 BOOL = argparse.BooleanOptionalAction
+OVERLAP = cli.int_range(0, 31, why=": the ring must leave a hole inside the 64px region")
 
 
 def build_parser(doc=None):
     """Every flag of ce_train.py, its default the paper's value, its source in the help text."""
     p = cli.Parser(doc)
     add, real = p.add_argument, cli.finite_float   # real: 'inf' and 'nan' mean nothing here
+    # each flag's range is its type (ce_utils/cli.py); rules between flags: config.validate
     add("--variant", default="paper", choices=tuple(VARIANTS),
         help="preset for the flags not typed: paper text, official Lua code, or seed report")
     # data
@@ -63,13 +67,17 @@ def build_parser(doc=None):
     add("--data-root", default="data", help="dataset folder; caches go in DATA_ROOT/.ce_cache. "
         "tiny: also the extracted tiny-imagenet-200/ folder itself, or a zip of it (extracted "
         "next to it, caches there)")
-    add("--train-per-class", type=int, default=0, help="tiny: only the first N training images "
-        "of each class, in sorted name order (0: all 500)")
-    add("--val-images", type=int, default=0, help="tiny: only the first N validation images, "
-        "val_0 ... val_N-1 (0: all 10,000). With --train-per-class 100: the README's subset")
-    add("--load-size", type=int, default=128, help="side of the stored centre square; 350: the "
-        "official crop size (train.lua loadSize), crops within the square (DEVIATION)")
-    add("--shapes-n", type=int, default=10000, help="training images of the embedded shapes data")
+    add("--train-per-class", type=cli.count, default=0,
+        help="tiny: only the first N training images of each class, in sorted name order (0: all "
+             "500)")
+    add("--val-images", type=cli.count, default=0,
+        help="tiny: only the first N validation images, val_0 ... val_N-1 (0: all 10,000). With "
+             "--train-per-class 100: the README's subset")
+    add("--load-size", type=cli.positive_int, default=128,
+        help="side of the stored centre square; 350: the official crop size (train.lua "
+             "loadSize), crops within the square (DEVIATION)")
+    add("--shapes-n", type=cli.positive_int, default=10000,
+        help="training images of the embedded shapes data")
     add("--flip", action=BOOL, default=PAPER["flip"],
         help="random horizontal flip (official donkey_folder.lua; seed: off)")
     # masks, paper 3.3
@@ -84,22 +92,25 @@ def build_parser(doc=None):
              "rim within --overlap px of the context; image = official whole-image MSE, "
              "--overlap-weight on visible pixels when --overlap > 0 (useOverlapPred)")
     # optimisation, paper 4
-    add("--batch-size", type=int, default=64, help="per process; paper/official 64")
-    add("--epochs", type=int, default=25, help="official train.lua niter=25")
-    add("--steps", type=int, default=0, help="training steps in total, counted from the start of "
-        "the run (also when resuming or fine-tuning); overrides --epochs when > 0")
-    add("--lr-g", type=real, default=0.002,
+    add("--batch-size", type=cli.train_batch, default=64, help="per process; paper/official 64")
+    add("--epochs", type=cli.positive_int, default=25, help="official train.lua niter=25")
+    add("--steps", type=cli.count, default=0,
+        help="training steps in total, counted from the start of the run (also when resuming or "
+             "fine-tuning); overrides --epochs when > 0")
+    add("--lr-g", type=cli.positive, default=0.002,
         help="generator Adam lr (official: 10x the base lr 0.0002, train.lua:215)")
-    add("--lr-d", type=real, default=0.0002, help="discriminator Adam lr (official base lr)")
-    add("--beta1", type=real, default=0.5, help="Adam beta1 (official, seed)")
-    add("--beta2", type=real, default=PAPER["beta2"], help="Adam beta2 (official; seed code 0.9)")
+    add("--lr-d", type=cli.positive, default=0.0002,
+        help="discriminator Adam lr (official base lr)")
+    add("--beta1", type=cli.fraction, default=0.5, help="Adam beta1 (official, seed)")
+    add("--beta2", type=cli.fraction, default=PAPER["beta2"],
+        help="Adam beta2 (official; seed code 0.9)")
     # losses, Eq. (1)-(3)
     add("--lam-rec", type=real, default=0.999, help="lambda_rec of Eq. (3) (paper 4)")
     add("--lam-adv", type=real, default=0.001,
         help="lambda_adv of Eq. (3) (paper 4); 0 = L2 only, no D")
-    add("--overlap", type=int, default=PAPER["overlap"],
+    add("--overlap", type=OVERLAP, default=PAPER["overlap"],
         help="overlap ring width in px (paper text 7, official overlapPred 4, seed 7)")
-    add("--overlap-weight", type=real, default=10.0,
+    add("--overlap-weight", type=cli.positive, default=10.0,
         help="L2 weight on the ring (paper 3.2, official: 10)")
     add("--ring", choices=("visible", "hidden"), default=PAPER["ring"],
         help="visible: the ring is real context (paper, official); hidden: the whole 64x64 is "
@@ -115,12 +126,12 @@ def build_parser(doc=None):
     add("--arch", default="dcgan", choices=("dcgan", "alexnet"),
         help="dcgan: the inpainting networks of Fig. 2; alexnet: the feature-learning context "
              "encoder of 5.2 (227 px, L2 only, random regions by default)")
-    add("--alexnet-width", type=float, default=1.0,
+    add("--alexnet-width", type=cli.positive, default=1.0,
         help="alexnet: channel multiplier (1.0 = AlexNet's 96-256-384-384-256)")
-    add("--cfc-dropout", type=float, default=0.5,
+    add("--cfc-dropout", type=cli.fraction, default=0.5,
         help="alexnet: dropout on the channel-wise FC layer (paper 5.2)")
-    add("--width", type=int, default=64, help="channels of the first conv (Fig. 2)")
-    add("--bottleneck", type=int, default=4000, help="bottleneck channels (Fig. 2)")
+    add("--width", type=cli.positive_int, default=64, help="channels of the first conv (Fig. 2)")
+    add("--bottleneck", type=cli.positive_int, default=4000, help="bottleneck channels (Fig. 2)")
     add("--bottleneck-bn", action=BOOL, default=PAPER["bottleneck_bn"],
         help="BatchNorm on the bottleneck (official train.lua:125; seed: off)")
     add("--bias", action=BOOL, default=PAPER["bias"],
@@ -128,7 +139,7 @@ def build_parser(doc=None):
     add("--init", choices=("dcgan", "torch"), default=PAPER["init"],
         help="dcgan: N(0, 0.02) (official); torch: PyTorch's default (seed)")
     # run
-    add("--seed", type=int, default=0, help="seeds weights, data order and augmentation")
+    add("--seed", type=cli.seed, default=0, help="seeds weights, data order and augmentation")
     add("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     add("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
         help="autocast dtype; auto: bf16 on CUDA")
@@ -139,11 +150,12 @@ def build_parser(doc=None):
     add("--out", help="run folder (default: runs/<data>, or runs/<data>-N if that is taken)")
     add("--resume", help="continue from a checkpoint (OUT/ckpt.pt) or a run folder, with its "
         "flags. With --out NEW and --data/--data-root: fine-tune its weights on other data")
-    add("--log-every", type=int, default=50,
+    add("--log-every", type=cli.positive_int, default=50,
         help="steps between log lines (the only host syncs); steps 1 and 10 are logged too")
-    add("--eval-every", type=int, default=1000,
+    add("--eval-every", type=cli.positive_int, default=1000,
         help="steps between evaluation + samples + checkpoint")
-    add("--eval-images", type=int, default=512, help="held-out images at each evaluation")
+    add("--eval-images", type=cli.positive_int, default=512,
+        help="held-out images at each evaluation")
     return p
 
 
@@ -226,7 +238,9 @@ def train_step(real, numbers, m, args):
     if use_d:
         m.D.requires_grad_(False)       # gradients flow through D to G, none for D's weights
         # DEVIATION: D is run again on G(x) after its update (PyTorch's DCGAN); official
-        # train.lua reuses the D output computed before the update.
+        # train.lua reuses the D output computed before the update. D stays in train mode, so
+        # its BatchNorm uses this batch's statistics and its running statistics (which nothing
+        # reads: D is never run in eval mode) move a third time this step.
         with m.ctx:
             loss_adv = ce_losses.generator_adversarial_loss(m.forward_D_frozen(fake))
     loss_rec = ce_losses.reconstruction_loss(fake, target, weight)
@@ -290,7 +304,8 @@ def evaluate_and_save(run, nets, args, val_u8, fixed, hw, epoch, total):
     (the run stops, naming the last good checkpoint)."""
     run.check_finite(nets)
     G = nets["G"]
-    r = ce_eval.evaluate(G, val_u8, args, methods=("model",), dtype=hw.dtype)["model"]
+    r = ce_eval.evaluate(G, val_u8, args, methods=("model",), dtype=hw.dtype,
+                         show_slow=False)["model"]    # quiet: the "eval @" line follows
     run.check_finite(evaluation=r)
     masked, filled = ce_eval.inpaint(G, fixed, args, dtype=hw.dtype)
     os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
@@ -318,9 +333,16 @@ PICTURES_EVERY_S = 60   # curves.png and evolution.gif: redrawn at most this oft
 
 def draw_pictures(run, args):
     """OUT/curves.png and OUT/evolution.gif from the log and the sample grids so far (about a
-    second of matplotlib: so at most every PICTURES_EVERY_S, and when the run ends or stops)."""
-    figures.plot_curves([args.out], os.path.join(args.out, "curves.png"))
-    figures.make_gif(args.out)
+    second of matplotlib: so at most every PICTURES_EVERY_S, and when the run ends or stops).
+    They are a convenience drawn after the checkpoint is saved: failing to write them (a full
+    disk) is a warning, never the end of the run or of its last lines."""
+    try:
+        figures.plot_curves([args.out], os.path.join(args.out, "curves.png"))
+        figures.make_gif(args.out)
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"warning: curves/GIF not redrawn ({where}{e.strerror or e}); the checkpoint is "
+              "saved", file=sys.stderr)
     run.t_pictures = time.time()
 
 
@@ -336,22 +358,41 @@ def finish(run, nets, args, stop, halt, world, total, epoch, master):
         name = names.get(sig, signal.Signals(sig).name)
         if master:
             runstate.save(os.path.join(args.out, "ckpt.pt"), nets, args, run, epoch)
-            print(f"\n{name}: saved {args.out}/ckpt.pt at step {run.step}/{total}. "
-                  f"Resume with: python ce_train.py --resume {args.out}")
-            try:       # the pictures are a convenience: failing to draw them changes nothing
-                if os.path.exists(os.path.join(args.out, "log.jsonl")):
-                    draw_pictures(run, args)
-            except OSError as e:
-                print(f"warning: curves/GIF not redrawn ({e})", file=sys.stderr)
+            print(f"\n{name}: saved {os.path.join(args.out, 'ckpt.pt')} at step "
+                  f"{run.step}/{total}. Resume with: "
+                  f"{cli.command('ce_train.py', '--resume', args.out)}")
+            if os.path.exists(os.path.join(args.out, "log.jsonl")):
+                draw_pictures(run, args)
         sys.exit(128 + sig)
     if master:
         best = next((p for p in ("best.pt", "ckpt.pt")
                      if os.path.exists(os.path.join(args.out, p))), None)
         result = (f"best held-out PSNR {run.best:.2f} dB" if math.isfinite(run.best)
                   else "no evaluation in this run")
-        print(f"done: {run.step} steps, {result}" + (
-            f". Evaluate with: python ce_eval.py --ckpt {args.out}/{best}" if best
-            else "; no checkpoint written"))
+        evaluate = best and cli.command("ce_eval.py", "--ckpt", os.path.join(args.out, best))
+        print(f"done: {run.step} steps, {result}"
+              + (f". Evaluate with: {evaluate}" if best else "; no checkpoint written"))
+
+
+@contextlib.contextmanager
+def peers_watched(out, rank, world):
+    """Several ranks (torchrun): when one stops or is killed, the next collective of the others
+    (DDP's gradient all-reduce, the log step's agreement) raises a RuntimeError (gloo: "Connection
+    closed by peer"). Each survivor then ends with one line naming the checkpoint to resume from,
+    not a traceback. What the ranks hold mid-step is not saved: it may be half an update."""
+    try:
+        yield
+    except RuntimeError as e:
+        if world == 1 or isinstance(e, torch.cuda.OutOfMemoryError):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        why = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160]   # gloo: [file:line] ...
+        resume = cli.command("ce_train.py", "--resume", out)
+        then = (f"Resume from its last checkpoint with: {resume}"
+                if os.path.exists(os.path.join(out, "ckpt.pt"))
+                else f"{out} holds no checkpoint yet: start the run again")
+        raise cli.UserError(f"rank {rank} of {world}: a collective operation failed ({why}); "
+                            f"another rank has probably stopped or been killed. {then}") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -369,19 +410,22 @@ def main(argv=None):
         # ---- data: decoded once into uint8 (ce_utils/datasets.py), batches made on the device
         load = (args.data, args.data_root)
         subset = {k: getattr(args, k) for k in datasets.SUBSET_FLAGS}   # a Tiny ImageNet subset
+        subset["listed"] = listed = []        # the files' names: a resume can tell a changed folder
         train_u8 = datasets.load_split(*load, "train", args.load_size, args.shapes_n, **subset)
         val_u8 = datasets.load_split(*load, "val", args.load_size, args.shapes_n, **subset)
         val_u8 = val_u8[:args.eval_images]
         size = ce_model.input_size(args)       # 128 px crops (Fig. 2), 227 for AlexNet (5.2)
         batches = accel.make_batches(train_u8, args.batch_size, hw.device, args.seed, args.flip,
-                                     size, hw.channels_last, torch.float32, rank, world)
+                                     size, hw.channels_last, torch.float32, rank, world,
+                                     load_size=args.load_size)
         total = args.steps or args.epochs * batches.steps_per_epoch
-        fixed = ce_data.eval_batch(val_u8[:16], size).to(hw.device)  # the same 16 in each grid
+        fixed = ce_data.eval_batch(val_u8[:16], size, args.load_size).to(hw.device)  # same 16
 
         # ---- networks and optimisers (paper 4); a resumed run takes up all of its state
         m = build_training(args, hw, world)
         nets = dict(G=m.G, D=m.D, optG=m.optG, optD=m.optD)
         run = runstate.RunState(hw.device)
+        run.data_files = runstate.files_fingerprint(listed)
         if resumed:
             runstate.resume(args, resumed, nets, run, hw.device, master, total)
         draw_numbers = accel.mask_numbers_ahead(args, rank, world)  # () for the centre
@@ -396,7 +440,8 @@ def main(argv=None):
         # ---- train: batch -> hole -> D step (Eq. 2) -> G step (Eq. 3) -> log -> evaluate, save
         m.G.train(), m.D.train()
         halt = False
-        with cli.signals_caught() as stop:    # SIGINT/SIGTERM/SIGHUP: finish the step, save
+        # SIGINT/SIGTERM/SIGHUP: finish the step, save; a lost rank: say which checkpoint resumes
+        with cli.signals_caught() as stop, peers_watched(args.out, rank, world):
             run.t_log = time.time()
             while run.step < total and not halt:
                 real = batches.get(run.step)                         # (B, 3, 128, 128) in [-1, 1]

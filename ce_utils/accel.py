@@ -223,9 +223,10 @@ def mask_numbers_ahead(args, rank=0, world=1):
 
 class StreamedBatches(ce_data.Batches):
     """ce_data.Batches for data too large for the device (ImageNet at 128 px is 63 GB): the uint8
-    images stay in host memory (a memory-mapped cache); a worker thread gathers and augments batch
-    k + 1 into pinned memory and copies it on a side stream while batch k trains. The same
-    batches as Batches, step for step."""
+    images stay in host memory (a memory-mapped cache); a worker thread gathers, upsamples (images
+    cached below the load size: ce_data.upsample) and augments batch k + 1 into pinned memory
+    and copies it on a side stream while batch k trains. The same batches as Batches, step for
+    step."""
     streaming = True
 
     def __init__(self, *args, **kw):

@@ -4,6 +4,8 @@ one-line CheckpointError. load_checkpoint rebuilds the networks from the flags s
 
     python -c "import ce_utils.checkpoints as c; print(c.load_checkpoint('runs/shapes')[2]['step'])"
 """
+import argparse
+import math
 import os
 
 import torch
@@ -132,11 +134,9 @@ RESUME_ARGS = {"variant": str, "shapes_n": int, "flip": bool, "batch_size": int,
                "d_reduction": str, "init": str, "seed": int, "log_every": int,
                "eval_every": int, "eval_images": int, "mask_per_batch": bool, "rec_loss": str,
                "cfc_dropout": float, "train_per_class": int, "val_images": int}
-CHOICES = {"ring": ("visible", "hidden"), "fill": ("mean", "zero"),
-           "rec_reduction": ("all", "split"), "d_reduction": ("sum", "mean"),
-           "init": ("dcgan", "torch"), "variant": ("paper", "official", "seed"),
-           "mask": ("center", "block", "region"), "rec_loss": ("hole", "image"),
-           "arch": ("dcgan", "alexnet")}
+FLAG_TYPES = {**EVAL_ARGS, **RESUME_ARGS}
+# Their ranges and choices are not copied here: _check_flag_rules asks ce_train.py's parser and
+# config.validate, the command line's own rules.
 # Flags added with random masks, the AlexNet model and the Tiny ImageNet subset: a file without
 # them was written before they existed, when the only behaviour was this one, so they are filled
 # in (for any format).
@@ -149,13 +149,16 @@ FILLED = {"log_window": (1, None)}
 
 
 def check_checkpoint(state, path, resume=False):
-    """The one check of a checkpoint's layout, raising a CheckpointError naming what is wrong.
+    """The one check of a checkpoint, before any of it is used, raising a CheckpointError naming
+    the file and the part that is wrong.
 
-    Always: G and D as dicts of tensors and the flags that rebuild them (ce_model.ARCH_KEYS); other
-    EVAL_ARGS flags are checked if present, and an absent one is refused only when asked for
-    (state["args"] becomes a _Flags), so that a weights-only file still loads. With `resume`:
-    everything a resumed run needs (every flag, optimisers, step, RNG). What an older format
-    certainly held is filled in (state["note"] says so); a NaN/Inf weight is refused.
+    Always: G and D as dicts of tensors and the flags that rebuild them (ce_model.ARCH_KEYS); every
+    flag present of its type and within ce_train.py's own rules (_check_flag_rules); G and D
+    exactly the tensors of the networks those flags build (_check_weights). Other EVAL_ARGS flags
+    absent are refused only when asked for (state["args"] becomes a _Flags), so that a weights-only
+    file still loads. With `resume`: everything a resumed run restores (every flag, optimisers and
+    their moments, step, RNG, log window, best PSNR). What an older format certainly held is
+    filled in (state["note"] says so); a NaN/Inf weight is refused.
     """
     def refuse(what):
         raise CheckpointError(f"{path}: {what}")
@@ -169,10 +172,17 @@ def check_checkpoint(state, path, resume=False):
     if isinstance(state.get("args"), dict):
         state["args"] = {**NEW_FLAGS, **state["args"]}
     required = ce_model.ARCH_KEYS + (tuple(EVAL_ARGS) if resume else ())
-    _check_part(state, ("G", "D"), EVAL_ARGS, required, refuse)
+    _check_part(state, ("G", "D"), FLAG_TYPES, required, refuse)
+    bad = first_nonfinite({k: state[k] for k in ("G", "D", "optG", "optD", "log_window")
+                           if k in state})
+    if bad:
+        refuse(f"{bad} holds NaN/Inf (saved after a diverging update by an older version); "
+               "use an earlier checkpoint")
+    _check_flag_rules(state["args"], refuse)
+    nets = _check_weights(state, refuse)
     if resume:
-        _check_resume(state, lambda what: refuse(f"cannot resume from it: {what} (evaluating it "
-                                                 f"still works: ce_eval.py --ckpt {path})"))
+        _check_resume(state, nets, lambda what: refuse(
+            f"cannot resume from it: {what} (evaluating it still works: ce_eval.py --ckpt {path})"))
         filled = [k for k, (newest, value) in FILLED.items() if fmt <= newest and k not in state]
         for k in filled:
             state[k] = FILLED[k][1]
@@ -180,10 +190,6 @@ def check_checkpoint(state, path, resume=False):
             state["note"] = (f"note: {path} is a format-{fmt} checkpoint without "
                              f"{', '.join(filled)}; resuming with an empty log window "
                              "(the first log line after it averages fewer steps)")
-    bad = first_nonfinite({k: state[k] for k in ("G", "D", "optG", "optD") if k in state})
-    if bad:
-        refuse(f"{bad} holds NaN/Inf (saved after a diverging update by an older version); "
-               "use an earlier checkpoint")
     state["args"] = _Flags(state["args"], path)
     return state
 
@@ -203,7 +209,7 @@ class _Flags(dict):
 
 def _check_part(state, weights, flags, required, refuse):
     """`weights`: dicts of named tensors. state["args"]: a dict holding the `required` flags; each
-    flag k of `flags` that it holds is of type flags[k] and one of CHOICES[k]."""
+    flag k of `flags` that it holds is of type flags[k] (flag_type_ok)."""
     for k in weights:
         w = state.get(k)
         if w is None:
@@ -217,38 +223,166 @@ def _check_part(state, weights, flags, required, refuse):
     missing = [k for k in required if k not in a]
     if missing:
         refuse(f"its flags (args) lack {', '.join(missing)}")
-    for k, typ in flags.items():
-        v = a.get(k)
-        if typ is float:
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-        else:
-            ok = type(v) is typ
-        if k in a and (not ok or v not in CHOICES.get(k, (v,))):
-            refuse(f"flag {k} is {v!r}, not a valid value")
+    for k in flags:
+        if k in a and not flag_type_ok(k, a[k]):
+            refuse(f"flag {k} is {a[k]!r}, not a valid value")
 
 
-def _check_resume(state, refuse):
-    """What a resumed run needs besides the weights: optimisers, step, RNG, best PSNR, all flags."""
+def flag_type_ok(k, v):
+    """Whether `v` is of the type of ce_train.py's flag k (FLAG_TYPES; a float flag may hold an
+    int, no flag a bool unless it is one); flags of other names are not checked. Also used for a
+    run folder's args.json (figures.run_args)."""
+    typ = FLAG_TYPES.get(k)
+    if typ is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return typ is None or type(v) is typ
+
+
+def _check_flag_rules(a, refuse):
+    """The saved flags obey the command line's rules, not a copy of them: each flag the range
+    (its argparse type) and choices of ce_train.py's parser, then config.validate's rules between
+    flags. A flag that a weights-only file lacks takes its default there (load_size: the input
+    size of the file's arch), so that only what the file holds is judged."""
+    import ce_train                   # the flag table (imported here: ce_train imports this module)
+    from ce_utils import config       # (likewise)
+    p = ce_train.build_parser()
+    for act in p._actions:
+        k = act.dest
+        if k not in FLAG_TYPES or k not in a:
+            continue
+        flag, v = act.option_strings[0], a[k]
+        if act.choices is not None and v not in act.choices:
+            refuse(f"flag {k} is {v!r}: {flag} is one of {', '.join(map(str, act.choices))}")
+        try:
+            if callable(act.type) and not isinstance(v, bool):
+                act.type(repr(v))
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            refuse(f"flag {k} is {v!r}: {flag} {e}")
+    defaults = {**vars(p.parse_args([])), "load_size": ce_model.input_size(a)}
+    rules = argparse.Namespace(error=lambda message: refuse(  # validate reports through error()
+        f"its flags break ce_train.py's rules: {message}"))
+    config.validate(argparse.Namespace(**{**defaults, **a}), rules)
+
+
+def _check_weights(state, refuse):
+    """G and D hold exactly the tensors of the networks that the file's flags build: the same
+    names and shapes, floating point where the network's are (an integer weight would be cast to
+    it, truncated, without a word). Returns those networks, built on the meta device (no memory,
+    no init) for the optimiser check."""
+    with torch.device("meta"):
+        nets = dict(zip(("G", "D"), ce_model.build_pair(state["args"], init="none")))
+    for k, net in nets.items():
+        own, saved = net.state_dict(), state[k]
+        missing, extra = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
+        wrong = [f"{n} is {tuple(t.shape)}, not {tuple(own[n].shape)}" for n, t in saved.items()
+                 if n in own and t.shape != own[n].shape]
+        wrong += [f"{n} is {t.dtype}, not {own[n].dtype}" for n, t in saved.items()
+                  if n in own and t.is_floating_point() != own[n].is_floating_point()]
+        problems = [f"missing {n}" for n in missing] + [f"unexpected {n}" for n in extra] + wrong
+        if problems:
+            more = f", and {len(problems) - 1} more" if len(problems) > 1 else ""
+            refuse(f"{k} does not fit the network of the checkpoint's own flags ({problems[0]}"
+                   f"{more})")
+    return nets
+
+
+def _check_resume(state, nets, refuse):
+    """What a resumed run restores besides the weights, each as this code restores it: all flags,
+    both optimisers (_check_adam), the step, the RNG state, the log window, the best PSNR."""
     for k in ("optG", "optD"):
-        o = state.get(k)
-        if not isinstance(o, dict) or not {"state", "param_groups"} <= set(o):
-            refuse(f"'{k}' (the optimiser state) is {'missing' if o is None else 'malformed'}")
+        _check_adam(state.get(k), nets[k[3:]], k, refuse)
     _check_part(state, (), RESUME_ARGS, tuple(RESUME_ARGS), refuse)
-    if type(state.get("step")) is not int or state["step"] < 0:
-        refuse(f"'step' is {'missing' if 'step' not in state else repr(state['step'])}")
+    step = state.get("step")
+    if type(step) is not int or not 0 <= step <= cli.INT64_MAX:
+        refuse(f"'step' is {'missing' if 'step' not in state else repr(step)}")
     rng = state.get("rng")
-    if (not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor)
-            or rng["torch"].dtype != torch.uint8):
-        refuse(f"'rng' (the random number state) is {'missing' if rng is None else 'malformed'}")
+    cuda = rng.get("cuda", []) if isinstance(rng, dict) else None
+    if (not isinstance(rng, dict) or not _bytes_of_size(rng.get("torch"), RNG_BYTES)
+            or not isinstance(cuda, (list, tuple))
+            or not all(_bytes_of_size(t, CUDA_RNG_BYTES) for t in cuda)):
+        refuse(f"'rng' (the random number state) is {'missing' if rng is None else 'malformed'}"
+               f" (torch: {RNG_BYTES} bytes, cuda: {CUDA_RNG_BYTES} bytes per device)")
     best = state.get("best_psnr")
-    if isinstance(best, bool) or not isinstance(best, (int, float)):
-        refuse(f"'best_psnr' is {'missing' if best is None else repr(best)}")
+    if (isinstance(best, bool) or not isinstance(best, (int, float)) or math.isnan(best)
+            or best == math.inf):   # -inf: no evaluation yet
+        refuse(f"'best_psnr' is {'missing' if 'best_psnr' not in state else repr(best)} (a "
+               "number, or -inf before the first evaluation)")
     window = state.get("log_window")
+    from ce_utils import runstate     # the log window's statistics (runstate imports this module)
     if window is not None and not (isinstance(window, dict)
                                    and isinstance(window.get("acc"), torch.Tensor)
-                                   and type(window.get("n_acc")) is int
-                                   and type(window.get("d_wins")) is int):
-        refuse("'log_window' is malformed")
+                                   and window["acc"].is_floating_point()
+                                   and window["acc"].shape == (len(runstate.STATS),)
+                                   and type(window.get("n_acc")) is int and window["n_acc"] >= 0
+                                   and type(window.get("d_wins")) is int
+                                   and window["d_wins"] >= 0):
+        refuse(f"'log_window' is malformed (acc: {len(runstate.STATS)} floats, n_acc and d_wins: "
+               "integers >= 0)")
+
+
+RNG_BYTES = torch.get_rng_state().numel()   # the CPU generator's state (torch.set_rng_state)
+CUDA_RNG_BYTES = 16   # a CUDA generator's (CUDAGeneratorImpl::get_state): seed, Philox offset
+
+
+def _bytes_of_size(t, n):
+    return isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.shape == (n,)
+
+
+def _check_adam(opt, net, k, refuse):
+    """An Adam state_dict that fits `net` as load_state_dict maps it (the i-th saved parameter id
+    to the network's i-th parameter): one id per parameter, each moment of its parameter's shape,
+    exp_avg_sq >= 0 (its square root is taken), step >= 1, and hyperparameters within the rules of
+    the learning-rate flags (cli.lr_limit)."""
+    def bad(what):
+        refuse(f"'{k}' (the optimiser state) is {what}")
+
+    if opt is None:
+        bad("missing")
+    if (not isinstance(opt, dict) or not isinstance(opt.get("state"), dict)
+            or not isinstance(opt.get("param_groups"), list)
+            or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                       for g in opt["param_groups"])):
+        bad("malformed")
+    ids = [i for g in opt["param_groups"] for i in g["params"]]
+    shapes = [p.shape for p in net.parameters()]
+    if len(ids) != len(shapes) or len(set(ids)) != len(ids):
+        bad(f"for {len(ids)} parameters, not the network's {len(shapes)}")
+    shape_of = dict(zip(ids, shapes))
+    for g in opt["param_groups"]:
+        if not _adam_group_ok(g):
+            bad(f"malformed: hyperparameters lr {g.get('lr')!r}, betas {g.get('betas')!r}, eps "
+                f"{g.get('eps')!r}, weight_decay {g.get('weight_decay')!r}")
+    for i, st in opt["state"].items():
+        if i not in shape_of or not isinstance(st, dict) or set(st) != {"step", "exp_avg",
+                                                                         "exp_avg_sq"}:
+            bad(f"malformed (parameter {i!r}: not Adam's step, exp_avg, exp_avg_sq of a "
+                "parameter)")
+        step = st["step"]
+        step = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not step >= 1:
+            bad(f"malformed (parameter {i}: step {step!r})")
+        for m in ("exp_avg", "exp_avg_sq"):
+            t = st[m]
+            if not (isinstance(t, torch.Tensor) and t.is_floating_point()
+                    and t.shape == shape_of[i]):
+                bad(f"malformed (parameter {i}: {m} of shape "
+                    f"{tuple(getattr(t, 'shape', ()))}, not {tuple(shape_of[i])})")
+        if bool((st["exp_avg_sq"] < 0).any()):
+            bad(f"malformed (parameter {i}: exp_avg_sq < 0)")
+
+
+def _adam_group_ok(g):
+    """An Adam parameter group's lr, betas, eps and weight decay within the rules of the flags that
+    set them (an lr past cli.lr_limit makes torch's first step raise); no AMSGrad or maximize, whose
+    state this code never writes."""
+    def real(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    lr, betas, eps, decay = g.get("lr"), g.get("betas"), g.get("eps"), g.get("weight_decay")
+    return (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(map(real, betas))
+            and all(0 <= b < 1 for b in betas) and all(map(real, (lr, eps, decay)))
+            and 0 < lr < cli.lr_limit(betas[0]) and eps > 0 and decay >= 0
+            and not g.get("amsgrad") and not g.get("maximize"))
 
 
 def first_nonfinite(state, name=""):

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 
@@ -57,6 +58,14 @@ class _HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefault
         return super()._get_help_string(action)
 
 
+# ------------------------------------------------------------------------------------------------
+# Flag values: the argparse types that hold each flag's range, shared by every script that takes
+# the flag, and by checkpoints.check_checkpoint for the flags a checkpoint holds (ce_train.py's)
+
+INT64_MAX = 2 ** 63 - 1    # torch holds counts, sizes and seeds as int64: none may be larger
+F32_MAX = torch.finfo(torch.float32).max
+
+
 def finite_float(text):
     """argparse type for float flags: 'inf' and 'nan' parse as floats but are never a meaningful
     setting."""
@@ -66,6 +75,53 @@ def finite_float(text):
     return value
 
 
+def int_range(lo, hi=INT64_MAX, why=""):
+    """argparse type for an integer flag in [lo, hi] (hi: int64 by default, so that no value
+    reaches torch as an overflow); `why` is said after the range when a value is refused."""
+    def integer(text):
+        try:
+            value = int(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be an integer, not {text!r}") from None
+        if not lo <= value <= hi:
+            bound = f">= {lo}" if hi == INT64_MAX and value < lo else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"must be {bound}{why}, not {value}")
+        return value
+    return integer
+
+
+def real(interval, why=""):
+    """argparse type for a float flag in `interval`, written as in maths: "(0, inf)", "[0, 1)".
+    Always finite: 'inf' and 'nan' are never a meaningful setting."""
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    open_lo, open_hi = interval[0] == "(", interval[-1] == ")"
+    bound = f"in {interval}" if math.isfinite(hi) else f"{'>' if open_lo else '>='} {lo:g}"
+
+    def number(text):
+        value = finite_float(text)
+        if value < lo or value > hi or (open_lo and value == lo) or (open_hi and value == hi):
+            raise argparse.ArgumentTypeError(f"must be {bound}{why}, not {value:g}")
+        return value
+    return number
+
+
+# The ranges that several scripts share (each script's own ranges are built where used)
+positive_int = int_range(1)          # sizes, counts, intervals
+count = int_range(0)                 # image counts where 0 means all (or none)
+seed = int_range(0)
+train_batch = int_range(2, why=" (BatchNorm needs two images per batch and rank to train)")
+positive = real("(0, inf)")          # learning rates, widths, loss weights
+nonnegative = real("[0, inf)")       # weight decays
+fraction = real("[0, 1)")            # Adam's betas, dropout
+
+
+def lr_limit(beta1=None):
+    """The learning rates whose first step is finite in float32 lie below this: Adam's first step
+    is lr / (1 - beta1) (its bias correction, applied before the moments' ratio), SGD's lr x the
+    gradient (beta1=None)."""
+    return F32_MAX if beta1 is None else F32_MAX * (1 - beta1)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with the module docstring as --help text and one-line errors (no usage dump)."""
 
@@ -73,6 +129,8 @@ class Parser(argparse.ArgumentParser):
         super().__init__(description=doc, formatter_class=_HelpFormat, **kw)
 
     def error(self, message):
+        # a range type's refusal reads as a sentence about the flag: "--width must be >= 1, not 0"
+        message = re.sub(r"^argument (\S+): must ", r"\1 must ", message)
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
@@ -96,7 +154,11 @@ class _PipeSafeStdout:
             return None
 
     def write(self, text):
-        self._swallow(self._stream.write, text)
+        try:
+            self._swallow(self._stream.write, text)
+        except UnicodeEncodeError:   # a name its encoding cannot hold (café on ASCII): escaped
+            enc = getattr(self._stream, "encoding", None) or "ascii"
+            self._swallow(self._stream.write, text.encode(enc, "backslashreplace").decode(enc))
         return len(text)
 
     def flush(self):
@@ -119,6 +181,14 @@ def run(main, argv=None):
         print("error: out of GPU memory; lower --batch-size (or --width/--bottleneck)",
               file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as e:   # the CPU's allocator: a size flag beyond this machine's memory
+        if "can't allocate memory" not in str(e):
+            raise
+        size = re.search(r"allocate (\d+) bytes", str(e))
+        what = f" {int(size[1]) / 1e9:,.1f} GB" if size else " a tensor"
+        print(f"error: out of memory: the CPU could not allocate{what}; lower the size flags "
+              "(--batch-size, --width/--bottleneck, image counts)", file=sys.stderr)
+        sys.exit(2)
     except OSError as e:  # a folder that cannot be written, a full disk: which file, no traceback
         print(f"error: {e.filename}: {e.strerror or e}" if e.filename else f"error: {e}",
               file=sys.stderr)
@@ -128,6 +198,12 @@ def run(main, argv=None):
         sys.exit(130)
     finally:
         sys.stdout = stdout
+
+
+def command(script, *words):
+    """A command for the user to paste into a shell (the "Resume with:" hints): `python SCRIPT
+    WORDS...`, each word quoted where a shell needs it (a path with a space or a quote)."""
+    return shlex.join(["python", script, *map(str, words)])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,19 +318,44 @@ def append_log(path, record):
 
 
 def read_log(path):
-    """The records of a log.jsonl, in order; a line cut short by a kill or a full disk is
-    skipped."""
+    """The well-formed records of a log.jsonl (log_record), in order; a broken line (cut short by
+    a kill or a full disk, not text, or valid JSON of another shape) is skipped."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no training log here; give a run folder written by "
                         "ce_train.py")
     records = []
-    with open(path) as f:
+    with open(path, "rb") as f:       # bytes: a line that is not UTF-8 is one more broken line
         for line in f:
-            with contextlib.suppress(ValueError):
-                rec = json.loads(line)
-                if isinstance(rec, dict):
+            with contextlib.suppress(ValueError, RecursionError):
+                rec = log_record(json.loads(line))
+                if rec is not None:
                     records.append(rec)
     return records
+
+
+# The fields of a log.jsonl record (ce_train.py's log_window and evaluate_and_save write them):
+# each step's statistics, or the held-out metrics under "eval" (psnr among them).
+LOG_STATS = ("loss_rec", "loss_D", "loss_adv", "D_x", "D_G_x", "img_per_s", "time")
+LOG_D_STATS = ("loss_D", "loss_adv", "D_x", "D_G_x")   # all or none (--lam-adv 0: none)
+
+
+def log_record(rec):
+    """`rec` if it is a well-formed log record, else None: a dict whose step (and epoch, if any)
+    is an integer >= 0, every statistic present a number, D's statistics all or none, and "eval",
+    if present, a dict of numbers holding psnr. Other fields are not read and not checked."""
+    def is_number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def is_count(v):
+        return type(v) is int and v >= 0
+
+    if not isinstance(rec, dict) or not is_count(rec.get("step")):
+        return None
+    ev = rec.get("eval", {"psnr": 0})
+    ok = (is_count(rec.get("epoch", 0)) and all(is_number(rec[k]) for k in LOG_STATS if k in rec)
+          and len({k in rec for k in LOG_D_STATS}) == 1
+          and isinstance(ev, dict) and "psnr" in ev and all(map(is_number, ev.values())))
+    return rec if ok else None
 
 
 def rewind_log(path, step):
@@ -329,9 +430,11 @@ STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
 def signals_caught(signals=STOP_SIGNALS):
     """Within the block, the signals are recorded in the yielded list instead of killing the
     process (the training loop finishes its step, saves and exits); the previous handlers come
-    back afterwards."""
+    back afterwards. A signal ignored when the block starts stays ignored: the user asked for that
+    (`nohup` ignores SIGHUP so that a closed terminal does not stop the run)."""
     caught = []
-    previous = {s: signal.signal(s, lambda sig, frame: caught.append(sig)) for s in signals}
+    previous = {s: signal.signal(s, lambda sig, frame: caught.append(sig)) for s in signals
+                if signal.getsignal(s) != signal.SIG_IGN}
     try:
         yield caught
     finally:

@@ -87,51 +87,52 @@ def apply_arch(args, given, p):
 
 
 def validate(args, p):
-    """Nonsense is rejected here, with the flag's name, before any work is done."""
-    f32_max, size = torch.finfo(torch.float32).max, ce_model.input_size(args)
+    """The rules between flags, refused here with the flags' names before any work is done (each
+    flag's own range is its argparse type in ce_train.build_parser). A checkpoint's saved flags
+    are held to the same rules (checkpoints.check_checkpoint)."""
+    size, limit = ce_model.input_size(args), cli.lr_limit(args.beta1)
     checks = [
-        (args.batch_size >= 2, "--batch-size must be >= 2 (BatchNorm needs two images per batch "
-                               "and rank)"),
-        (args.epochs > 0, "--epochs must be > 0"), (args.steps >= 0, "--steps must be >= 0"),
-        (args.lr_g > 0 and args.lr_d > 0, "learning rates must be > 0"),
-        # Adam's step is computed in float32: a rate beyond its range is Inf, the first update NaN
-        (max(args.lr_g, args.lr_d) < f32_max,
-         f"--lr-g/--lr-d must be below {f32_max:.3g} (float32: Adam would step by Inf)"),
-        (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1, "--beta1/--beta2 must be in [0, 1)"),
+        # Adam's first step, lr / (1 - beta1), is computed in float32: beyond its range it is Inf
+        (max(args.lr_g, args.lr_d) < limit,
+         f"--lr-g/--lr-d must be below {cli.F32_MAX:.3g} x (1 - --beta1) = {limit:.3g} (float32: "
+         "Adam's first step is lr / (1 - beta1))"),
         (args.lam_rec >= 0 and args.lam_adv >= 0, "--lam-rec/--lam-adv must be >= 0"),
         (args.lam_rec + args.lam_adv > 0, "--lam-rec and --lam-adv cannot both be 0"),
-        (0 <= args.overlap < 32, "--overlap must be in [0, 31]: the ring must leave a hole inside "
-                                 "the 64px region"),
-        (args.overlap_weight > 0, "--overlap-weight must be > 0"),
-        (args.width > 0 and args.bottleneck > 0, "--width/--bottleneck must be > 0"),
         (args.load_size >= size, f"--load-size must be >= {size} (the {args.arch} network sees "
                                   "square crops of that size)"),
-        (args.alexnet_width > 0 and 0 <= args.cfc_dropout < 1,
-         "--alexnet-width must be > 0, --cfc-dropout in [0, 1)"),
-        (args.shapes_n > 0, "--shapes-n must be > 0"),
-        (args.train_per_class >= 0 and args.val_images >= 0,
-         "--train-per-class/--val-images must be >= 0 (0: all)"),
         (args.data == "tiny" or not (args.train_per_class or args.val_images),
          "--train-per-class/--val-images select a subset of --data tiny only; pass "
-         "--train-per-class 0 --val-images 0 (a resumed run takes them from its checkpoint)"),
-        (args.log_every > 0 and args.eval_every > 0 and args.eval_images > 0,
-         "--log-every/--eval-every/--eval-images must be > 0")]
+         "--train-per-class 0 --val-images 0 (a resumed run takes them from its checkpoint)")]
     for ok, msg in checks:
         if not ok:
             p.error(msg)
 
 
+RUN_FILES = ("ckpt.pt", "best.pt")   # a folder holding either of them holds a run
+
+
+def own_folder(ckpt, out):
+    """Whether run folder `out` is the folder of checkpoint `ckpt` (however either is spelled)."""
+    return os.path.realpath(os.path.dirname(ckpt)) == os.path.realpath(out)
+
+
 def choose_out(args, p):
-    """The run folder: --out as given (never an existing run unless resuming), else
-    runs/<data>[-N]."""
+    """The run folder: --out as given, else runs/<data>[-N]. A folder that holds a run is only
+    ever continued by a resume of its own checkpoint: a new run there, or a branch (--resume
+    A/best.pt --out B), would replace its checkpoints and args.json and mix its log."""
     if args.out:
-        if not args.resume and os.path.exists(os.path.join(args.out, "ckpt.pt")):
+        held = next((f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))), None)
+        if held and not args.resume:
             p.error(f"{args.out} already holds a run; pass --resume {args.out} to continue it or "
                     "choose another --out")
+        if held and not own_folder(args.resume, args.out):
+            p.error(f"{args.out} already holds another run (its {held}); a run's folder is only "
+                    f"continued by resuming its own checkpoint: to branch from {args.resume}, "
+                    "pass an --out that is new or empty")
         return args.out
     base = out = os.path.join("runs", args.data)
     i = 2
-    while os.path.exists(os.path.join(out, "ckpt.pt")):
+    while any(os.path.exists(os.path.join(out, f)) for f in RUN_FILES):
         out, i = f"{base}-{i}", i + 1
     return out
 

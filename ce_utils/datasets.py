@@ -12,6 +12,7 @@ Every image file is opened by ce_utils/imagefiles.py (one decoding path). Each s
 into a checksummed cache on disk (ce_utils/diskcache.py).
 """
 import contextlib
+import errno
 import multiprocessing as mp
 import os
 import re
@@ -21,10 +22,11 @@ import zlib
 
 
 from ce_utils import cli, diskcache, progress, synthetic, tinyimagenet
-from ce_utils.imagefiles import IMAGE_EXTS, decode_image  # one decoding path
+from ce_utils.imagefiles import IMAGE_EXTS, decode_image, read_rgb  # one decoding path
 from ce_utils.cli import DataError
 
 SHAPES_VAL = 512  # fixed held-out split of the embedded data, generated from its own seed
+SHAPES_SEEDS = {"train": 1, "val": 2}   # the embedded data's two sets (synthetic.make_shapes)
 VAL_FRACTION, VAL_MAX = 0.05, 1000   # a plain folder's held-out split: this share, at most this
 
 # ------------------------------------------------------------------------------------------------
@@ -60,9 +62,9 @@ def generate_shapes(n, seed, size=128, workers=1, out=None):
 
 
 def _decode_worker(job):
-    path, size = job
+    path, size, side = job
     try:
-        arr, up = decode_image(path, size)
+        arr, up = decode_image(path, size, side)
         return arr, up, None
     except DataError as e:
         return None, False, str(e)
@@ -75,7 +77,9 @@ def list_images(root, skipped=None):
     """Image files below `root` (recursive, sorted, hidden names skipped, symbolic links followed
     once) and the number of other regular files ignored. `skipped`, if given, is a dict that gets
     the counts of entries that cannot be used: "special" files (FIFOs, sockets, devices),
-    "dangling" links, "unreadable" folders, and a few "examples"."""
+    "dangling" links, "looping" links (a link to itself, or links to each other), "unreadable"
+    folders, "unreachable" entries (whose type cannot be read: a link into a folder we may not
+    enter), and a few "examples"."""
     files, other = [], 0
     skipped = {} if skipped is None else skipped
     seen, stack = set(), [root]
@@ -99,7 +103,8 @@ def list_images(root, skipped=None):
                 kind = "dir" if e.is_dir() else "file" if e.is_file() else "dangling" if (
                     e.is_symlink() and not os.path.exists(e.path)) else "special"
             except OSError as err:                 # e.g. a link into a folder we may not enter
-                _count(skipped, "unreadable", f"{e.path} ({err.strerror or err})")
+                what = "looping" if err.errno == errno.ELOOP else "unreachable"
+                _count(skipped, what, f"{e.path} ({err.strerror or err})")
                 continue
             if kind == "dir":
                 subfolders.append(e.path)
@@ -124,7 +129,10 @@ def listing_note(root, other, skipped):
     parts = [f"ignored {other} file(s) that are not images (by extension)"] if other else []
     for key, words in (("special", "special file(s) (FIFO, socket, device)"),
                        ("dangling", "symbolic link(s) to missing files"),
-                       ("unreadable", "unreadable folder(s)")):
+                       ("looping", "symbolic link(s) that loop (to themselves or each other)"),
+                       ("unreadable", "unreadable folder(s)"),
+                       ("unreachable", "entries that cannot be examined (e.g. a link into "
+                                       "a folder without permission)")):
         if skipped.get(key):
             parts.append(f"skipped {skipped[key]} {words}")
     if parts:
@@ -136,21 +144,29 @@ def listing_note(root, other, skipped):
 # ------------------------------------------------------------------------------------------------
 # Decoding a split into the cache (ce_utils/diskcache.py: the files on disk and their checksums).
 
-def decode_files(files, size, desc, workers=None, out=None):
+class OtherSize(Exception):
+    """A split kept at its images' own side holds an image of another size."""
+
+
+def decode_files(files, size, desc, workers=None, out=None, side=None):
     """Decode `files` in parallel (all cores) into uint8 (N, size, size, 3); unreadable files are
-    skipped. out: a diskcache.Rows to stream the images into (the cache file); default: a new
-    array. Returns (the array or `out`, stats): skipped and upsampled counts, a few skipped."""
+    skipped. side < size: every file must be a side x side square, kept as it is (N, side, side,
+    3), else OtherSize. out: a diskcache.Rows to stream the images into (the cache file);
+    default: a new array. Returns (the array or `out`, stats): skipped and upsampled counts, a
+    few skipped."""
     n = len(files)
-    rows = out if out is not None else diskcache.Rows(None, n, size)
+    rows = out if out is not None else diskcache.Rows(None, n, side or size)
     skipped, upsampled = [], 0
     show = progress.Progress(n, desc)
     workers = workers or min(os.cpu_count() or 1, 32)
-    jobs = [(f, size) for f in files]
+    jobs = [(f, size, side) for f in files]
     pool = _pool(workers) if n >= 64 and workers > 1 else None
     try:
         results = (pool.imap(_decode_worker, jobs, chunksize=32) if pool
                    else map(_decode_worker, jobs))
         for i, (arr, up, err) in enumerate(results):
+            if arr is None and err is None:
+                raise OtherSize(f"{files[i]} is not {side}x{side} px like the first image")
             if arr is None:
                 skipped.append(err)
             else:
@@ -170,7 +186,9 @@ def cached_images(files, size, cache_dir, name, root, workers=None):
     The key hashes the file list, sizes, mtimes and load size: a changed folder never reuses a
     stale cache; one whose shape or checksums disagree with its metadata is rebuilt. The file is
     written as the images are decoded (never the whole split in memory) under a temp name, and
-    renamed when complete.
+    renamed when complete. Images smaller than the load size, all of one square size (Tiny
+    ImageNet's 64 px), are kept at that size ("side" in the metadata): batches upsample them
+    (ce_data.upsample, the same pixels), and the cache holds (size / side)**2 times fewer bytes.
     """
     key = diskcache.files_key(files, size, root)
     npy = os.path.join(cache_dir, f"{name}-{size}-{key}.npy")
@@ -178,12 +196,36 @@ def cached_images(files, size, cache_dir, name, root, workers=None):
     arr, meta = diskcache.read_cache(npy, npy[:-4] + ".json", want)
     if arr is not None:
         return arr, meta
-    diskcache.remove_dead_temps(cache_dir, f"{name}-{size}-")
-    rows = diskcache.Rows(npy, len(files), size)
+    diskcache.remove_dead_temps(cache_dir, f"{name}-")   # a killed build's, of any load size
+    side = _own_side(files, size)
     try:
-        desc = f"decoding {name} ({len(files)} files) into a {size}px uint8 cache"
-        _, stats = decode_files(files, size, desc, workers, out=rows)
-        meta = {**want, "n_files": len(files), **stats}
+        arr, meta = _decode_into(npy, files, size, side, name, workers, want)
+    except OtherSize as e:           # images of several sizes: all at the load size
+        print(f"note: {e}; caching {name} at {size}px", file=sys.stderr)
+        arr, meta = _decode_into(npy, files, size, size, name, workers, want)
+    return arr, {**meta, "n": len(arr)}
+
+
+def _own_side(files, size):
+    """The side a split is cached at: its first readable image's if that is a square smaller than
+    `size` (decode_files checks every other image against it), else `size`."""
+    for f in files[:8]:
+        with contextlib.suppress(DataError):
+            w, h = read_rgb(f, draft=size).size
+            return w if w == h and w < size else size
+    return size
+
+
+def _decode_into(npy, files, size, side, name, workers, want):
+    """decode_files into the cache file `npy` at `side` px; caches of an earlier state of the split
+    and load size are removed. Returns (the memory-mapped array, its metadata)."""
+    cache_dir, key = os.path.dirname(npy), want["key"]
+    rows = diskcache.Rows(npy, len(files), side)
+    try:
+        at = f"{size}px" if side == size else f"{side}px (upsampled to {size}px per batch)"
+        desc = f"decoding {name} ({len(files)} files) into a {at} uint8 cache"
+        _, stats = decode_files(files, size, desc, workers, out=rows, side=side)
+        meta = {**want, "side": side, "n_files": len(files), **stats}
         if os.path.isdir(cache_dir):
             for old in os.listdir(cache_dir):  # caches of an earlier state of this split and size
                 if (old.startswith(f"{name}-{size}-") and not old.startswith(f"{name}-{size}-{key}")
@@ -194,7 +236,7 @@ def cached_images(files, size, cache_dir, name, root, workers=None):
         arr = rows.finish(meta)
     finally:
         rows.discard()     # an error or Ctrl-C before finish(): the temp file goes (after: no-op)
-    return arr, {**meta, "n": len(arr)}
+    return arr, meta
 
 
 def _report(meta, what):
@@ -210,7 +252,7 @@ def _report(meta, what):
 
 def _shapes_split(root, split, size, n):
     """The embedded data's split, from its cache or generated into it (ce_utils/synthetic.py)."""
-    seed = 1 if split == "train" else 2   # the held-out split has its own seed
+    seed = SHAPES_SEEDS[split]            # the held-out split has its own seed
     cache_dir = os.path.join(root, ".ce_cache")
     stem = f"shapes-{split}-{size}-n{n}-v"
     npy = os.path.join(cache_dir, f"{stem}{diskcache.CACHE_VERSION}.npy")
@@ -218,7 +260,7 @@ def _shapes_split(root, split, size, n):
     arr, _ = diskcache.read_cache(npy, npy[:-4] + ".json", want)
     if arr is not None:
         return arr
-    diskcache.remove_dead_temps(cache_dir, stem)
+    diskcache.remove_dead_temps(cache_dir, f"shapes-{split}-")   # a killed build's, any size
     with contextlib.suppress(OSError):   # caches of earlier versions of the generator
         for old in os.listdir(cache_dir):
             if old.startswith(stem) and not old.startswith(f"{stem}{diskcache.CACHE_VERSION}."):
@@ -372,23 +414,26 @@ def labelled_files(data, root, val_fraction=VAL_FRACTION, **subset):
     them to training, as lists of (path, class index); a class is a file's first folder below its
     split (train/ and val/, or a plain DIR), Tiny ImageNet's val is labelled by its annotations.
     subset: train_per_class, val_images (split_files)."""
+    given = root                               # a zip given as the root: extracted beside it
     if data == "tiny":
-        root = tinyimagenet.data_dir(root)     # a zip given as the root: the folder holding it
+        root = tinyimagenet.data_dir(root)
     if not os.path.isdir(root):
         raise DataError(f"{root}: data root does not exist or is not a folder; pass --data-root "
                         "DIR")
-    if data == "tiny" and tinyimagenet.find_tiny(root) is None:   # found, never downloaded here
+    zipped = os.path.isfile(given) or os.path.isfile(os.path.join(root, "tiny-imagenet-200.zip"))
+    if data == "tiny" and not zipped and tinyimagenet.find_tiny(root) is None:   # no download
         raise DataError(f"{root}: no Tiny ImageNet here (expected {root}/tiny-imagenet-200/train/ "
-                        "and val/val_annotations.txt); run `python ce_train.py --data tiny "
-                        f"--data-root {root}` once to download it, or extract "
-                        f"tiny-imagenet-200.zip into {root}")
+                        "and val/val_annotations.txt, or tiny-imagenet-200.zip); run `python "
+                        f"ce_train.py --data tiny --data-root {root}` once to download it, or "
+                        "pass --data-root the zip or the extracted folder")
+    root = given if zipped else root
     files, folder = split_files(data, root, "train", val_fraction, **subset)
     train_c, loose = _by_class(files, folder)
     names = sorted(train_c)
     index = {c: i for i, c in enumerate(names)}
     files, folder = split_files(data, root, "val", val_fraction, **subset)
     if folder is None:
-        val = _tiny_val(tinyimagenet.find_tiny(root), files, index)
+        val = _tiny_val(tinyimagenet.find_tiny(tinyimagenet.data_dir(root)), files, index)
     else:
         val_c, val_loose = _by_class(files, folder)
         if val_loose and folder != root:
@@ -409,10 +454,14 @@ def labelled_files(data, root, val_fraction=VAL_FRACTION, **subset):
 SUBSET_FLAGS = ("train_per_class", "val_images")   # ce_train flags of a Tiny ImageNet subset
 
 
-def load_split(data, root, split, size=128, shapes_n=10000, train_per_class=0, val_images=0):
+def load_split(data, root, split, size=128, shapes_n=10000, train_per_class=0, val_images=0,
+               listed=None):
     """uint8 (N, S, S, 3) images of one split, decoded once and cached under the data root (the
-    folder holding it for a zip). train_per_class, val_images: a Tiny ImageNet subset, cached
-    under its own name (a full-set cache and a subset's do not replace each other)."""
+    folder holding it for a zip). S is `size`, or less for images smaller than it (kept at their
+    own size: ce_data.Batches and ce_data.eval_batch upsample them to `size`). train_per_class,
+    val_images: a Tiny ImageNet subset, cached under its own name (a full-set cache and a
+    subset's do not replace each other). listed: a list that gets the split's file names,
+    relative to the data root (none for shapes)."""
     if data == "shapes":
         if split == "test":
             raise DataError("the embedded shapes data has a train and a held-out (val) split only; "
@@ -424,6 +473,8 @@ def load_split(data, root, split, size=128, shapes_n=10000, train_per_class=0, v
                                 and train_per_class else f"-first{val_images}"
                                 if split == "val" and val_images else "")
     root = tinyimagenet.data_dir(root) if data == "tiny" else root
+    if listed is not None:
+        listed += [os.path.relpath(f, root) for f in files]
     arr, meta = cached_images(files, size, os.path.join(root, ".ce_cache"), name, root)
     _report(meta, f"{data}/{split}")
     if len(arr) == 0:

@@ -1,5 +1,6 @@
 """The on-disk image cache of the datasets: DATA_ROOT/.ce_cache/NAME.npy holds the decoded images
-as uint8 rows (N, S, S, 3), memory-mapped when loaded; NAME.json says what it holds and carries a
+as uint8 rows (N, S, S, 3) (S: the load size, or the images' own side if smaller: "side" in the
+metadata), memory-mapped when loaded; NAME.json says what it holds and carries a
 CRC32 per block of rows. Written under a temp name, metadata last; checked at every load, and a
 stale or damaged cache is rebuilt, never used. ce_utils/datasets.py decides what goes in.
 
@@ -22,7 +23,8 @@ import numpy as np
 from ce_utils import cli
 from ce_utils.cli import DataError
 
-CACHE_VERSION = 2          # 2: CRC32 checksums in the metadata; new embedded-data generator
+CACHE_VERSION = 3          # 2: CRC32 checksums in the metadata; new embedded-data generator
+#                            3: images below the load size stored at their own size ("side")
 CRC_BLOCK_BYTES = 1 << 24  # one CRC32 per 16 MB of images: a damaged cache names the images it lost
 
 
@@ -47,7 +49,10 @@ class Rows:
     def __init__(self, npy, capacity, size):
         self.npy, self.tmp, self.arr = npy, None, None
         self.n, self.crcs, self.rows = 0, [], _crc_rows(size)
-        shape = (capacity, size, size, 3)
+        shape, nbytes = (capacity, size, size, 3), capacity * size * size * 3   # no overflow
+        if nbytes > np.iinfo(np.intp).max // 2:      # numpy's "array is too big"
+            raise DataError(f"{npy or 'the images'}: {capacity:,} images of {size} px would take "
+                            f"{nbytes / 1e9:.3g} GB; lower the number of images")
         if npy is not None:
             try:
                 os.makedirs(os.path.dirname(npy), exist_ok=True)
@@ -56,7 +61,7 @@ class Rows:
                 _reserve(self.tmp, self.arr.offset + self.arr.nbytes)
             except OSError as e:
                 self.discard()
-                _fallback_to_memory(npy, e, np.prod(shape))
+                _fallback_to_memory(npy, e, nbytes)
         if self.arr is None:
             self.arr = np.empty(shape, np.uint8)
 
@@ -174,8 +179,10 @@ def read_cache(npy, meta_path, expect):
         with open(meta_path) as f:
             meta = json.load(f)
         arr = np.load(npy, mmap_mode="c")  # copy-on-write: writable for torch, never written back
+        side = meta.get("side", expect["size"])        # images smaller than the load size
         ok = (all(meta.get(k) == v for k, v in expect.items()) and arr.dtype == np.uint8
-              and arr.shape == (meta["n"], expect["size"], expect["size"], 3))
+              and type(side) is int and 0 < side <= expect["size"]
+              and arr.shape == (meta["n"], side, side, 3))
         if ok:
             bad = _damaged_blocks(arr, meta)
             if bad:
@@ -192,8 +199,9 @@ def read_cache(npy, meta_path, expect):
 
 def remove_dead_temps(cache_dir, prefix):
     """Delete `prefix`*.ce-tmp<pid> files left in the cache folder by killed builds (their
-    process is gone): a half-built ImageNet cache is large. A live process's file is kept (another
-    DDP rank's)."""
+    process is gone): a half-built ImageNet cache is large. Callers pass the split's name without
+    the load size, so a build of another size cleans up too. A live process's file is kept
+    (another DDP rank's, or a build of another size running now)."""
     with contextlib.suppress(OSError):
         for name in os.listdir(cache_dir):
             pid = name.rpartition(cli.TMP_SUFFIX)[2]

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 import ce_data
-from ce_utils import cli
+from ce_utils import checkpoints, cli
 
 GRID_TITLES = ("masked", "filled", "original")  # save_grid's column titles for 3 columns
 TITLE_H = 20                 # px: the strip above a sample grid that names its columns
@@ -113,6 +113,14 @@ def pyplot():
 FOOT_PT = 7  # font size of the notes under a figure
 
 
+def drawable(text):
+    """`text` as matplotlib draws it whatever it holds, so that a name never stops a figure: bytes
+    not valid in the locale (Python's surrogates, e.g. from a run folder's name) as U+FFFD, which
+    FreeType cannot be given, and "$" as itself, not the start of mathtext to parse."""
+    text = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in str(text))
+    return text.replace("$", r"\$")
+
+
 def note_lines(notes, width_in):
     """`notes` (one per model) wrapped to a figure `width_in` inches wide, and their height (in)."""
     # characters per line: an average glyph is ~0.6 of the font size
@@ -125,8 +133,8 @@ def finish_figure(fig, path, lines=(), dpi=80):
     """Write the note `lines` in the strip left free at the bottom of the laid-out figure, and save
     it as a PNG (folders created, written atomically)."""
     if lines:
-        fig.text(0.01, 0.06 / fig.get_size_inches()[1], "\n".join(lines), ha="left", va="bottom",
-                 fontsize=FOOT_PT, linespacing=1.35, family="monospace")
+        fig.text(0.01, 0.06 / fig.get_size_inches()[1], drawable("\n".join(lines)), ha="left",
+                 va="bottom", fontsize=FOOT_PT, linespacing=1.35, family="monospace")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     pyplot().close(fig)
@@ -146,13 +154,17 @@ IGNORED_IN_LABELS = {"out", "resume", "device", "quick", "log_every", "eval_ever
 
 
 def run_args(path):
-    """The flags (args.json) of a run folder or of checkpoint `path`'s folder; {} if unreadable."""
+    """The flags (args.json) of a run folder or of checkpoint `path`'s folder; {} if unreadable or
+    not a dict of flags each of its type (checkpoints.flag_type_ok): a broken file, treated as a
+    broken log line is."""
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     try:
-        with open(os.path.join(folder, "args.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        with open(os.path.join(folder, "args.json"), "rb") as f:
+            a = json.load(f)
+    except (OSError, ValueError, RecursionError):
         return {}
+    ok = isinstance(a, dict) and all(checkpoints.flag_type_ok(k, v) for k, v in a.items())
+    return a if ok else {}
 
 
 def ratio_label(a):
@@ -219,9 +231,11 @@ def plot_curves(runs, path, labels=None):
     for (train, evals), label, d in zip(logs, labels, gan):
         for ax, (key, title) in zip(axes.flat, panels):
             recs = evals if key == "psnr" else train if d or key == "loss_rec" else []
+            recs = [r for r in recs if key == "psnr" or key in r]   # L2-only steps: no D
             ys = [r["eval"]["psnr"] if key == "psnr" else r[key] for r in recs]
             ax.plot([r["step"] for r in recs], ys,
-                    marker="o" if len(recs) <= MARKERS_UP_TO else None, ms=3, label=label)
+                    marker="o" if len(recs) <= MARKERS_UP_TO else None, ms=3,
+                    label=drawable(label))
     for ax, (key, title) in zip(axes.flat, panels):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)

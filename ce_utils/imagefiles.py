@@ -53,9 +53,9 @@ def _open_regular(path):
     return os.fdopen(fd, "rb")
 
 
-def _to_rgb(im):
-    """Any Pillow mode -> RGB: 16/32-bit and float greyscale rescaled, alpha composited on white,
-    CMYK converted."""
+def _to_rgb(im, alpha=False):
+    """Any Pillow mode -> RGB: 16/32-bit and float greyscale rescaled, alpha composited on white
+    (alpha=True: RGBA kept as it is), CMYK converted."""
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         a = np.asarray(im, dtype=np.float32)
         top = a.max(initial=0)
@@ -65,12 +65,15 @@ def _to_rgb(im):
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         im = im.convert("RGBA")
+        if alpha:
+            return im
         im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
     return im.convert("RGB")
 
 
-def read_rgb(path, draft=None):
-    """One image file -> an RGB Pillow image, upright; any problem with the file is a DataError.
+def read_rgb(path, draft=None, alpha=False):
+    """One image file -> an RGB Pillow image (alpha=True: RGBA if it has an alpha channel), upright;
+    any problem with the file is a DataError.
 
     Only regular files are opened. Images over 2 * Image.MAX_IMAGE_PIXELS are refused as possible
     decompression bombs; between 1x and 2x (large phone photos) Pillow's warning is silenced. The
@@ -84,7 +87,8 @@ def read_rgb(path, draft=None):
                 with Image.open(f) as im:
                     if draft and im.format == "JPEG" and im.mode in ("RGB", "L"):
                         im.draft(im.mode, (draft, draft))
-                    return _to_rgb(ImageOps.exif_transpose(im) if _orientation(im) != 1 else im)
+                    upright = ImageOps.exif_transpose(im) if _orientation(im) != 1 else im
+                    return _to_rgb(upright, alpha)
         except Image.DecompressionBombError as e:
             limit = 2 * Image.MAX_IMAGE_PIXELS
             raise DataError(f"{path}: refused as a possible decompression bomb ({e}); shrink it "
@@ -111,10 +115,14 @@ def center_square(w, h):
     return (w - side) // 2, (h - side) // 2, side
 
 
-def decode_image(path, size):
+def decode_image(path, size, side=None):
     """Decode one file: shorter side resized to `size`, centre-cropped square.
-    Returns (uint8 (S, S, 3), whether it was upsampled)."""
+    Returns (uint8 (S, S, 3), whether it was upsampled). side < size: the file is expected to be a
+    side x side square and is returned as it is, to be upsampled later (ce_data.upsample: the same
+    pixels); (None, False) if it is not that square."""
     im = read_rgb(path, draft=size)
+    if side and side < size:
+        return (np.array(im, dtype=np.uint8), True) if im.size == (side, side) else (None, False)
     w, h = im.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))

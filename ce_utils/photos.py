@@ -1,10 +1,12 @@
 """The image side of `ce_eval.py --image` (no model): the photos given, each with a unique output
-name; the central square the model sees; a user's mask (white = hole) cropped and scaled as the
-photo; and the result pasted back at the photo's size, every pixel outside the hole kept exactly.
+name that fits the file-name limit; the central square the model sees; a user's mask (white = hole,
+or its alpha) at the photo's size and at the model's; and the result pasted back at the photo's
+size, every pixel outside the hole kept exactly, every pixel of the hole replaced.
 
     python ce_eval.py --ckpt runs/shapes/best.pt --image photo.jpg   # inpainted/photo_full.png
 """
 import collections
+import hashlib
 import os
 import sys
 
@@ -53,7 +55,30 @@ def photo_inputs(paths):
         print(f"note: {sum(count[s] for s in clashes)} inputs share a name "
               f"({', '.join(sorted(clashes))}); their outputs are numbered in the order given: "
               "NAME-1_*, NAME-2_*, ...", file=sys.stderr)
-    return files, names, bad
+    short = [fit_name(name) for name in names]
+    cut = [s for s, name in zip(short, names) if s != name]
+    if cut:
+        print(f"note: {len(cut)} output name(s) shortened to fit the {NAME_MAX}-byte file-name "
+              f"limit, e.g. {shown(cut[0])}_full.png", file=sys.stderr)
+    return files, short, bad
+
+
+NAME_MAX = 255   # bytes in one file name on the common file systems (ext4, XFS, Btrfs, APFS)
+# the longest tail an output name gets: NAME_compare.png, written through NAME_compare.png.ce-tmpPID
+NAME_TAIL = len("_compare.png") + len(cli.TMP_SUFFIX) + 7
+
+
+def fit_name(name, limit=NAME_MAX - NAME_TAIL):
+    """`name` if its bytes fit `limit`; else its start and a hash of the whole ("~1a2b3c4d"), so
+    that two long names that start alike stay two."""
+    raw = os.fsencode(name)
+    if len(raw) <= limit:
+        return name
+    tag = "~" + hashlib.sha1(raw).hexdigest()[:8]
+    k = limit - len(tag)          # characters: never fewer bytes than characters
+    while len(os.fsencode(name[:k])) > limit - len(tag):
+        k -= 1
+    return name[:k] + tag
 
 
 def photo_square(im, size=128):
@@ -73,6 +98,7 @@ def paste_full(im, filled, square, hole):
     left, top, side = square
     scale = side / filled.shape[0]
     a, b = round(hole[0] * scale), round(hole[1] * scale)
+    b = max(b, a + 1)     # a photo of a few pixels: the hole rounds to 0 px; it keeps one
     # the destination pixels a..b-1 of the square cover exactly [a / scale, b / scale) of `filled`
     box = (a / scale, a / scale, b / scale, b / scale)
     patch = Image.fromarray(filled).resize((b - a, b - a), Image.BICUBIC, box=box)
@@ -89,33 +115,52 @@ def shown(path):
 # ------------------------------------------------------------------------------------------------
 # A user's own hole (--mask MASK.png), for models trained with random masks.
 
+def cover(mask, shape):
+    """bool (h, w) -> bool `shape` (H, W), both spanning the same square: True where a pixel
+    overlaps a True pixel of `mask` (not nearest: a thin stroke is never lost, either way)."""
+    for axis, n_out in enumerate(shape):
+        n_in, j = mask.shape[axis], np.arange(n_out)
+        lo, hi = j * n_in // n_out, -(-(j + 1) * n_in // n_out)   # the pixels under pixel j
+        c = np.cumsum(mask, axis=axis, dtype=np.int64)
+        c = np.concatenate([np.zeros_like(c.take([0], axis)), c], axis)
+        mask = c.take(hi, axis) - c.take(lo, axis) > 0
+    return mask
+
+
 def read_user_mask(path, photo, square, size):
-    """A user's mask image (white = hole) -> (1, 1, size, size) bool, cropped and scaled exactly as
-    the photo: a mask of another size is first scaled to the photo's size. One-line errors for an
-    unreadable, empty or all-hole mask."""
-    m = imagefiles.read_rgb(path).convert("L")
+    """A user's mask image -> (the hole the model sees, (1, 1, size, size) bool; the hole at the
+    photo's own size, (H, W) bool). White = hole; a mask with transparency (alpha not all opaque)
+    is its alpha: opaque = hole, as a hole painted on an empty layer. A mask of another size is
+    first scaled to the photo's. A model pixel is a hole where any photo pixel under it is, so the
+    model never sees a pixel it replaces. One-line errors for an unreadable, empty or all-hole
+    mask."""
+    m = imagefiles.read_rgb(path, alpha=True)
+    alpha = m.getchannel("A") if m.mode == "RGBA" else None
+    m = alpha if alpha is not None and alpha.getextrema()[0] < 255 else m.convert("L")
     if m.size != photo.size:
         m = m.resize(photo.size, Image.NEAREST)
+    full = np.asarray(m) > 127
     left, top, side = square
-    m = m.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
-    hole = torch.from_numpy(np.asarray(m) > 127)[None, None]
-    if not hole.any():
+    if not full[top:top + side, left:left + side].any():
         raise cli.DataError(f"{path}: no hole in the photo's central square (white = hole, "
-                            "black = keep); draw the region to fill in white")
+                            "black = keep; with transparency, opaque = hole); draw the region to "
+                            "fill in white")
+    hole = torch.from_numpy(cover(full[top:top + side, left:left + side], (size, size)))
     if hole.all():
         raise cli.DataError(f"{path}: the whole central square is a hole; leave some context "
                             "(black) to fill from")
-    return hole
+    return hole[None, None], full
 
 
-def paste_full_mask(photo, filled, square, hole):
-    """The photo at its own size with only the hidden pixels replaced: the size x size prediction
-    and mask scaled back to the square (bicubic, nearest); every other pixel is kept bit for bit."""
+def paste_full_mask(photo, filled, square, hole, full=None):
+    """The photo at its own size with only the hole replaced, by the size x size prediction scaled
+    back to the square (bicubic); every other pixel is kept bit for bit. The hole: `full` (the
+    user's mask at the photo's size) inside the square, else the photo pixels under `hole`.
+    Returns (image, pixels replaced)."""
     left, top, side = square
     big = np.asarray(Image.fromarray(filled).resize((side, side), Image.BICUBIC))
-    small = Image.fromarray(hole[0, 0].cpu().numpy())
-    keep = np.asarray(small.resize((side, side), Image.NEAREST))
+    keep = (full[top:top + side, left:left + side] if full is not None
+            else cover(hole[0, 0].cpu().numpy(), (side, side)))
     out = np.array(photo)
-    region = out[top:top + side, left:left + side]
-    region[keep] = big[keep]
+    out[top:top + side, left:left + side][keep] = big[keep]
     return Image.fromarray(out), int(keep.sum())

@@ -8,11 +8,13 @@ network on a CPU).
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
 import platform
 import shlex
+import sys
 import time
 
 import torch
@@ -26,11 +28,13 @@ STATS = ("loss_D", "loss_rec", "loss_adv", "D_x", "D_G_x")   # what train_step r
 class RunState:
     """Step, best held-out PSNR, the open log window (the step statistics summed since the last
     log line, so that a resumed run writes the same log lines as an uninterrupted one), the D-wins
-    streak, the first step with a non-finite statistic (kept on the device: no sync) and the last
-    checkpoint known to be good."""
+    streak, the first step with a non-finite statistic (kept on the device: no sync), the last
+    checkpoint known to be good, and the fingerprint of the data's files (files_fingerprint: saved,
+    never restored, so that a resume can tell that the folder changed)."""
 
     def __init__(self, device):
         self.step, self.best, self.n_acc, self.d_wins, self.last_good = 0, -math.inf, 0, 0, None
+        self.data_files = None
         self.acc = torch.zeros(len(STATS), device=device)
         self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
         self.t_log = time.time()   # wall-clock start of the log window (not saved)
@@ -46,7 +50,8 @@ class RunState:
 
     def state_dict(self):
         return {"step": self.step, "best_psnr": self.best,
-                "log_window": {"acc": self.acc.cpu(), "n_acc": self.n_acc, "d_wins": self.d_wins}}
+                "log_window": {"acc": self.acc.cpu(), "n_acc": self.n_acc, "d_wins": self.d_wins},
+                "data_files": self.data_files}
 
     def load_state_dict(self, state):
         window = state["log_window"] or {"acc": torch.zeros(len(STATS)), "n_acc": 0,
@@ -107,13 +112,15 @@ def resume(args, state, nets, run, device, master, total):
                             f"so {total} would train nothing: pass --steps {run.step + total} to "
                             f"train {total} more")
     other_data = data_of(state["args"]) != data_of(vars(args))
-    other_folder = os.path.realpath(os.path.dirname(state["path"])) != os.path.realpath(args.out)
+    other_folder = not config.own_folder(state["path"], args.out)
     if other_data or other_folder:
         run.best, run.last_good = -math.inf, None
         if other_data:    # the open log window averaged the old data: start a new one
             run.acc.zero_()
             run.n_acc = run.d_wins = 0
     if master:
+        if not other_data:
+            warn_if_files_changed(state.get("data_files"), run.data_files, args, state["path"])
         cli.rewind_log(os.path.join(args.out, "log.jsonl"), run.step)
         print(f"resumed {state['path']} at step {run.step}"
               + (" on other data" if other_data else "")
@@ -122,6 +129,32 @@ def resume(args, state, nets, run, device, master, total):
               + (f"; training to step {total} in total ({total - run.step} more)"
                  if total > run.step else
                  f"; nothing to train: it is at the --steps {total} asked for (a total)"))
+
+
+def files_fingerprint(names):
+    """{"n", "sha256"} of a data folder's image files (names relative to the data root, both
+    splits), or None for none (the embedded shapes data). Files added, removed or renamed give
+    another one, and with it other training and held-out images (datasets.split_files holds out a
+    share of a plain folder by name hash)."""
+    if not names:
+        return None
+    digest = hashlib.sha256(b"\0".join(sorted(os.fsencode(n) for n in names))).hexdigest()
+    return {"n": len(names), "sha256": digest[:16]}
+
+
+def warn_if_files_changed(saved, now, args, path):
+    """One warning line when the data folder's files differ from those the checkpoint was trained
+    on. A checkpoint written before the fingerprint existed (or of the shapes data) has none: no
+    comparison."""
+    if not isinstance(saved, dict) or now is None or saved == now:
+        return
+    then = saved.get("n")
+    counts = (f"{then} image files then, {now['n']} now" if then != now["n"]
+              else f"{then} image files then and now, other names")
+    print(f"warning: {args.data_root}: the folder changed since {path} was saved ({counts}): its "
+          "training and held-out images are not the run's, so this is no exact continuation and "
+          "the held-out PSNR is not comparable with earlier evaluations; restore the folder, or "
+          "branch with --out NEW_DIR (best.pt starts afresh there)", file=sys.stderr)
 
 
 def data_of(a):
@@ -217,15 +250,16 @@ def fmt_time(s):
 @contextlib.contextmanager
 def run_folder(args, master):
     """Rank 0 holds OUT for the whole run (cli.folder_lock: a second run there is refused, naming
-    this one's pid), clears the temp files a killed run left there, and, for a new run, starts a
-    fresh log.jsonl: the folder holds no ckpt.pt (config.choose_out), so an old log there is a
-    killed run's that can never be resumed. Sample grids are named by step and rewritten as the
-    new run reaches each step."""
+    this one's pid), clears the temp files a killed run left there, and, for a new run or a branch
+    (a resume into another folder), starts a fresh log.jsonl: the folder holds no run
+    (config.choose_out), so an old log there is a killed run's that can never be resumed. Sample
+    grids are named by step and rewritten as the new run reaches each step."""
     if not master:
         yield
         return
     with cli.folder_lock(args.out):
         cli.remove_temp_files(args.out)
-        if not args.resume and os.path.exists(os.path.join(args.out, "log.jsonl")):
+        own = args.resume and config.own_folder(args.resume, args.out)
+        if not own and os.path.exists(os.path.join(args.out, "log.jsonl")):
             cli.atomic_write(os.path.join(args.out, "log.jsonl"), "")
         yield

@@ -96,17 +96,37 @@ def _background(planes, u, trig, stripes, tex):
         planes[:, ch] = plane     # float -> uint8: truncation of values > 0, i.e. rounding
 
 
+SHAPE_CLASSES = ("disc", "rectangle", "line")   # shape kinds 0, 1, 2 of _shapes
+
+
+def _kinds(u):
+    """Kind (0 disc, 1 rectangle, 2 line; -1 none) of shapes 0..MAX_SHAPES-1 of each image, in
+    painting order, from its uniforms u (B, N_UNIFORM)."""
+    count = 2 + np.floor(3 * u[:, 164]).astype(np.int64)
+    kind = np.floor(3 * u[:, 168:168 + 8 * MAX_SHAPES:8]).astype(np.int64)     # p[3] of shape j
+    return np.where(np.arange(MAX_SHAPES) < count[:, None], kind, -1), count
+
+
+def shape_labels(n, seed):
+    """Labels of images 0..n-1 of the set `seed`: the kind of the shape painted last, on top of the
+    others (SHAPE_CLASSES; about 1/3 each). Only each image's uniforms are drawn, so it is fast and
+    the same at every size. The embedded data's classes for ce_probe.py (this project's task)."""
+    u = np.stack([np.random.default_rng([seed, i]).random(N_UNIFORM) for i in range(n)])
+    kinds, count = _kinds(u.reshape(n, N_UNIFORM))
+    return kinds[np.arange(n), count - 1]
+
+
 def _shapes(planes, u, z, trig):
     """4. 2-4 discs, rectangles or thick lines of one colour each, centred near the middle so that
     they cross the hole, painted into uint8 planes (B, 3, s, s) by bitwise selection
     (x ^ ((x ^ colour) & mask))."""
     f32, s = np.float32, planes.shape[-1]
     xs = np.arange(s, dtype=f32)
-    count = 2 + np.floor(3 * u[:, 164]).astype(np.int64)
+    kinds, _ = _kinds(u)
     inside = np.empty((len(u), s, s), bool)
     for j in range(MAX_SHAPES):
         p = u[:, 165 + 8 * j:173 + 8 * j]
-        kind = np.where(count > j, np.floor(3 * p[:, 3]).astype(np.int64), -1)  # -1: no shape j
+        kind = kinds[:, j]                                               # -1: no shape j
         dx = xs - (s / 2 + z[:, 2 * j] * s / 6).astype(f32)[:, None]             # (B, s)
         dy = xs - (s / 2 + z[:, 2 * j + 1] * s / 6).astype(f32)[:, None]
         inside[:] = False

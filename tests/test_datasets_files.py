@@ -155,7 +155,8 @@ def test_cache_is_written_to_disk_not_built_in_memory(tmp_path):
     root = tmp_path / "many"
     os.makedirs(root)
     for i in range(150):
-        Image.new("RGB", (8, 8), (i, 255 - i, 7)).save(root / f"{i:03d}.png")
+        # above the load size: cached at 128 px (smaller images would be kept at their own size)
+        Image.new("RGB", (130, 130), (i, 255 - i, 7)).save(root / f"{i:03d}.png")
     (root / "050x.png").write_text("not an image")
     (root / "100x.png").write_bytes(b"")
     files, _ = datasets.list_images(str(root))
@@ -196,7 +197,7 @@ def test_tiny_download_is_checked_against_the_published_md5(tmp_path, monkeypatc
     os.remove(root / "tiny-imagenet-200.zip.part")
     monkeypatch.setattr(tinyimagenet, "TINY_SIZE", len(data))
     monkeypatch.setattr(tinyimagenet, "TINY_MD5", hashlib.md5(data).hexdigest())
-    assert datasets.load_split("tiny", str(root), "train").shape == (6, 128, 128, 3)
+    assert datasets.load_split("tiny", str(root), "train").shape == (6, 64, 64, 3)  # own size
 
 
 def test_folder_without_test_split_refuses_test(tmp_path):

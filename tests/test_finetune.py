@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -126,3 +127,63 @@ def test_data_dependent_init_standardises_every_layer(net):
             assert mean.abs().max() < 1e-3, (net, k)
     # it did something: the DCGAN init's N(0, 0.02) convs are far from unit outputs
     assert abs(before[0].std().item() - 1) > 0.1
+
+
+def _top_shape_geometry(seed, i, s=64):
+    """Classify image i's top shape by its pixels alone: paint the image with and without its last
+    shape (before the noise); the pixels that change are the top shape. An axis-aligned box fills
+    its bounding box; a disc away from the border fills pi/4 of it; a line crosses the image from
+    border to border. None when the pixels fit no rule cleanly (a clipped disc, a level line)."""
+    from ce_utils import synthetic
+    u, z, trig, stripes, tex = synthetic._draw(seed, i, s)
+    painted = []
+    for drop in (0, 1):
+        v = u.copy()
+        count = 2 + math.floor(3 * u[164]) - drop
+        v[164] = (count - 2 + 0.5) / 3                       # the same draws, one shape fewer
+        planes = np.empty((1, 3, s, s), np.uint8)
+        synthetic._background(planes, v[None], trig[None], stripes[None], (tex,))
+        synthetic._shapes(planes, v[None], z[None], trig[None])
+        painted.append(torch.from_numpy(planes[0]))
+    top = (painted[0] != painted[1]).any(0)
+    ys, xs = torch.nonzero(top, as_tuple=True)
+    h, w = int(ys.max() - ys.min()) + 1, int(xs.max() - xs.min()) + 1
+    fill = top.sum().item() / (h * w)
+    border = ys.min() == 0 or xs.min() == 0 or ys.max() == s - 1 or xs.max() == s - 1
+    if (h == s or w == s) and fill < 0.9:
+        return "line"
+    if fill > 0.97:
+        return "rectangle"
+    if not border and 0.7 < fill < 0.86:
+        return "disc"
+    return None
+
+
+def test_shapes_labels_name_the_top_shape():
+    """The embedded data's probe labels (synthetic.shape_labels) name the shape painted last, as
+    its pixels show it, and the three classes are about equally common."""
+    from ce_utils import synthetic
+    labels = synthetic.shape_labels(60, seed=1)
+    seen = [(_top_shape_geometry(1, i), synthetic.SHAPE_CLASSES[y]) for i, y in enumerate(labels)]
+    told = [(g, y) for g, y in seen if g is not None]
+    assert len(told) >= 45 and all(g == y for g, y in told), seen
+    counts = torch.bincount(torch.from_numpy(synthetic.shape_labels(3000, seed=2)), minlength=3)
+    assert counts.min() > 900 and counts.max() < 1100
+
+
+def test_probe_and_finetune_run_on_the_embedded_shapes(capsys):
+    """--data shapes needs no folder: images 0..N-1 of each set, labelled by their top shape."""
+    from ce_utils import synthetic
+    base = ["--data", "shapes", "--data-root", "/nonexistent", "--random-init", "dcgan", "--width",
+            "8", "--bottleneck", "16", "--max-train", "24", "--max-val", "12", "--device", "cpu",
+            "--json"]
+    capsys.readouterr()
+    ce_probe.main(base + ["--finetune", "--ft-epochs", "1", "--ft-batch", "8"])
+    ce_probe.main(base + ["--epochs", "1", "--no-augment"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["mode"] for r in rows] == ["finetune", "probe"]
+    assert all(r["classes"] == 3 and r["n_train"] == 24 and r["n_val"] == 12 for r in rows)
+    images, labels = ce_probe.shapes_labelled("val", 12, 128)
+    assert images.shape == (12, 128, 128, 3)
+    assert torch.equal(labels, torch.from_numpy(synthetic.shape_labels(12, seed=2)))
+    assert torch.equal(images, torch.from_numpy(synthetic.make_shapes(12, seed=2)))

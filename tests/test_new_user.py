@@ -50,7 +50,7 @@ def test_a_zip_given_as_data_root_is_extracted_next_to_it(tmp_path, offline, nam
     (tmp_path / "dl").mkdir()
     archive = make_tiny_zip(tmp_path / "dl" / name)
     train = datasets.load_split("tiny", str(archive), "train")
-    assert train.shape == (6, 128, 128, 3)
+    assert train.shape == (6, 64, 64, 3)     # 64 px images are cached at their own size
     assert (tmp_path / "dl" / "tiny-imagenet-200" / "train").is_dir()
     assert any(f.startswith("tiny-train-128-") for f in os.listdir(tmp_path / "dl" / ".ce_cache"))
     # the folder holding the zip is the same data, and the same cache
@@ -251,3 +251,16 @@ def test_a_subset_runs_own_evaluation_keeps_its_subset_and_fine_tuning_elsewhere
     kept = ce_train.parse_args(["--resume", str(run / "ckpt.pt"), "--out", str(tmp_path / "more"),
                                 "--device", "cpu"])
     assert (kept.train_per_class, kept.val_images) == (3, 5)
+
+
+def test_the_probe_takes_the_subset_flags_as_training_does(tmp_path, offline, capsys):
+    """ce_probe.py --train-per-class/--val-images pick the same files as ce_train.py's flags."""
+    import ce_probe
+    archive = make_tiny_zip(tmp_path / "tiny-imagenet-200.zip", per_class=4, n_val=6)
+    capsys.readouterr()
+    ce_probe.main(["--data", "tiny", "--data-root", str(archive), "--random-init", "dcgan",
+                   "--width", "8", "--bottleneck", "16", "--epochs", "1", "--no-augment",
+                   "--train-per-class", "2", "--val-images", "5", "--device", "cpu", "--json"])
+    row = json.loads(capsys.readouterr().out.splitlines()[-1])
+    train = datasets.dataset_files("tiny", str(archive), "train", train_per_class=2)
+    assert (row["n_train"], row["n_val"]) == (len(train), 5) == (4, 5)
