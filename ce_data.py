@@ -134,11 +134,12 @@ def _bicubic_matrix(n_in, n_out, device):
 
 
 def upsample(images_u8, size):
-    """uint8 images (B, s, s, 3) -> (B, size, size, 3) by Pillow's bicubic resize, bit for bit:
-    Pillow's fixed-point weights as matrices, the rows first, each pass rounded and clipped to
-    uint8 as Pillow does (all sums are exact integers in float64, on any device). The cache keeps
-    images smaller than the load size at their own size (4x fewer bytes for 64 px Tiny ImageNet
-    at 128 px); batches upsample them here and equal the old cache's images. s == size: as is."""
+    """uint8 images (B, s, s, 3) -> (B, size, size, 3), bit for bit Pillow's
+    Image.resize((size, size), BICUBIC) of each: what a cache at the load size would hold, so a
+    cache may keep small images (Tiny ImageNet's 64 px) at their own size, a fraction of the
+    bytes, and batches upsample them here. Pillow's fixed-point weights as matrices, along rows
+    then columns, each pass rounded and clipped to uint8 as Pillow does (every sum is exact in
+    float64, on any device). s == size: as is."""
     B, s = images_u8.shape[:2]
     if s == size:
         return images_u8

@@ -420,6 +420,9 @@ def parse_args(argv=None):
     if args.lr >= cli.lr_limit(0.9) or args.ft_lr >= cli.lr_limit():
         p.error(f"--lr must be below {cli.lr_limit(0.9):.3g} and --ft-lr below "
                 f"{cli.lr_limit():.3g} (float32: the first step would be Inf)")
+    if args.data != "tiny" and (args.train_per_class or args.val_images):   # as ce_train.py
+        p.error(f"--train-per-class/--val-images select a subset of --data tiny only, not of "
+                f"--data {args.data}; drop them")
     return args
 
 

@@ -383,8 +383,9 @@ def peers_watched(out, rank, world):
     try:
         yield
     except RuntimeError as e:
-        if world == 1 or isinstance(e, torch.cuda.OutOfMemoryError):
-            raise
+        lost = re.search(r"connection|peer|socket|timed out|gloo|nccl", str(e), re.IGNORECASE)
+        if world == 1 or isinstance(e, torch.cuda.OutOfMemoryError) or not lost:
+            raise                                # a bug or a capture failure: its own traceback
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         why = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160]   # gloo: [file:line] ...
         resume = cli.command("ce_train.py", "--resume", out)

@@ -182,7 +182,8 @@ def check_checkpoint(state, path, resume=False):
     nets = _check_weights(state, refuse)
     if resume:
         _check_resume(state, nets, lambda what: refuse(
-            f"cannot resume from it: {what} (evaluating it still works: ce_eval.py --ckpt {path})"))
+            f"cannot resume from it: {what} (evaluating it still works: "
+            f"{cli.command('ce_eval.py', '--ckpt', path)})"))
         filled = [k for k, (newest, value) in FILLED.items() if fmt <= newest and k not in state]
         for k in filled:
             state[k] = FILLED[k][1]

@@ -123,8 +123,8 @@ def choose_out(args, p):
     if args.out:
         held = next((f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))), None)
         if held and not args.resume:
-            p.error(f"{args.out} already holds a run; pass --resume {args.out} to continue it or "
-                    "choose another --out")
+            p.error(f"{args.out} already holds a run; continue it with "
+                    f"`{cli.command('ce_train.py', '--resume', args.out)}` or choose another --out")
         if held and not own_folder(args.resume, args.out):
             p.error(f"{args.out} already holds another run (its {held}); a run's folder is only "
                     f"continued by resuming its own checkpoint: to branch from {args.resume}, "

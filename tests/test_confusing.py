@@ -127,6 +127,13 @@ def test_hints_survive_a_shell(tiny_flags, tmp_path, monkeypatch, capsys, one_th
     assert stopped.value.code == 128 + signal.SIGTERM
     assert hint(capsys.readouterr().out, "Resume with: ") == [
         "python", "ce_train.py", "--resume", str(out)]
+    # a new run into that folder is refused with the command that continues it, quoted
+    with pytest.raises(SystemExit) as refused:
+        tiny_run(tiny_flags, out)
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert shlex.split(err.split("continue it with `", 1)[1].split("`")[0]) == [
+        "python", "ce_train.py", "--resume", str(out)]
 
 
 def test_a_looping_link_is_called_a_looping_link(tmp_path, capsys):
@@ -167,6 +174,8 @@ def test_a_lost_rank_ends_with_the_checkpoint_to_resume_from(tmp_path):
         raise lost
     assert hint(str(e.value), "with: ") == ["python", "ce_train.py", "--resume", str(out)]
 
-    for world, error in ((1, lost), (2, torch.cuda.OutOfMemoryError("CUDA out of memory"))):
+    bug = RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 9x2)")  # not a peer
+    for world, error in ((1, lost), (2, torch.cuda.OutOfMemoryError("CUDA out of memory")),
+                         (2, bug)):
         with pytest.raises(type(error)), ce_train.peers_watched(str(out), 0, world):
             raise error

@@ -26,7 +26,15 @@ def start(data_root, out, extra):
     cmd = [sys.executable, os.path.join(ROOT, "ce_train.py"), *TINY, "--data-root", data_root,
            "--batch-size", "4", "--out", str(out), *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=out.parent)
+                            cwd=out.parent, preexec_fn=default_signals)
+
+
+def default_signals():
+    """The run starts as from a terminal, with no stop signal ignored: a suite run as a background
+    job (SIGINT ignored) or under nohup (SIGHUP) would pass that on, and the run keeps an ignored
+    signal ignored (cli.signals_caught)."""
+    for s in cli.STOP_SIGNALS:
+        signal.signal(s, signal.SIG_DFL)
 
 
 def wait_for(path, proc, timeout=180):

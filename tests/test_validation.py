@@ -11,6 +11,7 @@ import shutil
 import pytest
 import torch
 from conftest import TINY
+from test_checkpoint_compat import damaged as damaged_copy
 
 import ce_bench
 import ce_eval
@@ -85,12 +86,7 @@ def test_a_run_may_still_be_resumed_into_its_own_folder_however_it_is_spelled(ru
 
 def damaged(runs, tmp_path, change):
     """A copy of run A's ckpt.pt, changed by change(state), in a folder of its own."""
-    state = torch.load(runs / "A" / "ckpt.pt", weights_only=True)
-    change(state)
-    (tmp_path / "old").mkdir()
-    path = tmp_path / "old" / "ckpt.pt"
-    torch.save(state, path)
-    return path
+    return damaged_copy(runs / "A", tmp_path, change)
 
 
 def refused_by_eval_and_resume(capsys, path):
@@ -264,6 +260,8 @@ def test_a_flag_several_scripts_take_has_one_rule():
     (ce_probe.main, ["--ft-lr", "nan", "--random-init", "dcgan"], "'nan' is not a finite number"),
     (ce_probe.main, ["--lr", "1e38", "--random-init", "dcgan"], "--lr must be below"),
     (ce_probe.main, ["--seed", "-1", "--random-init", "dcgan"], "--seed must be >= 0"),
+    (ce_probe.main, ["--data", "shapes", "--train-per-class", "3", "--random-init", "dcgan"],
+     "select a subset of --data tiny only, not of --data shapes"),
     (ce_bench.main, ["--batch-size", "1"], "BatchNorm needs two images"),
     (ce_bench.main, ["--steps", str(10 ** 20)], "--steps must be in [1, "),
     (ce_sweep.main, ["--ratios", "inf"], "'inf' is not a finite number"),
