@@ -1,8 +1,8 @@
 """Evaluate a Context Encoder (Pathak et al., CVPR 2016, section 5.1 / Table 1): PSNR, mean L1 %,
 mean L2 % (with SSIM and sharpness) of the model against classical baselines
 (ce_utils/baselines.py) on held-out images;
-figures; inpainting your own photos. The drawing is in ce_utils/figures.py, a photo's image side
-(inputs, the square the model sees, your mask, pasting back) in ce_utils/photos.py.
+figures; inpainting your own photos. The drawing is in ce_utils/figures.py, your photos (inputs,
+the square the model sees, your mask, pasting back, the files written) in ce_utils/photos.py.
 
     python ce_eval.py --ckpt runs/shapes/best.pt                 # table: model vs baselines
     python ce_eval.py --ckpt runs/shapes/best.pt --json          # one JSON line
@@ -23,19 +23,17 @@ Metrics (all on [0, 1] intensities, per image then averaged over images):
 """
 import json
 import os
-import sys
 import time
 from collections import namedtuple
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import ce_data
 import ce_masks
 import ce_model
-from ce_utils import baselines, checkpoints, cli, datasets, figures, imagefiles, photos
+from ce_utils import baselines, checkpoints, cli, datasets, figures, photos
 from ce_utils.progress import Progress
 
 # -------------------------------------------------------------------------------------------------
@@ -377,83 +375,6 @@ def print_table(results, title):
               f"{r['psnr_region']:>9.2f}{r['l1_region']:>8.2f}{r['l2_region']:>8.2f}")
 
 
-def inpaint_photo(G, photo, a, dtype, mask_path=None):
-    """One photo through G: (masked, filled, input) batches of one and the full-size result with a
-    description. Centre models fill the central square; random-mask models the user's mask, or
-    held-out mask 0 without one."""
-    size, kind = ce_model.input_size(a), a.get("mask", "center")
-    arr, square = photos.photo_square(photo, size)
-    x = ce_data.to_float(torch.from_numpy(arr[None].copy())).to(next(G.parameters()).device)
-    if kind == "center":
-        masked, filled = inpaint(G, x, mask_spec(a), dtype=dtype)
-        full, (hx, hy, hs) = photos.paste_full(photo, figures.to_uint8(filled)[0], square,
-                                                 ce_data.hole_bounds(size, a["overlap"], a["ring"]))
-        return masked, filled, x, full, f"only the {hs}x{hs} hole at ({hx}, {hy}) replaced"
-    hole, mine = (photos.read_user_mask(mask_path, photo, square, size) if mask_path
-                  else (ce_masks.eval_masks(kind, 0, 1, size=size), None))
-    hole = hole.to(x.device)
-    masked = ce_data.apply_mask(x, hole, a["fill"])
-    filled = ce_data.paste_image(masked, predict(G, masked, dtype=dtype).to(x.device), hole)
-    full, n = photos.paste_full_mask(photo, figures.to_uint8(filled)[0], square, hole, mine)
-    what = ("your mask" if mask_path
-            else f"held-out {kind} mask 0 (give --mask MASK.png for your own)")
-    out = int(mine.sum()) - n if mask_path else 0    # mask pixels beside the square: not seen
-    kept = (f"; its {out} px outside the central {square[2]}x{square[2]} square the model sees "
-            "are kept" if out else "")
-    return (masked, figures.outline(filled, hole), x, full,
-            f"only the {n} px of {what} replaced{kept}")
-
-
-def write_photo(G, photo, path, stem, a, dtype, mask_path):
-    """Inpaint one photo (read from `path`) and write STEM_filled.png, STEM_full.png and
-    STEM_compare.png; one line on stdout says what was done."""
-    masked, filled, x, full, what = inpaint_photo(G, photo, a, dtype, mask_path)
-    small, shown, size = figures.to_uint8(filled)[0], photos.shown(stem), ce_model.input_size(a)
-    cli.atomic_write(f"{stem}_filled.png", lambda f: Image.fromarray(small).save(f, format="PNG"))
-    cli.atomic_write(f"{stem}_full.png", lambda f: full.save(f, format="PNG"))
-    figures.save_grid(f"{stem}_compare.png", [masked, filled, x])
-    (w, h), side = photo.size, min(photo.size)
-    print(f"{photos.shown(path)}: {w}x{h}, centre {side}x{side} crop scaled to {size} px -> "
-          f"{shown}_filled.png ({size} px), {shown}_full.png ({w}x{h}, {what}), "
-          f"{shown}_compare.png (masked | filled | original)")
-
-
-PHOTOS_PROGRESS_ABOVE = 20   # --image on more photos than this prints k/N progress on stderr
-
-
-def run_images(G, paths, a, out, dtype, mask_path=None):
-    """Inpaint photos (files, or folders of them) with G and the checkpoint's flags `a`. Each
-    photo's central square is scaled to the network's size; writes OUT/NAME_filled.png (the filled
-    square), OUT/NAME_full.png (the photo at its own size, only the hole replaced by the prediction
-    scaled up) and OUT/NAME_compare.png (masked | filled | original). Unreadable files are skipped
-    and counted in one line; the exit is an error only if no photo could be inpainted."""
-    if mask_path and a.get("mask", "center") == "center":
-        raise cli.DataError(f"--mask {mask_path}: this checkpoint was trained with the central "
-                            "square (--mask center) and cannot fill other holes; use a model "
-                            "trained with --mask region or --mask block")
-    files, names, bad = photos.photo_inputs(paths)
-    done = 0
-    show = Progress(len(files), "inpainting", "photos", "photos/s", every=PROGRESS_EVERY_S,
-                    above=PHOTOS_PROGRESS_ABOVE)
-    show.tty = False    # whole lines, not one redrawn in place: the photos' lines share it
-    for k, (path, name) in enumerate(zip(files, names)):
-        try:
-            photo = imagefiles.read_rgb(path)
-        except cli.DataError as e:
-            bad.append(str(e))
-        else:
-            os.makedirs(out, exist_ok=True)     # once there is something to write: no empty folder
-            write_photo(G, photo, path, os.path.join(out, name), a, dtype, mask_path)
-            done += 1
-        show(k + 1)
-    if done == 0:
-        raise cli.DataError(bad[0] if len(bad) == 1 else f"none of the {len(bad)} inputs could "
-                            f"be inpainted: {'; '.join(bad[:3])}")
-    if bad:
-        print(f"warning: inpainted {done} photo(s); skipped {len(bad)} input(s) that could not be "
-              f"read, e.g. {'; '.join(bad[:3])}", file=sys.stderr)
-
-
 def held_out(args, a):
     """uint8 held-out images for checkpoint flags `a`, with --data, --data-root, --split and
     --max-images applied."""
@@ -500,7 +421,8 @@ def main(argv=None):
     loaded = [checkpoints.load_checkpoint(c, hw.device) for c in args.ckpt]
     a = loaded[0][2]["args"]  # the checkpoint's own flags decide the mask and the network
     if args.image:
-        return run_images(loaded[0][0], args.image, a, args.out or "inpainted", dtype, args.mask)
+        return photos.run_images(loaded[0][0], args.image, a, args.out or "inpainted", dtype,
+                                 args.mask)
     if args.figure:
         return write_figure(args, loaded, dtype)
     for G, _, state in loaded:

@@ -45,7 +45,7 @@ statistics recomputed on the training images (recompute_bn_stats).
 DEVIATION: the paper fine-tunes AlexNet (with its fc6-fc8 classifier) on PASCAL VOC 2007 and
 reports mAP over 20 multi-label classes; here a linear head, single-label top-1 on Tiny ImageNet or
 your folders, and this project's schedule.
-Labels: the files of each split exactly as ce_train.py reads them (ce_utils/datasets.py), labelled
+Labels: the files of each split exactly as ce_train.py reads them (ce_utils/labelled.py), labelled
 by their class folder. tiny = Tiny ImageNet (train/<wnid>/images/*, val/images/* named by
 val/val_annotations.txt); imagenet = DIR/train/<class>/* and DIR/val/<class>/*; folder = the same,
 or DIR/<class>/* with training's held-out share (--val-fraction) chosen by name hash. shapes = the
@@ -56,109 +56,16 @@ the size the probe needs.
 """
 import json
 import math
-import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import ce_data
 import ce_finetune
 import ce_model
-from ce_utils import checkpoints, cli, datasets, imagefiles, synthetic
-from ce_utils.cli import DataError
+from ce_utils import checkpoints, cli, datasets, labelled
 from ce_utils.progress import Progress
-
-SHAPES_TRAIN = 10000   # --data shapes --max-train 0: ce_train.py's --shapes-n default
-
-# ------------------------------------------------------------------------------------------------
-# Labelled files: [(path, class index)] for the train and held-out splits (datasets.labelled_files)
-
-
-def _check_classes(train, val, names, root):
-    if len(names) < 2 or not val:
-        raise DataError(f"{root}: a probe needs labelled images of at least 2 classes in both "
-                        f"splits (found {len(names)} class(es), {len(train)} train and {len(val)} "
-                        "held-out images)")
-
-
-def balanced_subset(items, n):
-    """At most n items, the same number from each class (round robin over classes, hash order
-    within a class): a short CPU run still sees every class. n <= 0: all."""
-    if n <= 0 or n >= len(items):
-        return items
-    per = {}
-    for f, y in items:
-        per.setdefault(y, []).append(f)
-    queues = [datasets.hash_order(per[y]) for y in sorted(per)]
-    out = []
-    for k in range(max(len(q) for q in queues)):
-        out += [(q[k], y) for q, y in zip(queues, sorted(per)) if k < len(q)]
-    return out[:n]
-
-
-def _decode_one(job):
-    path, size = job
-    try:
-        arr, up = imagefiles.decode_image(path, size)
-        return arr, up, None
-    except cli.DataError as e:        # read_rgb's one-line reason (unreadable, special file, bomb)
-        return None, False, str(e)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        return None, False, f"{path} ({type(e).__name__}: {e})"
-
-
-def decode_labelled(items, size, desc):
-    """Decode (path, label) items at `size` px (threads): uint8 (N, S, S, 3) tensor, int64 labels;
-    unreadable files are skipped and counted."""
-    show, bad, up = Progress(len(items), f"decoding {desc} at {size}px", every=1.0), [], 0
-    images = torch.empty((len(items), size, size, 3), dtype=torch.uint8)   # filled in place
-    keep = torch.zeros(len(items), dtype=torch.bool)
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        jobs = [(f, size) for f, _ in items]
-        for k, (arr, u, err) in enumerate(pool.map(_decode_one, jobs, chunksize=16)):
-            if arr is None:
-                bad.append(err)
-            else:
-                images[k], keep[k] = torch.from_numpy(arr), True
-                up += u
-            show(k + 1)
-    if bad:
-        print(f"warning: {desc}: skipped {len(bad)} unreadable image file(s), e.g. {bad[0]}",
-              file=sys.stderr)
-    if up:
-        print(f"note: {desc}: {up} image(s) smaller than {size}px were upsampled", file=sys.stderr)
-    if not keep.any():
-        raise DataError(f"{desc}: none of the {len(items)} image files could be decoded")
-    labels = torch.tensor([y for _, y in items], dtype=torch.long)
-    return (images, labels) if keep.all() else (images[keep], labels[keep])
-
-
-def shapes_labelled(split, n, size):
-    """Images 0..n-1 of the embedded data's `split` drawn at `size` px, uint8 (n, S, S, 3), and
-    their labels (synthetic.shape_labels: the kind of the top shape)."""
-    seed = datasets.SHAPES_SEEDS[split]
-    images = datasets.generate_shapes(n, seed, size, workers=os.cpu_count() or 1)
-    return torch.from_numpy(images), torch.from_numpy(synthetic.shape_labels(n, seed))
-
-
-def labelled_data(args):
-    """(class names, training images used, read(size) -> ((train u8, labels), (val u8, labels)))
-    for --data: files are listed now (a bad folder fails before any model), decoded by read."""
-    if args.data == "shapes":
-        n_tr, n_va = args.max_train or SHAPES_TRAIN, args.max_val or datasets.SHAPES_VAL
-        return list(synthetic.SHAPE_CLASSES), n_tr, lambda size: (
-            shapes_labelled("train", n_tr, size), shapes_labelled("val", n_va, size))
-    subset = {k: getattr(args, k) for k in datasets.SUBSET_FLAGS}
-    train, val, names = datasets.labelled_files(args.data, args.data_root, args.val_fraction,
-                                                **subset)
-    _check_classes(train, val, names, args.data_root)
-    train, val = balanced_subset(train, args.max_train), balanced_subset(val, args.max_val)
-    return names, len(train), lambda size: (decode_labelled(train, size, f"{args.data} train"),
-                                            decode_labelled(val, size, f"{args.data} held-out"))
-
 
 # ------------------------------------------------------------------------------------------------
 # Encoders and their features: the three starts (random, data-dependent, a checkpoint's weights)
@@ -347,11 +254,7 @@ def build_parser():
         help="labelled data layout (see above)")
     add("--data-root", default="data",
         help="folder holding the data (tiny: DIR/tiny-imagenet-200/)")
-    add("--train-per-class", type=cli.count, default=0,
-        help="tiny: only the first N training images of each class, as ce_train.py's flag (0: all)")
-    add("--val-images", type=cli.count, default=0,
-        help="tiny: only the first N validation images, as ce_train.py's flag (0: all). With "
-             "--train-per-class 100: the README's subset")
+    datasets.add_subset_flags(add)     # --train-per-class, --val-images, as ce_train.py
     add("--ckpt", nargs="+", default=[],
         help="checkpoints (OUT/ckpt.pt or a run folder) whose encoders to probe")
     add("--random-init", action="append", default=[], choices=("dcgan", "alexnet"),
@@ -487,7 +390,7 @@ def _row(spec, args, res, size, load, n_train, n_val, names):
 def main(argv=None):
     args = parse_args(argv)
     specs = model_specs(args)             # checkpoints read first: a bad file fails before decoding
-    names, n_train, read = labelled_data(args)
+    names, n_train, read = labelled.labelled_data(args)
     if args.finetune:
         ce_finetune._check_batch(n_train, args.ft_batch)   # before the decoding, as after it
     decoded, results = {}, []

@@ -14,10 +14,8 @@ logging around it, main(). Plumbing that is not from the paper (flag resolution,
 checkpoints, CUDA graphs, DDP) is in ce_utils/.
 """
 import argparse
-import contextlib
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -67,12 +65,7 @@ def build_parser(doc=None):
     add("--data-root", default="data", help="dataset folder; caches go in DATA_ROOT/.ce_cache. "
         "tiny: also the extracted tiny-imagenet-200/ folder itself, or a zip of it (extracted "
         "next to it, caches there)")
-    add("--train-per-class", type=cli.count, default=0,
-        help="tiny: only the first N training images of each class, in sorted name order (0: all "
-             "500)")
-    add("--val-images", type=cli.count, default=0,
-        help="tiny: only the first N validation images, val_0 ... val_N-1 (0: all 10,000). With "
-             "--train-per-class 100: the README's subset")
+    datasets.add_subset_flags(add)     # --train-per-class, --val-images
     add("--load-size", type=cli.positive_int, default=128,
         help="side of the stored centre square; 350: the official crop size (train.lua "
              "loadSize), crops within the square (DEVIATION)")
@@ -374,28 +367,6 @@ def finish(run, nets, args, stop, halt, world, total, epoch, master):
               + (f". Evaluate with: {evaluate}" if best else "; no checkpoint written"))
 
 
-@contextlib.contextmanager
-def peers_watched(out, rank, world):
-    """Several ranks (torchrun): when one stops or is killed, the next collective of the others
-    (DDP's gradient all-reduce, the log step's agreement) raises a RuntimeError (gloo: "Connection
-    closed by peer"). Each survivor then ends with one line naming the checkpoint to resume from,
-    not a traceback. What the ranks hold mid-step is not saved: it may be half an update."""
-    try:
-        yield
-    except RuntimeError as e:
-        lost = re.search(r"connection|peer|socket|timed out|gloo|nccl", str(e), re.IGNORECASE)
-        if world == 1 or isinstance(e, torch.cuda.OutOfMemoryError) or not lost:
-            raise                                # a bug or a capture failure: its own traceback
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        why = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160]   # gloo: [file:line] ...
-        resume = cli.command("ce_train.py", "--resume", out)
-        then = (f"Resume from its last checkpoint with: {resume}"
-                if os.path.exists(os.path.join(out, "ckpt.pt"))
-                else f"{out} holds no checkpoint yet: start the run again")
-        raise cli.UserError(f"rank {rank} of {world}: a collective operation failed ({why}); "
-                            f"another rank has probably stopped or been killed. {then}") from None
-
-
 # ------------------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -442,7 +413,7 @@ def main(argv=None):
         m.G.train(), m.D.train()
         halt = False
         # SIGINT/SIGTERM/SIGHUP: finish the step, save; a lost rank: say which checkpoint resumes
-        with cli.signals_caught() as stop, peers_watched(args.out, rank, world):
+        with cli.signals_caught() as stop, accel.peers_watched(args.out, rank, world):
             run.t_log = time.time()
             while run.step < total and not halt:
                 real = batches.get(run.step)                         # (B, 3, 128, 128) in [-1, 1]

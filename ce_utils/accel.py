@@ -6,7 +6,9 @@ with or without these: main() wraps it here, and the eager step stays the refere
 
     python -c "from ce_utils import accel; print(accel.setup_distributed('cpu'))"
 """
+import contextlib
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -16,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ce_data
 import ce_masks
+from ce_utils import cli
 
 # ------------------------------------------------------------------------------------------------
 # Several processes (torchrun): DDP
@@ -66,6 +69,28 @@ def same_weights_check(G, world, master):
         print(f"DDP: {world} ranks, max |weight - rank 0 weight| = {diff.item():.3g}")
     dist.barrier()                    # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def peers_watched(out, rank, world):
+    """Several ranks (torchrun): when one stops or is killed, the next collective of the others
+    (DDP's gradient all-reduce, the log step's agreement) raises a RuntimeError (gloo: "Connection
+    closed by peer"). Each survivor then ends with one line naming the checkpoint to resume from,
+    not a traceback. What the ranks hold mid-step is not saved: it may be half an update."""
+    try:
+        yield
+    except RuntimeError as e:
+        lost = re.search(r"connection|peer|socket|timed out|gloo|nccl", str(e), re.IGNORECASE)
+        if world == 1 or isinstance(e, torch.cuda.OutOfMemoryError) or not lost:
+            raise                                # a bug or a capture failure: its own traceback
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        why = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160]   # gloo: [file:line] ...
+        resume = cli.command("ce_train.py", "--resume", out)
+        then = (f"Resume from its last checkpoint with: {resume}"
+                if os.path.exists(os.path.join(out, "ckpt.pt"))
+                else f"{out} holds no checkpoint yet: start the run again")
+        raise cli.UserError(f"rank {rank} of {world}: a collective operation failed ({why}); "
+                            f"another rank has probably stopped or been killed. {then}") from None
 
 
 def any_rank(flag, bad_step):

@@ -6,7 +6,8 @@ data, nothing from the paper (ce_data.py makes the masked batches from these arr
 --data shapes: embedded, offline, generated (ce_utils/synthetic.py); tiny: Tiny ImageNet, downloaded
 on first use (ce_utils/tinyimagenet.py); imagenet: DIR/train/<class>/*, DIR/val/...; folder: the
 same, or any folder of images (searched recursively, a share held out by name hash). split_files
-reads these layouts for training and evaluation, labelled_files for the linear probe (ce_probe.py).
+reads these layouts for training and evaluation, ce_utils/labelled.py (with classes) for the
+linear probe (ce_probe.py).
 
 Every image file is opened by ce_utils/imagefiles.py (one decoding path). Each split is decoded
 into a checksummed cache on disk (ce_utils/diskcache.py).
@@ -339,7 +340,8 @@ def tiny_subset(files, split, train_per_class=0, val_images=0):
 
 def split_files(data, root, split, val_fraction=VAL_FRACTION, train_per_class=0, val_images=0):
     """The image files of one split of --data tiny|imagenet|folder, and the folder whose
-    subfolders name their classes (None for Tiny ImageNet's val and test: see labelled_files).
+    subfolders name their classes (None for Tiny ImageNet's val and test: see
+    labelled.labelled_files).
     train_per_class, val_images: a subset of Tiny ImageNet (tiny_subset)."""
     if data != "tiny" and (train_per_class or val_images):
         raise DataError(f"{root}: --train-per-class/--val-images select a subset of --data tiny "
@@ -373,85 +375,18 @@ def dataset_files(data, root, split, **subset):
     return split_files(data, root, split, **subset)[0]
 
 
-def _by_class(files, folder):
-    """{first subfolder of `folder`: [its files]}, and the number of files directly in `folder`."""
-    classes, loose = {}, 0
-    for f in files:
-        parts = os.path.relpath(f, folder).split(os.sep)
-        if len(parts) < 2:
-            loose += 1
-        else:
-            classes.setdefault(parts[0], []).append(f)
-    return classes, loose
-
-
-def _tiny_val(base, files, index):
-    """Tiny ImageNet's held-out files labelled by val/val_annotations.txt (file <tab> wnid ...)."""
-    path = os.path.join(base, "val", "val_annotations.txt")
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: missing; the Tiny ImageNet validation labels are needed here")
-    ann, bad = {}, 0
-    with open(path) as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 2:
-                ann[fields[0]] = fields[1]
-            elif line.strip():
-                bad += 1
-    if not ann:
-        raise DataError(f"{path}: no 'file<TAB>wnid' lines; the Tiny ImageNet validation labels "
-                        "are missing")
-    val = [(f, index[ann[os.path.basename(f)]]) for f in files
-           if ann.get(os.path.basename(f)) in index]
-    if len(val) < len(files) or bad:
-        print(f"note: {base}/val: skipped {len(files) - len(val)} image(s) with no annotation or a "
-              f"class absent from train/, and {bad} malformed annotation line(s)", file=sys.stderr)
-    return val
-
-
-def labelled_files(data, root, val_fraction=VAL_FRACTION, **subset):
-    """(train, val, class names) for the linear probe: the files of each split as split_files gives
-    them to training, as lists of (path, class index); a class is a file's first folder below its
-    split (train/ and val/, or a plain DIR), Tiny ImageNet's val is labelled by its annotations.
-    subset: train_per_class, val_images (split_files)."""
-    given = root                               # a zip given as the root: extracted beside it
-    if data == "tiny":
-        root = tinyimagenet.data_dir(root)
-    if not os.path.isdir(root):
-        raise DataError(f"{root}: data root does not exist or is not a folder; pass --data-root "
-                        "DIR")
-    zipped = os.path.isfile(given) or os.path.isfile(os.path.join(root, "tiny-imagenet-200.zip"))
-    if data == "tiny" and not zipped and tinyimagenet.find_tiny(root) is None:   # no download
-        raise DataError(f"{root}: no Tiny ImageNet here (expected {root}/tiny-imagenet-200/train/ "
-                        "and val/val_annotations.txt, or tiny-imagenet-200.zip); run `python "
-                        f"ce_train.py --data tiny --data-root {root}` once to download it, or "
-                        "pass --data-root the zip or the extracted folder")
-    root = given if zipped else root
-    files, folder = split_files(data, root, "train", val_fraction, **subset)
-    train_c, loose = _by_class(files, folder)
-    names = sorted(train_c)
-    index = {c: i for i, c in enumerate(names)}
-    files, folder = split_files(data, root, "val", val_fraction, **subset)
-    if folder is None:
-        val = _tiny_val(tinyimagenet.find_tiny(tinyimagenet.data_dir(root)), files, index)
-    else:
-        val_c, val_loose = _by_class(files, folder)
-        if val_loose and folder != root:
-            raise DataError(f"{folder}: {val_loose} image(s) directly in val/, not in class "
-                            "folders (ImageNet's flat validation layout); sort them into "
-                            "val/<class>/ first")
-        loose += val_loose
-        extra = sorted(set(val_c) - set(index))
-        if extra:
-            print(f"note: {folder}: skipped class folder(s) absent from train/: "
-                  f"{', '.join(extra[:5])}", file=sys.stderr)
-        val = [(f, index[c]) for c in names for f in val_c.get(c, [])]
-    if loose:
-        print(f"note: {root}: ignored {loose} image(s) outside class subfolders", file=sys.stderr)
-    return [(f, index[c]) for c in names for f in train_c[c]], val, names
-
-
 SUBSET_FLAGS = ("train_per_class", "val_images")   # ce_train flags of a Tiny ImageNet subset
+
+
+def add_subset_flags(add):
+    """The flags of SUBSET_FLAGS, for every script that reads Tiny ImageNet's splits (ce_train.py,
+    ce_probe.py): one definition, one rule."""
+    add("--train-per-class", type=cli.count, default=0,
+        help="tiny: only the first N training images of each class, in sorted name order (0: all "
+             "500)")
+    add("--val-images", type=cli.count, default=0,
+        help="tiny: only the first N validation images, val_0 ... val_N-1 (0: all 10,000). With "
+             "--train-per-class 100: the README's subset")
 
 
 def load_split(data, root, split, size=128, shapes_n=10000, train_per_class=0, val_images=0,

@@ -1,7 +1,8 @@
-"""The image side of `ce_eval.py --image` (no model): the photos given, each with a unique output
-name that fits the file-name limit; the central square the model sees; a user's mask (white = hole,
-or its alpha) at the photo's size and at the model's; and the result pasted back at the photo's
-size, every pixel outside the hole kept exactly, every pixel of the hole replaced.
+"""`ce_eval.py --image`: the photos given, each with a unique output name that fits the file-name
+limit; the central square the model sees; a user's mask (white = hole, or its alpha) at the photo's
+size and at the model's; the result pasted back at the photo's size, every pixel outside the hole
+kept exactly, every pixel of the hole replaced; and each photo run through the model, its files
+written (inpaint_photo, write_photo, run_images; the model's prediction itself: ce_eval.py).
 
     python ce_eval.py --ckpt runs/shapes/best.pt --image photo.jpg   # inpainted/photo_full.png
 """
@@ -14,7 +15,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ce_utils import cli, datasets, imagefiles
+import ce_data
+import ce_masks
+import ce_model
+from ce_utils import cli, datasets, figures, imagefiles
+from ce_utils.progress import Progress
 
 # ------------------------------------------------------------------------------------------------
 # Inputs, the square the model sees, the result pasted back at full size.
@@ -164,3 +169,86 @@ def paste_full_mask(photo, filled, square, hole, full=None):
     out = np.array(photo)
     out[top:top + side, left:left + side][keep] = big[keep]
     return Image.fromarray(out), int(keep.sum())
+
+
+# ------------------------------------------------------------------------------------------------
+# `ce_eval.py --image`: each photo through the model, its files written.
+
+def inpaint_photo(G, photo, a, dtype, mask_path=None):
+    """One photo through G: (masked, filled, input) batches of one and the full-size result with a
+    description. Centre models fill the central square; random-mask models the user's mask, or
+    held-out mask 0 without one."""
+    import ce_eval    # here, not at the top: ce_eval imports this module (no import cycle)
+    size, kind = ce_model.input_size(a), a.get("mask", "center")
+    arr, square = photo_square(photo, size)
+    x = ce_data.to_float(torch.from_numpy(arr[None].copy())).to(next(G.parameters()).device)
+    if kind == "center":
+        masked, filled = ce_eval.inpaint(G, x, ce_eval.mask_spec(a), dtype=dtype)
+        full, (hx, hy, hs) = paste_full(photo, figures.to_uint8(filled)[0], square,
+                                        ce_data.hole_bounds(size, a["overlap"], a["ring"]))
+        return masked, filled, x, full, f"only the {hs}x{hs} hole at ({hx}, {hy}) replaced"
+    hole, mine = (read_user_mask(mask_path, photo, square, size) if mask_path
+                  else (ce_masks.eval_masks(kind, 0, 1, size=size), None))
+    hole = hole.to(x.device)
+    masked = ce_data.apply_mask(x, hole, a["fill"])
+    pred = ce_eval.predict(G, masked, dtype=dtype).to(x.device)
+    filled = ce_data.paste_image(masked, pred, hole)
+    full, n = paste_full_mask(photo, figures.to_uint8(filled)[0], square, hole, mine)
+    what = ("your mask" if mask_path
+            else f"held-out {kind} mask 0 (give --mask MASK.png for your own)")
+    out = int(mine.sum()) - n if mask_path else 0    # mask pixels beside the square: not seen
+    kept = (f"; its {out} px outside the central {square[2]}x{square[2]} square the model sees "
+            "are kept" if out else "")
+    return (masked, figures.outline(filled, hole), x, full,
+            f"only the {n} px of {what} replaced{kept}")
+
+
+def write_photo(G, photo, path, stem, a, dtype, mask_path):
+    """Inpaint one photo (read from `path`) and write STEM_filled.png, STEM_full.png and
+    STEM_compare.png; one line on stdout says what was done."""
+    masked, filled, x, full, what = inpaint_photo(G, photo, a, dtype, mask_path)
+    small, name, size = figures.to_uint8(filled)[0], shown(stem), ce_model.input_size(a)
+    cli.atomic_write(f"{stem}_filled.png", lambda f: Image.fromarray(small).save(f, format="PNG"))
+    cli.atomic_write(f"{stem}_full.png", lambda f: full.save(f, format="PNG"))
+    figures.save_grid(f"{stem}_compare.png", [masked, filled, x])
+    (w, h), side = photo.size, min(photo.size)
+    print(f"{shown(path)}: {w}x{h}, centre {side}x{side} crop scaled to {size} px -> "
+          f"{name}_filled.png ({size} px), {name}_full.png ({w}x{h}, {what}), "
+          f"{name}_compare.png (masked | filled | original)")
+
+
+PHOTOS_PROGRESS_ABOVE = 20   # --image on more photos than this prints k/N progress on stderr
+
+
+def run_images(G, paths, a, out, dtype, mask_path=None):
+    """Inpaint photos (files, or folders of them) with G and the checkpoint's flags `a`. Each
+    photo's central square is scaled to the network's size; writes OUT/NAME_filled.png (the filled
+    square), OUT/NAME_full.png (the photo at its own size, only the hole replaced by the prediction
+    scaled up) and OUT/NAME_compare.png (masked | filled | original). Unreadable files are skipped
+    and counted in one line; the exit is an error only if no photo could be inpainted."""
+    import ce_eval    # here, not at the top: ce_eval imports this module (no import cycle)
+    if mask_path and a.get("mask", "center") == "center":
+        raise cli.DataError(f"--mask {mask_path}: this checkpoint was trained with the central "
+                            "square (--mask center) and cannot fill other holes; use a model "
+                            "trained with --mask region or --mask block")
+    files, names, bad = photo_inputs(paths)
+    done = 0
+    show = Progress(len(files), "inpainting", "photos", "photos/s", every=ce_eval.PROGRESS_EVERY_S,
+                    above=PHOTOS_PROGRESS_ABOVE)
+    show.tty = False    # whole lines, not one redrawn in place: the photos' lines share it
+    for k, (path, name) in enumerate(zip(files, names)):
+        try:
+            photo = imagefiles.read_rgb(path)
+        except cli.DataError as e:
+            bad.append(str(e))
+        else:
+            os.makedirs(out, exist_ok=True)     # once there is something to write: no empty folder
+            write_photo(G, photo, path, os.path.join(out, name), a, dtype, mask_path)
+            done += 1
+        show(k + 1)
+    if done == 0:
+        raise cli.DataError(bad[0] if len(bad) == 1 else f"none of the {len(bad)} inputs could "
+                            f"be inpainted: {'; '.join(bad[:3])}")
+    if bad:
+        print(f"warning: inpainted {done} photo(s); skipped {len(bad)} input(s) that could not be "
+              f"read, e.g. {'; '.join(bad[:3])}", file=sys.stderr)

@@ -13,7 +13,7 @@ from conftest import TINY
 from PIL import Image
 
 import ce_train
-from ce_utils import checkpoints, cli, datasets, figures
+from ce_utils import accel, checkpoints, cli, datasets, figures
 
 
 def tiny_run(tiny_flags, out, *extra):
@@ -163,19 +163,19 @@ def test_a_lost_rank_ends_with_the_checkpoint_to_resume_from(tmp_path):
                         "by peer [127.0.0.1]:4711. This is typically caused by a remote worker")
     out = tmp_path / "a run"
     os.makedirs(out)
-    with pytest.raises(cli.UserError) as e, ce_train.peers_watched(str(out), 1, 2):
+    with pytest.raises(cli.UserError) as e, accel.peers_watched(str(out), 1, 2):
         raise lost
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("rank 1 of 2:") and "Connection closed by peer" in msg
     assert "holds no checkpoint yet" in msg
 
     (out / "ckpt.pt").write_bytes(b"")
-    with pytest.raises(cli.UserError) as e, ce_train.peers_watched(str(out), 0, 2):
+    with pytest.raises(cli.UserError) as e, accel.peers_watched(str(out), 0, 2):
         raise lost
     assert hint(str(e.value), "with: ") == ["python", "ce_train.py", "--resume", str(out)]
 
     bug = RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 9x2)")  # not a peer
     for world, error in ((1, lost), (2, torch.cuda.OutOfMemoryError("CUDA out of memory")),
                          (2, bug)):
-        with pytest.raises(type(error)), ce_train.peers_watched(str(out), 0, world):
+        with pytest.raises(type(error)), accel.peers_watched(str(out), 0, world):
             raise error

@@ -12,7 +12,7 @@ import ce_model
 import ce_finetune
 import ce_probe
 import ce_train
-from ce_utils import checkpoints
+from ce_utils import checkpoints, labelled
 from test_probe import COLOURS, _img, one_thread  # noqa: F401  (one_thread: an autouse fixture)
 
 
@@ -183,7 +183,7 @@ def test_probe_and_finetune_run_on_the_embedded_shapes(capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["mode"] for r in rows] == ["finetune", "probe"]
     assert all(r["classes"] == 3 and r["n_train"] == 24 and r["n_val"] == 12 for r in rows)
-    images, labels = ce_probe.shapes_labelled("val", 12, 128)
+    images, labels = labelled.shapes_labelled("val", 12, 128)
     assert images.shape == (12, 128, 128, 3)
     assert torch.equal(labels, torch.from_numpy(synthetic.shape_labels(12, seed=2)))
     assert torch.equal(images, torch.from_numpy(synthetic.make_shapes(12, seed=2)))

@@ -13,7 +13,7 @@ from test_data import make_tiny_zip
 
 import ce_model
 import ce_train
-from ce_utils import checkpoints, cli, datasets, figures, progress, runstate
+from ce_utils import checkpoints, cli, datasets, figures, labelled, progress, runstate
 
 OFFLINE = "http://127.0.0.1:9/tiny-imagenet-200.zip"   # nothing listens on port 9
 
@@ -55,8 +55,8 @@ def test_a_zip_given_as_data_root_is_extracted_next_to_it(tmp_path, offline, nam
     assert any(f.startswith("tiny-train-128-") for f in os.listdir(tmp_path / "dl" / ".ce_cache"))
     # the folder holding the zip is the same data, and the same cache
     assert datasets.load_split("tiny", str(tmp_path / "dl"), "train").shape == train.shape
-    labelled = datasets.labelled_files("tiny", str(archive))
-    assert len(labelled[0]) == 6 and len(labelled[1]) == 4 and len(labelled[2]) == 2
+    listed = labelled.labelled_files("tiny", str(archive))
+    assert len(listed[0]) == 6 and len(listed[1]) == 4 and len(listed[2]) == 2
 
 
 def test_a_file_that_is_not_a_zip_is_named(tmp_path, offline):

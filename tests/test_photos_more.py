@@ -288,7 +288,7 @@ def test_output_names_fit_the_file_name_limit_and_stay_distinct(tmp_path, ckpts,
 
 
 def test_many_photos_show_k_of_n(tmp_path, ckpts, monkeypatch, capsys):
-    monkeypatch.setattr(ce_eval, "PHOTOS_PROGRESS_ABOVE", 2)   # 20 in use
+    monkeypatch.setattr(photos, "PHOTOS_PROGRESS_ABOVE", 2)   # 20 in use
     monkeypatch.setattr(ce_eval, "PROGRESS_EVERY_S", 0.0)     # a line after every photo
     os.makedirs(tmp_path / "d")
     for i in range(3):

@@ -12,7 +12,7 @@ import ce_model
 import ce_finetune
 import ce_probe
 import ce_train
-from ce_utils import checkpoints, cli, datasets
+from ce_utils import checkpoints, cli, datasets, labelled
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
 
@@ -76,7 +76,7 @@ def test_shuffled_labels_stay_at_chance():
 
 def test_tiny_layout_labels(tmp_path, capsys):
     wnids = _tiny_fixture(tmp_path, n_train=2, n_val=2)
-    train, val, names = datasets.labelled_files("tiny", str(tmp_path))
+    train, val, names = labelled.labelled_files("tiny", str(tmp_path))
     assert names == sorted(wnids)
     # train/<wnid>/images/<wnid>_i.JPEG
     assert len(train) == 6 and all(names[y] in f for f, y in train)
@@ -91,24 +91,24 @@ def test_class_folder_layouts(tmp_path):
         for cls in ("dog", "cat"):
             for i in range(n):
                 _img(tmp_path / "in" / split / cls / f"{i}.png", size=8)
-    train, val, names = datasets.labelled_files("imagenet", str(tmp_path / "in"))
+    train, val, names = labelled.labelled_files("imagenet", str(tmp_path / "in"))
     assert names == ["cat", "dog"] and len(train) == 6 and len(val) == 4
     assert all(f"/{names[y]}/" in f and "/train/" in f for f, y in train)
     assert all(f"/{names[y]}/" in f and "/val/" in f for f, y in val)
     for cls in ("a", "b"):
         for i in range(10):
             _img(tmp_path / "f" / cls / "sub" / f"{i}.png", size=8)
-    train, val, names = datasets.labelled_files("folder", str(tmp_path / "f"), val_fraction=0.2)
+    train, val, names = labelled.labelled_files("folder", str(tmp_path / "f"), val_fraction=0.2)
     assert names == ["a", "b"] and len(val) == 4 and len(train) == 16
     assert not {f for f, _ in train} & {f for f, _ in val}
     assert all(f"/{names[y]}/" in f for f, y in train + val)
     # deterministic
-    assert datasets.labelled_files("folder", str(tmp_path / "f"), 0.2) == (train, val, names)
-    sub = ce_probe.balanced_subset(train, 6)
+    assert labelled.labelled_files("folder", str(tmp_path / "f"), 0.2) == (train, val, names)
+    sub = labelled.balanced_subset(train, 6)
     assert sorted(y for _, y in sub) == [0, 0, 0, 1, 1, 1]
     # --data folder reads DIR/train + DIR/val as training does (it was refused: issue 20)
-    labelled = datasets.labelled_files("folder", str(tmp_path / "in"))
-    assert labelled == datasets.labelled_files("imagenet", str(tmp_path / "in"))
+    listed = labelled.labelled_files("folder", str(tmp_path / "in"))
+    assert listed == labelled.labelled_files("imagenet", str(tmp_path / "in"))
 
 
 @pytest.mark.parametrize("variant", ["paper", "seed"])
@@ -176,7 +176,7 @@ def test_unreadable_image_is_skipped_and_counted(tmp_path, capsys):
     _img(tmp_path / "a" / "0.png", COLOURS[0], size=8)
     _img(tmp_path / "b" / "1.png", COLOURS[1], size=8)
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    x, y = ce_probe.decode_labelled(items, 16, "fixture")
+    x, y = labelled.decode_labelled(items, 16, "fixture")
     assert x.shape == (2, 16, 16, 3) and y.tolist() == [0, 1]
     assert x[0, 8, 8, 0] > x[1, 8, 8, 0]                      # red image first, green second
     err = capsys.readouterr().err
@@ -216,7 +216,7 @@ def test_probe_holds_out_the_files_training_holds_out(tmp_path, capsys):
     assert len(held_out) == 2
     row = _probe_json(tmp_path, capsys)
     assert row["n_train"] == 38 and row["n_val"] == 2
-    _, val, _ = datasets.labelled_files("folder", str(tmp_path))
+    _, val, _ = labelled.labelled_files("folder", str(tmp_path))
     assert sorted(f for f, _ in val) == sorted(held_out)
 
 
@@ -265,8 +265,8 @@ def test_probe_without_augmentation_is_the_probe_before_it(tmp_path, capsys):
     flags = ["--val-fraction", "0.3", "--batch-size", "7", "--epochs", "3", "--probe-seed", "5"]
     row = _probe_json(tmp_path, capsys, "--no-augment", *flags)
     assert row["augment"] is False and row["load_size"] == row["input_size"] == 128
-    train, val, names = datasets.labelled_files("folder", str(tmp_path), 0.3)
-    (xtr, ytr), (xva, yva) = (ce_probe.decode_labelled(s, 128, "x") for s in (train, val))
+    train, val, names = labelled.labelled_files("folder", str(tmp_path), 0.3)
+    (xtr, ytr), (xva, yva) = (labelled.decode_labelled(s, 128, "x") for s in (train, val))
     spec = dict(arch="dcgan", weights=None, a=dict(width=8, bottleneck=16, bottleneck_bn=True,
                                                    bias=False, init="dcgan", seed=0))
     enc, taps = ce_probe.load_encoder(spec)
