@@ -194,9 +194,14 @@ class Batches:
     streaming = False
 
     def __init__(self, images, batch_size, device, seed=0, flip=True, crop=128,
-                 channels_last=False, dtype=torch.float32, rank=0, world=1, load_size=None):
-        # images smaller than the load size are kept at their own size and upsampled per batch
+                 channels_last=False, dtype=torch.float32, rank=0, world=1, load_size=None,
+                 upsample_once=None):
+        # images smaller than the load size: upsampled once where they are placed (default: on a
+        # GPU, where they take the memory they took before), or per batch (a CPU reads them from
+        # the memory-mapped cache: upsampling them all would copy the split into RAM)
         self.n, self.size = len(images), max(images.shape[1], load_size or crop)
+        self.upsample_once = (torch.device(device).type != "cpu" if upsample_once is None
+                              else upsample_once)
         self.batch_size, self.world, self.rank = batch_size, world, rank
         self.steps_per_epoch = self.n // (batch_size * world)
         if self.steps_per_epoch == 0:
@@ -208,7 +213,10 @@ class Batches:
         self._perm_epoch, self._perm = None, None
 
     def _place(self, images):
-        return images.to(self.device)
+        x = images.to(self.device)
+        if self.upsample_once and x.shape[1] != self.size:   # in chunks: float64 temporaries
+            x = torch.cat([upsample(c, self.size) for c in x.split(256)])
+        return x
 
     def epoch_of(self, step):
         return step // self.steps_per_epoch
@@ -228,7 +236,7 @@ class Batches:
     def augmented(self, step):
         """uint8 (B, crop, crop, 3) batch for `step`, where the images are."""
         idx = self.indices(step)
-        x = upsample(self.images[idx], self.size)                          # (B, S, S, 3) uint8
+        x = upsample(self.images[idx], self.size)      # (B, S, S, 3) uint8; as is if placed so
         # numbers are drawn for the whole global batch and sliced: a rank's images are augmented
         # exactly as in a one-process run of world * B images
         g = seeded(self.seed, "aug", step)

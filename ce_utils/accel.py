@@ -274,7 +274,9 @@ def make_batches(images, batch_size, device, *args, resident=None, **kw):
     """Batches, resident on the device when the data fits in 40 % of its free memory (always on a
     CPU); StreamedBatches otherwise."""
     device = torch.device(device)
-    if resident is None:
-        resident = device.type == "cpu" or images.nbytes < 0.4 * torch.cuda.mem_get_info(device)[0]
+    if resident is None:    # resident images below the load size are upsampled once there
+        side = max(images.shape[1], kw.get("load_size") or 0)
+        need = images.nbytes * (side / images.shape[1]) ** 2
+        resident = device.type == "cpu" or need < 0.4 * torch.cuda.mem_get_info(device)[0]
     kind = ce_data.Batches if resident else StreamedBatches
     return kind(images, batch_size, device, *args, **kw)

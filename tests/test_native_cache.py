@@ -61,9 +61,11 @@ def test_small_images_are_cached_at_their_own_size_and_batches_are_unchanged(tmp
         old = np.stack([decode_image(f, load)[0] for f in files])    # what the cache held before
         assert old.shape == (8, load, load, 3)
         old_b = ce_data.Batches(old, 4, "cpu", seed=3, crop=crop, load_size=load)
-        for resident in (True, False):                 # False: accel.StreamedBatches
+        # resident, upsampled per batch or once when placed (a GPU's default), and streamed
+        for resident, once in ((True, False), (True, True), (False, False)):
             new_b = accel.make_batches(arr, 4, "cpu", 3, crop=crop, load_size=load,
-                                       resident=resident)
+                                       resident=resident, upsample_once=once)
+            assert new_b.images.shape[1] == (load if once else 64)
             for step in (0, 1, 2):
                 assert torch.equal(new_b.get(step), old_b.get(step))
         assert torch.equal(ce_data.eval_batch(arr, crop, load), ce_data.eval_batch(old, crop))
